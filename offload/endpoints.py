@@ -1,0 +1,234 @@
+"""The two websocket endpoints: channels (``/ws/``) and echo (``/ws/echo``).
+
+:class:`ChannelsEndpoint` speaks the JSON protocol of ``docs/protocol.md``:
+it checks namespace policies, registers channels with the worker's hub and
+runs one :class:`~offload.cursor.ChannelCursor` per subscription so that
+history and live messages join with no gap and no duplicate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from . import conf
+from .blocking import run_blocking
+from .connection import Endpoint, WebSocket
+from .cursor import ChannelCursor, Entry
+from .exceptions import BackendUnavailable, LimitExceeded, RefusedError
+from .history import read_after, read_tip
+from .hub import get_hub
+from .policies import check_publish, check_subscribe, namespace_of
+from .protocol import (
+    Ping,
+    Publish,
+    Subscribe,
+    Unsubscribe,
+    error_text,
+    format_stream_id,
+    message_text,
+    parse_command,
+    parse_stream_id,
+    reply,
+)
+from .publishing import publish_json
+
+__all__ = ["ChannelsEndpoint", "EchoEndpoint"]
+
+log = logging.getLogger("offload.endpoints")
+
+_RETRY_HISTORY = 1.0  # seconds before re-reading history after a Redis error
+
+
+class EchoEndpoint(Endpoint):
+    """Echo every message back with its type (text as text, binary as binary)."""
+
+    def on_text(self, text: str) -> None:
+        self.ws.send_text(text)
+
+    def on_binary(self, data: bytes) -> None:
+        self.ws.send_binary(data)
+
+
+@dataclass
+class _Pending:
+    """A subscribe command waiting for the hub's Redis subscription."""
+
+    ref: Any
+    since_given: bool
+    started: float
+
+
+class ChannelsEndpoint(Endpoint):
+    """Subscribe/unsubscribe/publish/ping over JSON text messages."""
+
+    def __init__(self, ws: WebSocket) -> None:
+        super().__init__(ws)
+        self.hub = get_hub(ws.worker_id)
+        self.cursors: dict[str, ChannelCursor] = {}
+        self._pending: dict[str, _Pending] = {}
+        self._needs_history: set[str] = set()
+        self._retry_at: float | None = None
+        self._max_subscriptions = conf.get("OFFLOAD_MAX_SUBSCRIPTIONS")
+        self._subscribe_timeout = conf.get("OFFLOAD_SUBSCRIBE_TIMEOUT")
+        self._max_bytes = conf.get("OFFLOAD_MAX_MESSAGE_BYTES")
+
+    # -- hub callbacks (hub greenlet) -----------------------------------------
+
+    def channel_ready(self, channel: str) -> None:
+        if channel in self.cursors:
+            self._needs_history.add(channel)
+            self.ws.wake()
+
+    def channel_lost(self, channel: str) -> None:
+        cursor = self.cursors.get(channel)
+        if cursor is not None:
+            cursor.resync()
+
+    def deliver(self, channel: str, entry: Entry) -> None:
+        cursor = self.cursors.get(channel)
+        if cursor is not None:
+            for _, text in cursor.live(entry):
+                self.ws.send_text(text)
+
+    # -- websocket hooks (connection greenlet) ----------------------------------
+
+    def on_open(self) -> None:
+        since = self.ws.query.get("since", [None])[-1]
+        for channel in self.ws.query.get("channel", []):
+            self._run({"type": "subscribe", "channel": channel, "since": since})
+
+    def on_text(self, text: str) -> None:
+        self._run(text)
+
+    def on_binary(self, data: bytes) -> None:
+        self.ws.send_text(error_text("binary_unsupported", "commands are JSON text messages"))
+
+    def on_wake(self) -> None:
+        now = time.monotonic()
+        if self._retry_at is not None and now >= self._retry_at:
+            self._retry_at = None
+        if self._needs_history and self._retry_at is None:
+            for channel in list(self._needs_history):
+                self._needs_history.discard(channel)
+                self._sync(channel)
+        for channel, pending in list(self._pending.items()):
+            if now - pending.started >= self._subscribe_timeout:
+                self._drop(channel)
+                self.ws.send_text(
+                    error_text("unavailable", "subscription timed out: Redis unavailable", pending.ref, channel)
+                )
+
+    def next_deadline(self) -> float | None:
+        deadlines = [p.started + self._subscribe_timeout for p in self._pending.values()]
+        if self._retry_at is not None:
+            deadlines.append(self._retry_at)
+        return min(deadlines) if deadlines else None
+
+    def on_close(self) -> None:
+        for channel in list(self.cursors):
+            self.hub.unsubscribe(self, channel)
+        self.cursors.clear()
+
+    # -- commands ------------------------------------------------------------
+
+    def _run(self, raw: str | dict) -> None:
+        ref = None
+        channel = None
+        try:
+            if isinstance(raw, dict):  # from the query string
+                channel = raw["channel"]
+                raw = json.dumps({k: v for k, v in raw.items() if v is not None})
+            command = parse_command(raw, max_data_bytes=self._max_bytes)
+            ref = command.ref
+            channel = getattr(command, "channel", None)
+            handler = self._handlers[type(command)]
+            handler(self, command)
+        except RefusedError as exc:
+            self.ws.send_text(error_text(exc.code, exc.reason, ref, channel))
+        except BackendUnavailable as exc:
+            self.ws.send_text(error_text(exc.code, exc.reason, ref, channel))
+
+    def _subscribe(self, command: Subscribe) -> None:
+        channel = command.channel
+        check_subscribe(self.ws.identity, channel, run_blocking)
+        if channel in self.cursors:
+            cursor = self.cursors[channel]
+            if channel not in self._pending:
+                last = None if cursor.last is None else format_stream_id(cursor.last)
+                self.ws.send_text(reply("subscribed", command.ref, channel=channel, last_id=last, recovered=True))
+            return
+        if len(self.cursors) >= self._max_subscriptions:
+            raise LimitExceeded(
+                f"at most {self._max_subscriptions} subscriptions per connection", code="too_many_subscriptions"
+            )
+        self.cursors[channel] = ChannelCursor(command.since)
+        self._pending[channel] = _Pending(command.ref, command.since is not None, time.monotonic())
+        self.hub.subscribe(self, channel)
+
+    def _unsubscribe(self, command: Unsubscribe) -> None:
+        if command.channel in self.cursors:
+            self._drop(command.channel)
+        self.ws.send_text(reply("unsubscribed", command.ref, channel=command.channel))
+
+    def _publish(self, command: Publish) -> None:
+        check_publish(self.ws.identity, command.channel, run_blocking)
+        message_id = publish_json(command.channel, command.data_json)
+        self.ws.send_text(reply("published", command.ref, channel=command.channel, id=message_id))
+
+    def _ping(self, command: Ping) -> None:
+        self.ws.send_text(reply("pong", command.ref))
+
+    _handlers = {Subscribe: _subscribe, Unsubscribe: _unsubscribe, Publish: _publish, Ping: _ping}
+
+    # -- history ---------------------------------------------------------------
+
+    def _drop(self, channel: str) -> None:
+        self.cursors.pop(channel, None)
+        self._pending.pop(channel, None)
+        self._needs_history.discard(channel)
+        self.hub.unsubscribe(self, channel)
+
+    def _sync(self, channel: str) -> None:
+        """The Redis subscription is live: read history, then go live."""
+        cursor = self.cursors.get(channel)
+        if cursor is None:
+            return
+        pending = self._pending.get(channel)
+        tip = None
+        recovered = True
+        try:
+            if cursor.last is None and pending is not None:
+                tip = read_tip(channel)  # "from now on"
+                rows: list = []
+            else:
+                limit = namespace_of(channel).namespace.history_size
+                since = cursor.last or (0, 0)
+                rows, recovered = read_after(channel, since, limit)
+                recovered = recovered or cursor.last is None
+        except BackendUnavailable:
+            # Stay SYNCING (live messages keep buffering) and retry shortly.
+            self._needs_history.add(channel)
+            self._retry_at = time.monotonic() + _RETRY_HISTORY
+            return
+        channel_json = json.dumps(channel)
+        entries = [(parse_stream_id(mid), message_text(channel_json, mid, data)) for mid, data in rows]
+        if pending is not None:
+            del self._pending[channel]
+            start = cursor.last if cursor.last is not None else tip
+            self.ws.send_text(
+                reply(
+                    "subscribed",
+                    pending.ref,
+                    channel=channel,
+                    last_id=None if start is None else format_stream_id(start),
+                    recovered=recovered,
+                )
+            )
+        elif not recovered:
+            self.ws.send_text(reply("subscribed", None, channel=channel, last_id=None, recovered=False))
+        for _, text in cursor.history(entries, tip):
+            self.ws.send_text(text)

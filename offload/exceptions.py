@@ -1,0 +1,65 @@
+"""Every exception the library raises, in one place.
+
+Hierarchy::
+
+    OffloadError
+    ├── RefusedError            the peer asked for something it may not have;
+    │   │                       carries a stable ``code`` sent to clients
+    │   ├── ProtocolError       malformed or unknown client command
+    │   ├── ChannelError        bad channel name / unknown namespace
+    │   ├── PermissionDenied    a namespace policy said no
+    │   └── LimitExceeded       a configured limit was hit
+    └── BackendUnavailable      Redis is down or timed out (code ``unavailable``)
+
+``RefusedError`` is about the remote side (like h11's ``RemoteProtocolError``);
+``BackendUnavailable`` is about our own infrastructure. Misuse of the library
+by the programmer raises ordinary ``TypeError``/``ValueError``.
+"""
+
+from __future__ import annotations
+
+
+class OffloadError(Exception):
+    """Base class of every offload error."""
+
+    code = "internal"
+
+    def __init__(self, reason: str = "", *, code: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        if code is not None:
+            self.code = code
+
+
+class RefusedError(OffloadError):
+    """A client request refused with a machine-readable ``code``."""
+
+
+class ProtocolError(RefusedError):
+    """A client command is malformed (``bad_json``, ``bad_message``, ...)."""
+
+    code = "bad_message"
+
+
+class ChannelError(RefusedError):
+    """A channel name is invalid or its namespace is not declared."""
+
+    code = "invalid_channel"
+
+
+class PermissionDenied(RefusedError):
+    """A namespace policy refused the user (``forbidden``, ``publish_forbidden``)."""
+
+    code = "forbidden"
+
+
+class LimitExceeded(RefusedError):
+    """A configured limit was exceeded (``message_too_large``, ...)."""
+
+    code = "limit_exceeded"
+
+
+class BackendUnavailable(OffloadError):
+    """Redis could not be reached in time. Nothing was published."""
+
+    code = "unavailable"

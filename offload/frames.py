@@ -1,0 +1,159 @@
+"""Client frames in, complete messages out: a thin adapter over wsproto.
+
+uWSGI's own receive path is unsafe (a stray continuation frame crashes the
+worker, fragments of different sockets share one buffer, UTF-8 is not
+checked), so client bytes read from ``uwsgi.connection_fd()`` go through
+wsproto's strict sans-I/O parser instead. This adapter adds what wsproto
+leaves to its user: reassembling fragments into whole messages and enforcing
+the message size limit while the message is still arriving. It does no I/O:
+bytes in through :meth:`FrameReader.feed`, events out, control-frame bytes
+(pong, close) from the helper methods.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from wsproto import ConnectionType
+from wsproto.connection import Connection, ConnectionState
+from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
+from wsproto.frame_protocol import CloseReason
+
+__all__ = [
+    "CLOSE_GOING_AWAY",
+    "CLOSE_INTERNAL",
+    "CLOSE_INVALID_DATA",
+    "CLOSE_NORMAL",
+    "CLOSE_POLICY",
+    "CLOSE_PROTOCOL_ERROR",
+    "CLOSE_RESTART",
+    "CLOSE_TOO_BIG",
+    "BinaryReceived",
+    "CloseReceived",
+    "FrameEvent",
+    "FrameReader",
+    "PingReceived",
+    "PongReceived",
+    "ProtocolFailure",
+    "TextReceived",
+]
+
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_INVALID_DATA = 1007
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_INTERNAL = 1011
+CLOSE_RESTART = 1012
+
+
+@dataclass(frozen=True)
+class TextReceived:
+    text: str
+
+
+@dataclass(frozen=True)
+class BinaryReceived:
+    data: bytes
+
+
+@dataclass(frozen=True)
+class PingReceived:
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class PongReceived:
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class CloseReceived:
+    """The peer sent a close frame (or the TCP stream ended: code 1006)."""
+
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class ProtocolFailure:
+    """The peer broke the protocol; close with ``code`` and drop the socket."""
+
+    code: int
+    reason: str
+
+
+FrameEvent = TextReceived | BinaryReceived | PingReceived | PongReceived | CloseReceived | ProtocolFailure
+
+
+class FrameReader:
+    """Parses a client's byte stream into whole messages and control events."""
+
+    def __init__(self, max_message_bytes: int) -> None:
+        self._conn = Connection(ConnectionType.SERVER)
+        self._max = max_message_bytes
+        self._parts: list = []
+        self._size = 0
+        self.failed = False
+
+    @property
+    def closing(self) -> bool:
+        """True once a close frame was sent or received."""
+        return self._conn.state is not ConnectionState.OPEN
+
+    def feed(self, data: bytes | None) -> list[FrameEvent]:
+        """Parse received bytes (``None`` at end of stream) into events."""
+        if self.failed or self._conn.state is ConnectionState.CLOSED:
+            return []
+        self._conn.receive_data(data)
+        out: list[FrameEvent] = []
+        for event in self._conn.events():
+            if isinstance(event, (TextMessage, BytesMessage)):
+                piece = event.data
+                self._size += len(piece.encode()) if isinstance(piece, str) else len(piece)
+                if self._size > self._max:
+                    self.failed = True
+                    out.append(ProtocolFailure(CLOSE_TOO_BIG, f"message larger than {self._max} bytes"))
+                    break
+                self._parts.append(piece)
+                if event.message_finished:
+                    if isinstance(event, TextMessage):
+                        out.append(TextReceived("".join(self._parts)))
+                    else:
+                        out.append(BinaryReceived(b"".join(self._parts)))
+                    self._parts, self._size = [], 0
+            elif isinstance(event, Ping):
+                out.append(PingReceived(bytes(event.payload)))
+            elif isinstance(event, Pong):
+                out.append(PongReceived(bytes(event.payload)))
+            elif isinstance(event, CloseConnection):
+                if self._conn.state is ConnectionState.OPEN:
+                    # wsproto reports a parse failure as a close it did not receive.
+                    self.failed = True
+                    out.append(ProtocolFailure(int(event.code), event.reason or ""))
+                    break
+                out.append(CloseReceived(int(event.code), event.reason or ""))
+        return out
+
+    def pong(self, payload: bytes) -> bytes:
+        """Bytes of a pong echoing ``payload`` (RFC 6455 5.5.3)."""
+        if self._conn.state is not ConnectionState.OPEN:
+            return b""
+        return self._conn.send(Pong(payload=payload))
+
+    def ping(self, payload: bytes = b"") -> bytes:
+        if self._conn.state is not ConnectionState.OPEN:
+            return b""
+        return self._conn.send(Ping(payload=payload))
+
+    def close(self, code: int, reason: str = "") -> bytes:
+        """Bytes of our close frame, or b"" if one was already sent.
+
+        Answers a peer's close too (echoing a valid code, as RFC 6455 asks).
+        """
+        if self._conn.state not in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
+            return b""
+        if code in (CloseReason.NO_STATUS_RCVD, CloseReason.ABNORMAL_CLOSURE):
+            code = CLOSE_NORMAL
+        return self._conn.send(CloseConnection(code=code, reason=reason[:120]))

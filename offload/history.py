@@ -1,0 +1,57 @@
+"""Reading a channel's history stream, for resume (``since``) and re-sync.
+
+History lives in one Redis Stream per channel, capped at the namespace's
+``history_size`` and expiring ``history_ttl`` seconds after the last publish.
+"""
+
+from __future__ import annotations
+
+from .exceptions import BackendUnavailable
+from .protocol import StreamId, format_stream_id, parse_stream_id
+from .redis_client import REDIS_ERRORS, get_client, history_key
+
+__all__ = ["HistoryRead", "read_after", "read_tip"]
+
+# (id, data_json) pairs, oldest first.
+HistoryRead = tuple[list[tuple[str, str]], bool]
+
+
+def read_after(channel: str, since: StreamId, limit: int) -> HistoryRead:
+    """Messages after ``since``, and whether the resume is gap-free.
+
+    The read includes ``since`` itself: if that entry is still retained, the
+    client has missed nothing older, so ``recovered`` is True. If it was
+    trimmed (or the stream expired), messages may be gone: ``recovered`` is
+    False and the client gets what is still retained. This check is
+    conservative and works on every Redis version.
+
+    Raises:
+        BackendUnavailable: Redis is down.
+    """
+    start = format_stream_id(since)
+    try:
+        raw = get_client().xrange(history_key(channel), min=start, max="+", count=limit + 1)
+    except REDIS_ERRORS as exc:
+        raise BackendUnavailable(f"Redis is unavailable: {exc}") from exc
+    entries = [(_text(mid), _text(fields[b"d"])) for mid, fields in raw]
+    recovered = bool(entries) and parse_stream_id(entries[0][0]) == since
+    if recovered:
+        entries = entries[1:]
+    return entries, recovered
+
+
+def read_tip(channel: str) -> StreamId | None:
+    """The newest id in the channel's history, or None if there is none.
+
+    Raises:
+        BackendUnavailable: Redis is down.
+    """
+    try:
+        raw = get_client().xrevrange(history_key(channel), max="+", min="-", count=1)
+    except REDIS_ERRORS as exc:
+        raise BackendUnavailable(f"Redis is unavailable: {exc}") from exc
+    return parse_stream_id(_text(raw[0][0])) if raw else None
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

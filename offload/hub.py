@@ -1,0 +1,285 @@
+"""The hub: one Redis subscription per worker process, fanned out in-process.
+
+Theory of operation
+-------------------
+Every websocket of a worker registers its channels with the worker's single
+:class:`Hub`. The hub keeps one Redis pub/sub connection and SUBSCRIBEs to a
+channel while at least one local socket wants it, UNSUBSCRIBEs when the last
+one leaves. One greenlet owns that connection: it wakes when the socket is
+readable or when local interest changed, sends the (un)subscribe commands,
+then drains *every* buffered reply (redis-py buffers them, so reading one per
+wake-up would leave messages stuck) and hands each message to the local
+subscribers of its channel.
+
+A subscriber learns, through callbacks, when its channel's Redis subscription
+is confirmed (``channel_ready``: from now on nothing is missed, so it may read
+history) and when it was lost with the connection (``channel_lost``: a gap may
+open, so it must re-read history after ``channel_ready``). After a Redis
+failure the hub reconnects with backoff and resubscribes everything.
+
+Acks: Redis answers every SUBSCRIBE/UNSUBSCRIBE in order. A channel is ready
+when all commands sent for it are acknowledged and the last one was SUBSCRIBE.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Protocol
+
+import gevent
+import gevent.event
+
+from . import conf
+from .cursor import Entry
+from .redis_client import REDIS_ERRORS, channel_of, new_client, pubsub_channel
+
+__all__ = ["Hub", "Subscriber", "get_hub"]
+
+log = logging.getLogger("offload.hub")
+
+_CONTROL = "ctl"
+_IDLE_PING = 5.0  # seconds of silence before the hub pings Redis
+_BACKOFF = (0.1, 0.2, 0.5, 1.0, 2.0)
+
+
+class Subscriber(Protocol):
+    """What the hub calls on a local subscriber (a websocket connection)."""
+
+    def channel_ready(self, channel: str) -> None: ...
+
+    def channel_lost(self, channel: str) -> None: ...
+
+    def deliver(self, channel: str, entry: Entry) -> None: ...
+
+
+class Hub:
+    """Per-process Redis subscription and in-process fan-out."""
+
+    def __init__(self, worker_id: int = 0) -> None:
+        self.worker_id = worker_id
+        self._local: dict[str, set[Subscriber]] = {}
+        self._channel_json: dict[str, str] = {}
+        self._sent_subscribe: set[str] = set()
+        self._pending_acks: dict[str, int] = {}
+        self._ready: set[str] = set()
+        self._wake = gevent.event.Event()
+        self._pubsub = None
+        self.connected = False
+        self.delivered = 0
+        self.reconnects = 0
+        self._greenlet = gevent.spawn(self._run)
+        self._stats_greenlet = None
+        if conf.get("OFFLOAD_STATS_INTERVAL") > 0:
+            self._stats_greenlet = gevent.spawn(self._publish_stats)
+
+    # -- called by subscribers ------------------------------------------------
+
+    def subscribe(self, subscriber: Subscriber, channel: str) -> None:
+        """Register local interest; ``channel_ready`` follows (maybe at once)."""
+        subscribers = self._local.get(channel)
+        if subscribers is None:
+            subscribers = self._local[channel] = set()
+            self._channel_json[channel] = json.dumps(channel)
+            self._wake.set()
+        subscribers.add(subscriber)
+        if channel in self._ready:
+            subscriber.channel_ready(channel)
+
+    def unsubscribe(self, subscriber: Subscriber, channel: str) -> None:
+        subscribers = self._local.get(channel)
+        if subscribers is None:
+            return
+        subscribers.discard(subscriber)
+        if not subscribers:
+            del self._local[channel]
+            self._channel_json.pop(channel, None)
+            self._wake.set()
+
+    @property
+    def channels(self) -> int:
+        return len(self._local)
+
+    @property
+    def subscriptions(self) -> int:
+        return sum(len(s) for s in self._local.values())
+
+    def is_ready(self, channel: str) -> bool:
+        return channel in self._ready
+
+    # -- the hub greenlet -----------------------------------------------------
+
+    def _run(self) -> None:
+        failures = 0
+        while True:
+            try:
+                self._connect()
+                failures = 0
+                self._serve()
+            except gevent.GreenletExit:
+                raise
+            except Exception as exc:  # Redis down, or a bug: never let the hub die.
+                if not isinstance(exc, REDIS_ERRORS):
+                    log.exception("hub error")
+                else:
+                    log.warning("hub lost Redis: %s", exc)
+                self._disconnect()
+                gevent.sleep(_BACKOFF[min(failures, len(_BACKOFF) - 1)])
+                failures += 1
+
+    def _connect(self) -> None:
+        client = new_client(1, retries=0)
+        self._pubsub = client.pubsub(ignore_subscribe_messages=False)
+        # A private control channel opens the connection even with no interest.
+        self._pubsub.subscribe(pubsub_channel(_CONTROL))
+        self._fd = self._pubsub.connection._sock.fileno()
+        self.connected = True
+        log.info("hub connected to Redis (pid %s)", os.getpid())
+
+    def _disconnect(self) -> None:
+        was_connected = self.connected
+        self.connected = False
+        lost = list(self._ready)
+        self._ready.clear()
+        self._sent_subscribe.clear()
+        self._pending_acks.clear()
+        if self._pubsub is not None:
+            try:
+                self._pubsub.reset()
+            except Exception:
+                pass
+            self._pubsub = None
+        if was_connected:
+            self.reconnects += 1
+        for channel in lost:
+            for subscriber in list(self._local.get(channel, ())):
+                subscriber.channel_lost(channel)
+
+    def _serve(self) -> None:
+        watcher = gevent.get_hub().loop.io(self._fd, 1)
+        watcher.start(self._wake.set)
+        last_seen = time.monotonic()
+        ping_sent: float | None = None
+        try:
+            while True:
+                self._wake.wait(timeout=_IDLE_PING)
+                self._wake.clear()
+                self._reconcile()
+                now = time.monotonic()
+                if self._drain():
+                    last_seen, ping_sent = now, None
+                elif ping_sent is not None:
+                    if now - ping_sent >= _IDLE_PING:  # no answer: the link is dead
+                        raise ConnectionError("Redis did not answer a ping")
+                elif now - last_seen >= _IDLE_PING:
+                    self._pubsub.ping()
+                    ping_sent = now
+        finally:
+            watcher.stop()
+
+    def _reconcile(self) -> None:
+        desired = self._local.keys()
+        to_subscribe = [c for c in desired if c not in self._sent_subscribe]
+        to_unsubscribe = [c for c in self._sent_subscribe if c not in desired]
+        if to_subscribe:
+            self._pubsub.subscribe(*[pubsub_channel(c) for c in to_subscribe])
+            for channel in to_subscribe:
+                self._sent_subscribe.add(channel)
+                self._pending_acks[channel] = self._pending_acks.get(channel, 0) + 1
+        if to_unsubscribe:
+            self._pubsub.unsubscribe(*[pubsub_channel(c) for c in to_unsubscribe])
+            for channel in to_unsubscribe:
+                self._sent_subscribe.discard(channel)
+                self._ready.discard(channel)
+                self._pending_acks[channel] = self._pending_acks.get(channel, 0) + 1
+
+    def _drain(self) -> bool:
+        """Handle every reply already received. Returns True if any was."""
+        got = False
+        get_message = self._pubsub.get_message
+        while True:
+            message = get_message(timeout=0)
+            if message is None:
+                return got
+            got = True
+            kind = message["type"]
+            if kind == "message":
+                self._fan_out(message["channel"], message["data"])
+            elif kind in ("subscribe", "unsubscribe"):
+                self._ack(channel_of(message["channel"]))
+
+    def _ack(self, channel: str) -> None:
+        if channel == _CONTROL:
+            return
+        left = self._pending_acks.get(channel, 0) - 1
+        if left > 0:
+            self._pending_acks[channel] = left
+            return
+        self._pending_acks.pop(channel, None)
+        if channel in self._sent_subscribe and channel not in self._ready:
+            self._ready.add(channel)
+            for subscriber in list(self._local.get(channel, ())):
+                subscriber.channel_ready(channel)
+
+    def _fan_out(self, name: bytes, payload: bytes) -> None:
+        channel = channel_of(name)
+        subscribers = self._local.get(channel)
+        if not subscribers:
+            return
+        message_id, _, data = payload.partition(b" ")
+        message_id = message_id.decode()
+        ms, _, seq = message_id.partition("-")
+        entry = (
+            (int(ms), int(seq)),
+            '{"type":"message","channel":'
+            + self._channel_json[channel]
+            + ',"id":"'
+            + message_id
+            + '","data":'
+            + data.decode()
+            + "}",
+        )
+        for subscriber in list(subscribers):
+            subscriber.deliver(channel, entry)
+        self.delivered += len(subscribers)
+
+    # -- stats ----------------------------------------------------------------
+
+    def stats(self, connections: int) -> dict:
+        return {
+            "pid": os.getpid(),
+            "worker": self.worker_id,
+            "connections": connections,
+            "channels": self.channels,
+            "delivered": self.delivered,
+            "redis": "up" if self.connected else "down",
+            "ts": time.time(),
+        }
+
+    def _publish_stats(self) -> None:
+        from .connection import open_connections
+        from .publishing import publish
+
+        interval = conf.get("OFFLOAD_STATS_INTERVAL")
+        channel = conf.get("OFFLOAD_STATS_CHANNEL")
+        while True:
+            gevent.sleep(interval)
+            try:
+                publish(channel, self.stats(open_connections()))
+            except Exception as exc:  # Redis down or namespace missing: keep going
+                log.debug("stats not published: %s", exc)
+
+
+_hub: Hub | None = None
+_hub_pid: int | None = None
+
+
+def get_hub(worker_id: int = 0) -> Hub:
+    """The hub of this process, started on first use (after fork)."""
+    global _hub, _hub_pid
+    if _hub is None or _hub_pid != os.getpid():
+        _hub = Hub(worker_id)
+        _hub_pid = os.getpid()
+    return _hub

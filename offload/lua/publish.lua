@@ -1,0 +1,15 @@
+-- Publish one message atomically: append it to the channel's history stream
+-- (capped, with a time-to-live) and PUBLISH it with the id the stream gave it.
+-- Running both in one script means live delivery and history always agree:
+-- no subscriber can see an id that history lacks, or the reverse.
+--
+-- KEYS[1]  history stream key
+-- ARGV[1]  pub/sub channel
+-- ARGV[2]  data, as JSON text
+-- ARGV[3]  history size (MAXLEN, exact)
+-- ARGV[4]  history time-to-live in seconds (reset by every publish)
+-- returns  the message id, "<ms>-<seq>"
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[3], '*', 'd', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('PUBLISH', ARGV[1], id .. ' ' .. ARGV[2])
+return id

@@ -1,0 +1,156 @@
+"""Namespace policies: who may subscribe to and publish on a channel.
+
+A namespace declares its rules in ``settings.OFFLOAD_NAMESPACES``::
+
+    "room":  {"subscribe": "authenticated", "publish": False}
+    "user":  {"subscribe": "user"}              # user:<id> for user <id> only
+    "staff": {"subscribe": "group:staff", "publish": True}
+    "x":     {"subscribe": "myapp.rules.can_see"}   # custom callable
+
+A rule is ``"public"``, ``"authenticated"``, ``"user"``, ``"group:<name>"``, a
+callable ``rule(identity, channel) -> bool`` or a dotted path to one.
+``publish`` is ``False`` (server only), ``True`` (whoever may subscribe) or a
+rule. Custom callables may touch the database, so the connection runs them in
+a thread (``Rule.blocking``); the built-in rules only look at the
+:class:`Identity` resolved once at connect time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+from . import conf
+from .exceptions import ChannelError, PermissionDenied
+from .protocol import split_channel
+
+__all__ = ["ANONYMOUS", "Identity", "Rule", "check_publish", "check_subscribe", "compile_rule", "namespace_of"]
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who is on the other end of a websocket, resolved once at connect."""
+
+    user_id: int | None = None
+    username: str = ""
+    groups: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def is_authenticated(self) -> bool:
+        return self.user_id is not None
+
+
+ANONYMOUS = Identity()
+
+
+@dataclass(frozen=True)
+class Rule:
+    check: Callable[[Identity, str], bool]
+    blocking: bool = False
+    """True for custom callables: run them off the event loop."""
+
+
+def _public(identity: Identity, channel: str) -> bool:
+    return True
+
+
+def _nobody(identity: Identity, channel: str) -> bool:
+    return False
+
+
+def _authenticated(identity: Identity, channel: str) -> bool:
+    return identity.is_authenticated
+
+
+def _same_user(identity: Identity, channel: str) -> bool:
+    return identity.is_authenticated and split_channel(channel)[1] == str(identity.user_id)
+
+
+def compile_rule(spec: Any) -> Rule:
+    """Turn a rule from the settings into a :class:`Rule`.
+
+    Raises:
+        django.core.exceptions.ImproperlyConfigured: unknown rule.
+    """
+    from django.core.exceptions import ImproperlyConfigured
+    from django.utils.module_loading import import_string
+
+    if spec is False or spec is None:
+        return Rule(_nobody)
+    if callable(spec):
+        return Rule(spec, blocking=True)
+    if spec == "public":
+        return Rule(_public)
+    if spec == "authenticated":
+        return Rule(_authenticated)
+    if spec == "user":
+        return Rule(_same_user)
+    if isinstance(spec, str) and spec.startswith("group:") and len(spec) > 6:
+        group = spec[6:]
+        return Rule(lambda identity, channel: group in identity.groups)
+    if isinstance(spec, str) and "." in spec:
+        try:
+            return Rule(import_string(spec), blocking=True)
+        except ImportError as exc:
+            raise ImproperlyConfigured(f"policy {spec!r} cannot be imported: {exc}") from exc
+    raise ImproperlyConfigured(f"unknown policy rule {spec!r}")
+
+
+@dataclass(frozen=True)
+class CompiledNamespace:
+    namespace: conf.Namespace
+    subscribe: Rule
+    publish: Rule
+
+
+@cache
+def _compiled() -> dict[str, CompiledNamespace]:
+    result = {}
+    for name, ns in conf.namespaces().items():
+        sub = compile_rule(ns.subscribe)
+        pub = sub if ns.publish is True else compile_rule(ns.publish)
+        result[name] = CompiledNamespace(ns, sub, pub)
+    return result
+
+
+def reset_cache() -> None:
+    """Forget compiled policies (tests that override settings call this)."""
+    _compiled.cache_clear()
+
+
+def namespace_of(channel: str) -> CompiledNamespace:
+    """Return the declared namespace of ``channel``.
+
+    Raises:
+        ChannelError: invalid name (``invalid_channel``) or undeclared
+            namespace (``unknown_namespace``).
+    """
+    namespace, _ = split_channel(channel)
+    try:
+        return _compiled()[namespace]
+    except KeyError:
+        raise ChannelError(f"namespace {namespace!r} is not declared", code="unknown_namespace") from None
+
+
+def check_subscribe(identity: Identity, channel: str, run_blocking: Callable | None = None) -> CompiledNamespace:
+    """Raise :class:`PermissionDenied` unless ``identity`` may subscribe."""
+    ns = namespace_of(channel)
+    if not _allowed(ns.subscribe, identity, channel, run_blocking):
+        raise PermissionDenied(f"not allowed to subscribe to {channel}")
+    return ns
+
+
+def check_publish(identity: Identity, channel: str, run_blocking: Callable | None = None) -> CompiledNamespace:
+    """Raise :class:`PermissionDenied` unless ``identity`` may publish."""
+    ns = namespace_of(channel)
+    if not _allowed(ns.publish, identity, channel, run_blocking):
+        raise PermissionDenied(f"clients may not publish to {channel}", code="publish_forbidden")
+    return ns
+
+
+def _allowed(rule: Rule, identity: Identity, channel: str, run_blocking: Callable | None) -> bool:
+    if rule.blocking and run_blocking is not None:
+        return bool(run_blocking(rule.check, identity, channel))
+    return bool(rule.check(identity, channel))

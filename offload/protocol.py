@@ -1,0 +1,191 @@
+"""The message envelope: client commands in, server messages out (sans-I/O).
+
+This module imports no socket, gevent, uwsgi, redis or django, so every rule of
+the public contract in ``docs/protocol.md`` is unit-tested without I/O.
+
+Client commands parse into small frozen dataclasses (one class per command) so
+that the connection dispatches with one handler per class. Server messages are
+built as JSON text. A published message's ``data`` is carried as the JSON text
+it was published with and spliced in verbatim, so fan-out never re-encodes it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .exceptions import ChannelError, ProtocolError
+
+__all__ = [
+    "Command",
+    "Ping",
+    "Publish",
+    "StreamId",
+    "Subscribe",
+    "Unsubscribe",
+    "error_text",
+    "message_text",
+    "parse_command",
+    "parse_stream_id",
+    "reply",
+    "split_channel",
+    "validate_channel",
+]
+
+_NAMESPACE_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
+_NAME_RE = re.compile(r"[A-Za-z0-9_.@=-]{1,128}")
+_STREAM_ID_RE = re.compile(r"(\d{1,20})-(\d{1,20})")
+
+StreamId = tuple[int, int]
+"""A Redis Stream id as ``(milliseconds, sequence)``; compares correctly."""
+
+
+@dataclass(frozen=True)
+class Subscribe:
+    channel: str
+    since: StreamId | None = None
+    ref: Any = None
+
+
+@dataclass(frozen=True)
+class Unsubscribe:
+    channel: str
+    ref: Any = None
+
+
+@dataclass(frozen=True)
+class Publish:
+    channel: str
+    data_json: str
+    """The ``data`` value re-encoded compactly as JSON text."""
+    ref: Any = None
+
+
+@dataclass(frozen=True)
+class Ping:
+    ref: Any = None
+
+
+Command = Subscribe | Unsubscribe | Publish | Ping
+
+
+def split_channel(channel: Any) -> tuple[str, str]:
+    """Return ``(namespace, name)`` of a valid channel name.
+
+    Raises:
+        ChannelError: ``channel`` is not a string of the form ``namespace:name``
+            within the documented charset and length.
+    """
+    if not isinstance(channel, str):
+        raise ChannelError("channel must be a string")
+    namespace, sep, name = channel.partition(":")
+    if not sep or not _NAMESPACE_RE.fullmatch(namespace) or not _NAME_RE.fullmatch(name):
+        raise ChannelError("channel must be 'namespace:name' ([A-Za-z0-9_-]{1,32} ':' [A-Za-z0-9_.@=-]{1,128})")
+    return namespace, name
+
+
+def validate_channel(channel: Any) -> str:
+    """Return ``channel`` if valid, else raise :class:`ChannelError`."""
+    split_channel(channel)
+    return channel
+
+
+def parse_stream_id(value: Any) -> StreamId:
+    """Parse ``"<ms>-<seq>"`` into a comparable tuple.
+
+    Raises:
+        ProtocolError: with code ``invalid_since`` if it is not a stream id.
+    """
+    match = _STREAM_ID_RE.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        raise ProtocolError("since must be a message id like '1732460000000-0'", code="invalid_since")
+    return int(match.group(1)), int(match.group(2))
+
+
+def format_stream_id(stream_id: StreamId) -> str:
+    return f"{stream_id[0]}-{stream_id[1]}"
+
+
+def _ref(obj: dict) -> Any:
+    ref = obj.get("ref")
+    if (ref is not None and not isinstance(ref, (str, int, float))) or isinstance(ref, bool):
+        raise ProtocolError("ref must be a string or a number")
+    return ref
+
+
+def parse_command(text: str, *, max_data_bytes: int | None = None) -> Command:
+    """Parse one client text message into a command.
+
+    Raises:
+        ProtocolError: ``bad_json``, ``bad_message``, ``unknown_type``,
+            ``invalid_since`` or ``message_too_large``.
+        ChannelError: ``invalid_channel``.
+    """
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        raise ProtocolError("message is not valid JSON", code="bad_json") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("message must be a JSON object")
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError("message needs a string 'type'")
+    ref = _ref(obj)
+    if kind == "ping":
+        return Ping(ref=ref)
+    if kind not in ("subscribe", "unsubscribe", "publish"):
+        raise ProtocolError(f"unknown message type {kind[:40]!r}", code="unknown_type")
+    if "channel" not in obj:
+        raise ProtocolError(f"'{kind}' needs a 'channel'")
+    channel = validate_channel(obj["channel"])
+    if kind == "subscribe":
+        since = obj.get("since")
+        return Subscribe(channel, None if since is None else parse_stream_id(since), ref)
+    if kind == "unsubscribe":
+        return Unsubscribe(channel, ref)
+    if "data" not in obj:
+        raise ProtocolError("'publish' needs 'data'")
+    data_json = encode_data(obj["data"])
+    if max_data_bytes is not None and len(data_json.encode()) > max_data_bytes:
+        raise ProtocolError(f"data is larger than {max_data_bytes} bytes", code="message_too_large")
+    return Publish(channel, data_json, ref)
+
+
+def encode_data(data: Any) -> str:
+    """Encode published data as compact JSON text (the form stored and sent).
+
+    Raises:
+        ProtocolError: ``bad_message`` if ``data`` is not JSON-serializable
+            (NaN and infinities included: browsers cannot parse them).
+    """
+    try:
+        return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"data is not JSON-serializable: {exc}") from None
+
+
+def message_text(channel_json: str, message_id: str, data_json: str) -> str:
+    """Build a ``message`` envelope by splicing pre-encoded JSON.
+
+    ``channel_json`` is ``json.dumps(channel)``, computed once per channel, and
+    ``data_json`` is the stored JSON text, so nothing is re-encoded per socket.
+    """
+    return '{"type":"message","channel":' + channel_json + ',"id":"' + message_id + '","data":' + data_json + "}"
+
+
+def reply(kind: str, ref: Any = None, **fields: Any) -> str:
+    """Build a server reply (``subscribed``, ``published``, ``pong`` ...)."""
+    obj = {"type": kind, **fields}
+    if ref is not None:
+        obj["ref"] = ref
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def error_text(code: str, reason: str, ref: Any = None, channel: str | None = None) -> str:
+    """Build an ``error`` reply with a stable machine-readable ``code``."""
+    fields: dict[str, Any] = {"code": code, "reason": reason}
+    if channel is not None:
+        fields["channel"] = channel
+    return reply("error", ref, **fields)

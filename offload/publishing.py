@@ -1,0 +1,68 @@
+"""``offload.publish()``: the synchronous way to send a message to a channel.
+
+Usable from any Django view, signal handler, management command, spooler task
+or plain script. One Lua script appends the message to the channel's history
+stream and publishes it, atomically, and returns the id both carry.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from importlib.resources import files
+from typing import Any
+
+from . import conf
+from .exceptions import BackendUnavailable, LimitExceeded
+from .policies import namespace_of
+from .protocol import encode_data
+from .redis_client import REDIS_ERRORS, get_client, history_key, pubsub_channel
+
+__all__ = ["publish", "publish_json"]
+
+
+@cache
+def _script_source() -> str:
+    return files("offload").joinpath("lua/publish.lua").read_text()
+
+
+_scripts: dict[int, Any] = {}
+
+
+def _script():
+    client = get_client()
+    script = _scripts.get(id(client))
+    if script is None:
+        _scripts.clear()
+        script = _scripts[id(client)] = client.register_script(_script_source())
+    return script
+
+
+def publish(channel: str, data: Any) -> str:
+    """Publish ``data`` (any JSON-serializable value) on ``channel``.
+
+    Returns:
+        The message id, e.g. ``"1732460000000-0"``.
+
+    Raises:
+        ChannelError: invalid channel name or undeclared namespace.
+        ProtocolError: ``data`` is not JSON-serializable.
+        LimitExceeded: the JSON is larger than ``OFFLOAD_MAX_MESSAGE_BYTES``.
+        BackendUnavailable: Redis is down or timed out; nothing was published.
+    """
+    return publish_json(channel, encode_data(data))
+
+
+def publish_json(channel: str, data_json: str) -> str:
+    """Publish data that is already compact JSON text (no re-encoding)."""
+    ns = namespace_of(channel).namespace
+    limit = conf.get("OFFLOAD_MAX_MESSAGE_BYTES")
+    if len(data_json) > limit or len(data_json.encode()) > limit:
+        raise LimitExceeded(f"data is larger than {limit} bytes", code="message_too_large")
+    try:
+        message_id = _script()(
+            keys=[history_key(channel)],
+            args=[pubsub_channel(channel), data_json, ns.history_size, ns.history_ttl],
+        )
+    except REDIS_ERRORS as exc:
+        raise BackendUnavailable(f"Redis is unavailable: {exc}") from exc
+    return message_id.decode() if isinstance(message_id, bytes) else message_id

@@ -1,0 +1,650 @@
+/*!
+ * offload.js: a small websocket client for the offload wire protocol
+ * (docs/protocol.md). Plain script with no dependencies. It defines window.OffloadClient.
+ *
+ *   const client = new OffloadClient(null, {onState: (s) => console.log(s)});
+ *   client.subscribe('room:general', (data, msg) => render(data, msg.id), {since: '0-0'});
+ *   client.publish('staff:chat', {text: 'hi'}).then((id) => ..., (err) => err.code);
+ *
+ * Guarantees: every subscription is restored after a reconnect, resuming after the
+ * last id received, so no message is lost (as long as it is still in history) or
+ * delivered twice.
+ */
+(function (global) {
+  'use strict';
+
+  /** Reconnect backoff: full jitter, base 500 ms, factor 2, capped at 15 s. */
+  const BACKOFF_BASE = 500;
+  const BACKOFF_FACTOR = 2;
+  const BACKOFF_MAX = 15000;
+  /** A connection that stayed open this long resets the backoff. */
+  const STABLE_AFTER = 5000;
+  /** Close codes meaning "server shutting down / restarting": reconnect quickly. */
+  const RESTART_CODES = [1001, 1012];
+  /** Quick reconnect delay window for RESTART_CODES (always < 1 s). */
+  const RESTART_DELAY_MIN = 100;
+  const RESTART_DELAY_SPREAD = 650;
+  /** Close code used when the client itself gives up on a dead socket. */
+  const CLOSE_CLIENT_TIMEOUT = 4000;
+  /** `since` value meaning "everything still retained". */
+  const ZERO_ID = '0-0';
+
+  const DEFAULTS = {
+    onState: null,        // (state, previousState) => void
+    onSubscribed: null,   // (channel, reply, info) => void
+    onError: null,        // (errorReply) => void
+    onMessage: null,      // (msg) => void, every delivered `message` envelope
+    debug: false,
+    autoConnect: true,
+    heartbeat: 25000,       // ms without traffic before an application ping (0 = off)
+    heartbeatTimeout: 10000, // ms to wait for any traffic after that ping
+    connectTimeout: 10000,   // ms allowed for the websocket handshake
+    requestTimeout: 10000,   // ms to wait for a `published` / `pong` reply
+    liveTimeout: 5000,       // ms to wait for subscription replies before 'live' anyway
+  };
+
+  // ---------------------------------------------------------------- ids
+
+  /** Compares two non-negative decimal integer strings exactly (any length). */
+  function compareDigits(a, b) {
+    a = a.replace(/^0+(?=\d)/, '');
+    b = b.replace(/^0+(?=\d)/, '');
+    if (a.length !== b.length) return a.length < b.length ? -1 : 1;
+    return a === b ? 0 : (a < b ? -1 : 1);
+  }
+
+  /** Splits an id `ms-seq` into its two digit strings, or null if it is not an id. */
+  function splitId(id) {
+    const m = typeof id === 'string' ? /^(\d+)-(\d+)$/.exec(id) : null;
+    return m ? [m[1], m[2]] : null;
+  }
+
+  /**
+   * Compares two message ids as pairs of integers.
+   * @returns {number} -1, 0 or 1; NaN if either is not a valid id.
+   */
+  function compareIds(a, b) {
+    const x = splitId(a);
+    const y = splitId(b);
+    if (!x || !y) return NaN;
+    return compareDigits(x[0], y[0]) || compareDigits(x[1], y[1]);
+  }
+
+  // ---------------------------------------------------------------- helpers
+
+  /** Resolves `url` (absolute, relative, http(s) or ws(s)) to a ws(s) URL. */
+  function resolveUrl(url) {
+    const loc = global.location;
+    if (url == null || url === '') {
+      if (!loc) throw new TypeError('OffloadClient: a url is required outside a browser');
+      return (loc.protocol === 'https:' ? 'wss://' : 'ws://') + loc.host + '/ws/';
+    }
+    url = String(url);
+    if (!loc || typeof URL !== 'function') return url;
+    const u = new URL(url, loc.href);
+    if (u.protocol === 'http:') u.protocol = 'ws:';
+    else if (u.protocol === 'https:') u.protocol = 'wss:';
+    return u.href;
+  }
+
+  /** Error used to reject publish() / ping(); mirrors the server's `error` reply. */
+  class OffloadError extends Error {
+    constructor(reply) {
+      super(reply.reason || reply.code || 'offload error');
+      this.name = 'OffloadError';
+      this.type = 'error';
+      this.code = reply.code;
+      this.reason = reply.reason;
+      if (reply.channel !== undefined) this.channel = reply.channel;
+      if (reply.ref !== undefined) this.ref = reply.ref;
+      this.reply = reply;
+    }
+  }
+
+  /** Calls a user callback; an exception is rethrown asynchronously, not swallowed. */
+  function safeCall(fn, ...args) {
+    if (typeof fn !== 'function') return;
+    try {
+      fn(...args);
+    } catch (err) {
+      setTimeout(() => { throw err; }, 0);
+    }
+  }
+
+  const defer = typeof queueMicrotask === 'function'
+    ? queueMicrotask
+    : (fn) => Promise.resolve().then(fn);
+
+  // ---------------------------------------------------------------- client
+
+  /**
+   * Websocket client with automatic reconnect and gap-free resubscription.
+   * States: 'connecting' (first attempt), 'live' (open, subscriptions confirmed),
+   * 'reconnecting' (lost, retrying), 'closed' (after close()).
+   */
+  class OffloadClient {
+    /**
+     * @param {string} [url] websocket URL; defaults to ws(s)://<this host>/ws/
+     * @param {object} [options] see DEFAULTS
+     */
+    constructor(url, options) {
+      this.url = resolveUrl(url);
+      this.options = Object.assign({}, DEFAULTS, options || {});
+      /** Counters: connects (opens), reconnects (opens after the first), attempts, messages, dropped. */
+      this.stats = {
+        connects: 0, reconnects: 0, attempts: 0,
+        messages: 0, dropped: 0, lastCloseCode: null,
+      };
+      this._state = null;
+      this._closed = !this.options.autoConnect;
+      this._ws = null;
+      this._openedAt = null;
+      this._lastRecv = 0;
+      this._attempt = 0;          // consecutive failures, drives the backoff
+      this._subs = new Map();     // channel -> subscription record
+      this._pending = new Map();  // ref -> {kind, resolve, reject, timer, cmd, sent}
+      this._outbox = [];          // refs of publishes waiting for a connection
+      this._refSeq = 0;
+      this._awaiting = null;      // channels whose reply gates 'live'
+      this._timers = {reconnect: null, connect: null, live: null, heartbeat: null};
+      this._probing = false;
+      this._listening = false;
+      this._onOnline = this._onOnline.bind(this);
+      if (!this._closed) defer(() => { if (!this._closed && !this._ws) this.connect(); });
+    }
+
+    /** Current connection state. */
+    get state() {
+      return this._state || (this._closed ? 'closed' : 'connecting');
+    }
+
+    /** True when the websocket is open. */
+    get connected() {
+      return !!this._ws && this._ws.readyState === 1;
+    }
+
+    /** Last message id seen on `channel` (or the subscription start), or null. */
+    lastId(channel) {
+      const sub = this._subs.get(channel);
+      return sub ? sub.lastId : null;
+    }
+
+    /** Channels currently registered. */
+    get channels() {
+      return Array.from(this._subs.keys());
+    }
+
+    /** Opens the connection (automatic unless autoConnect: false); re-enables reconnects after close(). */
+    connect() {
+      this._closed = false;
+      this._listen(true);
+      if (this._ws) return this;
+      this._clearTimer('reconnect');
+      this._open();
+      return this;
+    }
+
+    /** Closes the connection for good: no reconnect until connect() is called again. */
+    close(code, reason) {
+      this._closed = true;
+      this._listen(false);
+      this._clearTimer('reconnect');
+      const ws = this._ws;
+      if (ws) {
+        this._detach(ws);
+        try { ws.close(code || 1000, reason || ''); } catch (e) { /* already closing */ }
+        this._handleClose(code || 1000, reason || 'client close');
+      } else {
+        this._setState('closed');
+      }
+      for (const ref of Array.from(this._pending.keys())) {
+        this._settle(ref, new OffloadError({code: 'closed', reason: 'client closed'}));
+      }
+      this._outbox = [];
+    }
+
+    /**
+     * Subscribes to `channel`; handler(data, msg) gets every `message` of it.
+     * Subscribing again to the same channel replaces the handler.
+     * @param {string} channel
+     * @param {function(*, object)} handler
+     * @param {{since?: string, onSubscribed?: function}} [opts] since: start after this id
+     *   ('0-0' = all retained history); onSubscribed(reply, info) for this channel only.
+     * @returns {function} a function that unsubscribes
+     */
+    subscribe(channel, handler, opts) {
+      if (typeof channel !== 'string' || !channel) throw new TypeError('channel must be a non-empty string');
+      opts = opts || {};
+      let sub = this._subs.get(channel);
+      if (sub) {
+        sub.handler = handler;
+        if (opts.onSubscribed) sub.onSubscribed = opts.onSubscribed;
+      } else {
+        sub = {
+          channel,
+          handler,
+          since: opts.since != null ? String(opts.since) : null,
+          onSubscribed: opts.onSubscribed || null,
+          lastId: null,      // newest id delivered (or subscription start)
+          confirmed: false,  // got at least one `subscribed` reply
+          active: false,     // subscribed on the current connection
+          ref: null,
+          sentSince: null,
+          retryTimer: null,
+        };
+        this._subs.set(channel, sub);
+        if (this.connected) this._sendSubscribe(sub);
+      }
+      return () => this.unsubscribe(channel);
+    }
+
+    /** Stops receiving `channel`. Returns false if it was not subscribed. */
+    unsubscribe(channel) {
+      const sub = this._subs.get(channel);
+      if (!sub) return false;
+      clearTimeout(sub.retryTimer);
+      this._subs.delete(channel);
+      if (this.connected) this._send({type: 'unsubscribe', channel, ref: this._nextRef()});
+      this._settleAwaiting(channel);
+      return true;
+    }
+
+    /**
+     * Publishes `data` to `channel` (only where the namespace allows client publishing).
+     * Queued while disconnected. Rejects with an OffloadError (code from the server,
+     * or 'timeout', 'disconnected', 'closed').
+     * @returns {Promise<string>} the message id
+     */
+    publish(channel, data) {
+      return this._request('publish', {type: 'publish', channel, data}, this.options.requestTimeout, true);
+    }
+
+    /** Application-level ping. @returns {Promise<number>} round trip in ms */
+    ping() {
+      const started = Date.now();
+      return this._request('ping', {type: 'ping'}, this.options.requestTimeout, false)
+        .then(() => Date.now() - started);
+    }
+
+    // ------------------------------------------------------------ connection
+
+    _open() {
+      const first = this.stats.attempts === 0;
+      this.stats.attempts++;
+      this._setState(first ? 'connecting' : 'reconnecting');
+      let ws;
+      try {
+        ws = new WebSocket(this.url);
+      } catch (err) {
+        this._log('cannot create websocket', err);
+        this._scheduleReconnect(null, false);
+        return;
+      }
+      this._ws = ws;
+      ws.onopen = () => { if (ws === this._ws) this._handleOpen(); };
+      ws.onmessage = (ev) => { if (ws === this._ws) this._handleMessage(ev); };
+      ws.onclose = (ev) => { if (ws === this._ws) this._handleClose(ev.code, ev.reason); };
+      ws.onerror = () => { this._log('websocket error'); };
+      this._setTimer('connect', this.options.connectTimeout, () => {
+        if (ws === this._ws && ws.readyState !== 1) this._drop('connect timeout');
+      });
+    }
+
+    _handleOpen() {
+      this._clearTimer('connect');
+      this._openedAt = Date.now();
+      this._lastRecv = this._openedAt;
+      this.stats.connects++;
+      if (this.stats.connects > 1) this.stats.reconnects++;
+      this._log('open', this.url);
+      this._awaiting = new Set();
+      for (const sub of this._subs.values()) {
+        this._sendSubscribe(sub);
+        this._awaiting.add(sub.channel);
+      }
+      for (const ref of this._outbox.splice(0)) {
+        const p = this._pending.get(ref);
+        if (p && !p.sent) {
+          p.sent = true;
+          this._send(p.cmd);
+        }
+      }
+      if (this._awaiting.size === 0) this._goLive();
+      else this._setTimer('live', this.options.liveTimeout, () => this._goLive());
+      this._startHeartbeat();
+    }
+
+    _goLive() {
+      this._awaiting = null;
+      this._clearTimer('live');
+      if (this.connected) this._setState('live');
+    }
+
+    _settleAwaiting(channel) {
+      if (this._awaiting && this._awaiting.delete(channel) && this._awaiting.size === 0) this._goLive();
+    }
+
+    /** Common close path, for server closes and for sockets the client gave up on. */
+    _handleClose(code, reason) {
+      const openedFor = this._openedAt != null ? Date.now() - this._openedAt : -1;
+      this._ws = null;
+      this._openedAt = null;
+      this._awaiting = null;
+      this._probing = false;
+      this._clearTimer('connect');
+      this._clearTimer('live');
+      this._clearTimer('heartbeat');
+      this.stats.lastCloseCode = code;
+      this._log('closed', code, reason || '');
+      for (const sub of this._subs.values()) {
+        sub.active = false;
+        clearTimeout(sub.retryTimer);
+      }
+      // Requests already sent have an unknown outcome: fail them. Unsent ones stay queued.
+      for (const [ref, p] of Array.from(this._pending)) {
+        if (p.sent || !p.queue) this._settle(ref, new OffloadError({code: 'disconnected', reason: 'connection lost'}));
+      }
+      if (this._closed) {
+        this._setState('closed');
+        return;
+      }
+      if (openedFor >= STABLE_AFTER) this._attempt = 0;
+      this._scheduleReconnect(code, openedFor >= 0);
+    }
+
+    _scheduleReconnect(code, wasOpen) {
+      let delay;
+      if (wasOpen && RESTART_CODES.indexOf(code) !== -1) {
+        delay = RESTART_DELAY_MIN + Math.random() * RESTART_DELAY_SPREAD;
+      } else {
+        const ceiling = Math.min(BACKOFF_MAX, BACKOFF_BASE * Math.pow(BACKOFF_FACTOR, Math.min(this._attempt, 30)));
+        delay = Math.random() * ceiling;
+        this._attempt++;
+      }
+      this._setState('reconnecting');
+      this._log('reconnect in', Math.round(delay), 'ms');
+      this._setTimer('reconnect', delay, () => {
+        if (!this._closed && !this._ws) this._open();
+      });
+    }
+
+    /** Abandons the current socket (no close handshake wait) and reconnects. */
+    _drop(reason) {
+      const ws = this._ws;
+      if (!ws) return;
+      this._detach(ws);
+      try { ws.close(CLOSE_CLIENT_TIMEOUT, reason); } catch (e) { /* ignore */ }
+      this._handleClose(CLOSE_CLIENT_TIMEOUT, reason);
+    }
+
+    _detach(ws) {
+      ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
+    }
+
+    _listen(on) {
+      if (on === this._listening || typeof global.addEventListener !== 'function') return;
+      this._listening = on;
+      if (on) global.addEventListener('online', this._onOnline);
+      else global.removeEventListener('online', this._onOnline);
+    }
+
+    /** Browser back online: retry now, or check that an open socket still works. */
+    _onOnline() {
+      if (this._closed) return;
+      this._log('browser online');
+      if (this.connected) {
+        this._probe();
+      } else if (!this._ws) {
+        this._clearTimer('reconnect');
+        this._attempt = 0;
+        this._open();
+      }
+    }
+
+    // ------------------------------------------------------------ heartbeat
+
+    _startHeartbeat() {
+      const every = this.options.heartbeat;
+      if (!every) return;
+      const tick = () => {
+        if (!this.connected) return;
+        if (!this._probing && Date.now() - this._lastRecv >= every) this._probe();
+        this._setTimer('heartbeat', Math.min(every, 5000), tick);
+      };
+      this._setTimer('heartbeat', Math.min(every, 5000), tick);
+    }
+
+    /** Sends a ping; if nothing at all arrives within heartbeatTimeout, reconnects. */
+    _probe() {
+      const ws = this._ws;
+      if (this._probing || !this.connected) return;
+      this._probing = true;
+      const sentAt = Date.now();
+      this._request('ping', {type: 'ping'}, this.options.heartbeatTimeout, false).then(
+        () => { this._probing = false; },
+        () => {
+          this._probing = false;
+          if (ws === this._ws && this._lastRecv < sentAt) this._drop('heartbeat timeout');
+        },
+      );
+    }
+
+    // ------------------------------------------------------------ incoming
+
+    _handleMessage(ev) {
+      this._lastRecv = Date.now();
+      if (typeof ev.data !== 'string') {
+        this._log('ignoring binary frame');
+        return;
+      }
+      let msg;
+      try {
+        msg = JSON.parse(ev.data);
+      } catch (e) {
+        this._log('ignoring invalid JSON', ev.data);
+        return;
+      }
+      if (!msg || typeof msg !== 'object') return;
+      switch (msg.type) {
+        case 'message': this._onChannelMessage(msg); break;
+        case 'subscribed': this._onSubscribed(msg); break;
+        case 'published': this._onReply(msg, msg.id); break;
+        case 'pong': this._onPong(msg); break;
+        case 'error': this._onError(msg); break;
+        case 'unsubscribed': this._log('unsubscribed', msg.channel); break;
+        default: this._log('ignoring message type', msg.type);
+      }
+    }
+
+    _onChannelMessage(msg) {
+      const sub = this._subs.get(msg.channel);
+      if (!sub) return;
+      if (sub.lastId != null && compareIds(msg.id, sub.lastId) <= 0) {
+        this.stats.dropped++;
+        this._log('dropping duplicate', msg.channel, msg.id, '<=', sub.lastId);
+        return;
+      }
+      if (splitId(msg.id)) sub.lastId = msg.id;
+      this.stats.messages++;
+      safeCall(sub.handler, msg.data, msg);
+      safeCall(this.options.onMessage, msg);
+    }
+
+    _onSubscribed(msg) {
+      const sub = this._subs.get(msg.channel);
+      this._settleAwaiting(msg.channel);
+      if (!sub) return;
+      if (msg.ref != null && sub.ref != null && msg.ref !== sub.ref) return; // stale reply
+      sub.active = true;
+      sub.confirmed = true;
+      if (msg.last_id != null && (sub.lastId == null || compareIds(msg.last_id, sub.lastId) > 0)) {
+        sub.lastId = msg.last_id;
+      }
+      const since = sub.sentSince;
+      // Our subscribes always carry a ref; a reply without one is the server
+      // re-syncing an existing subscription (e.g. after a Redis outage).
+      const resync = msg.ref == null;
+      const info = {
+        since,
+        resumed: sub.resumed,
+        resync,
+        // true when messages we should have had may be gone ('0-0' asked for
+        // "whatever is retained", so nothing is missing from our point of view)
+        gap: msg.recovered === false && (resync || (since != null && since !== ZERO_ID)),
+      };
+      this._log('subscribed', msg.channel, msg);
+      safeCall(sub.onSubscribed, msg, info);
+      safeCall(this.options.onSubscribed, msg.channel, msg, info);
+    }
+
+    _onPong(msg) {
+      if (msg.ref != null && this._pending.has(msg.ref)) {
+        this._onReply(msg, msg);
+        return;
+      }
+      for (const [ref, p] of this._pending) { // pong without ref: oldest ping
+        if (p.kind === 'ping') {
+          this._settle(ref, null, msg);
+          return;
+        }
+      }
+    }
+
+    _onReply(msg, value) {
+      if (msg.ref != null && this._pending.has(msg.ref)) this._settle(msg.ref, null, value);
+    }
+
+    _onError(msg) {
+      this._log('error', msg);
+      if (msg.ref != null && this._pending.has(msg.ref)) {
+        this._settle(msg.ref, new OffloadError(msg));
+        safeCall(this.options.onError, msg);
+        return;
+      }
+      let sub = null;
+      for (const s of this._subs.values()) {
+        if (msg.ref != null ? s.ref === msg.ref : (s.channel === msg.channel && !s.active)) {
+          sub = s;
+          break;
+        }
+      }
+      if (sub) {
+        this._settleAwaiting(sub.channel);
+        if (msg.code === 'invalid_since' && sub.sentSince != null) {
+          // Fall back to a live-only subscription rather than none.
+          sub.since = null;
+          sub.lastId = null;
+          this._sendSubscribe(sub, true);
+          return;
+        }
+        if (msg.code === 'unavailable') {
+          clearTimeout(sub.retryTimer);
+          sub.retryTimer = setTimeout(() => {
+            if (this._subs.get(sub.channel) === sub && this.connected && !sub.active) this._sendSubscribe(sub);
+          }, 1000 + Math.random() * 2000);
+        }
+      }
+      safeCall(this.options.onError, msg);
+    }
+
+    // ------------------------------------------------------------ outgoing
+
+    /** Sends subscribe, resuming after the last id seen (or all history if the channel was empty). */
+    _sendSubscribe(sub, noSince) {
+      let since = null;
+      if (!noSince) {
+        if (sub.lastId != null) since = sub.lastId;
+        else if (sub.confirmed) since = ZERO_ID; // channel had no history when we joined
+        else since = sub.since;
+      }
+      sub.active = false;
+      sub.ref = this._nextRef();
+      sub.sentSince = since;
+      sub.resumed = sub.confirmed;
+      const cmd = {type: 'subscribe', channel: sub.channel, ref: sub.ref};
+      if (since != null) cmd.since = since;
+      this._send(cmd);
+    }
+
+    _request(kind, cmd, timeout, queue) {
+      return new Promise((resolve, reject) => {
+        if (this._closed) {
+          reject(new OffloadError({code: 'closed', reason: 'client closed'}));
+          return;
+        }
+        if (!queue && !this.connected) {
+          reject(new OffloadError({code: 'disconnected', reason: 'not connected'}));
+          return;
+        }
+        const ref = this._nextRef();
+        cmd.ref = ref;
+        const p = {kind, cmd, resolve, reject, queue, sent: false, timer: null};
+        this._pending.set(ref, p);
+        p.timer = setTimeout(() => {
+          this._settle(ref, new OffloadError({code: 'timeout', reason: kind + ' timed out'}));
+        }, timeout);
+        if (this.connected) {
+          p.sent = true;
+          this._send(cmd);
+        } else {
+          this._outbox.push(ref);
+        }
+      });
+    }
+
+    _settle(ref, error, value) {
+      const p = this._pending.get(ref);
+      if (!p) return;
+      this._pending.delete(ref);
+      clearTimeout(p.timer);
+      const i = this._outbox.indexOf(ref);
+      if (i !== -1) this._outbox.splice(i, 1);
+      if (error) p.reject(error);
+      else p.resolve(value);
+    }
+
+    _send(obj) {
+      if (!this.connected) return false;
+      this._ws.send(JSON.stringify(obj));
+      return true;
+    }
+
+    _nextRef() {
+      this._refSeq += 1;
+      return 'r' + this._refSeq;
+    }
+
+    // ------------------------------------------------------------ misc
+
+    _setState(state) {
+      const prev = this._state;
+      if (prev === state) return;
+      this._state = state;
+      this._log('state', state);
+      safeCall(this.options.onState, state, prev);
+    }
+
+    _setTimer(name, ms, fn) {
+      clearTimeout(this._timers[name]);
+      this._timers[name] = setTimeout(() => {
+        this._timers[name] = null;
+        fn();
+      }, ms);
+    }
+
+    _clearTimer(name) {
+      clearTimeout(this._timers[name]);
+      this._timers[name] = null;
+    }
+
+    _log(...args) {
+      if (this.options.debug && global.console) global.console.debug('[offload]', ...args);
+    }
+  }
+
+  OffloadClient.compareIds = compareIds;
+  OffloadClient.OffloadError = OffloadError;
+  OffloadClient.ZERO_ID = ZERO_ID;
+
+  global.OffloadClient = OffloadClient;
+})(typeof window !== 'undefined' ? window : globalThis);

@@ -1,0 +1,14 @@
+"""URLs of the offload library: include them with ``path("", include("offload.urls"))``."""
+
+from django.urls import path
+
+from . import views
+
+app_name = "offload"
+
+urlpatterns = [
+    path("ws/", views.channels_socket, name="ws"),
+    path("ws/echo", views.echo_socket, name="ws-echo"),
+    path("api/publish/<str:channel>", views.api_publish, name="api-publish"),
+    path("healthz", views.healthz, name="healthz"),
+]

@@ -1,0 +1,142 @@
+"""Django views: the websocket upgrade, the server-to-server publish API, health.
+
+Websocket endpoints are ordinary Django views, so URL routing, middleware
+(sessions, authentication) and decorators work as usual. The view checks the
+Origin, resolves the user off the event loop, performs uWSGI's native
+handshake and then runs the connection loop on the request's greenlet until
+the socket closes. See :mod:`offload.wsgi` for what happens after it returns.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from urllib.parse import urlsplit
+
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse, HttpResponseForbidden, JsonResponse
+from django.http.request import validate_host
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_POST
+
+from . import conf
+from .blocking import run_blocking
+from .connection import Endpoint, WebSocket, install_reload_handler
+from .endpoints import ChannelsEndpoint, EchoEndpoint
+from .exceptions import BackendUnavailable, ChannelError, LimitExceeded, ProtocolError
+from .policies import ANONYMOUS, Identity
+from .protocol import encode_data
+from .publishing import publish_json
+from .redis_client import REDIS_ERRORS, get_client
+
+__all__ = ["api_publish", "channels_socket", "echo_socket", "healthz", "origin_allowed", "websocket_view"]
+
+log = logging.getLogger("offload.views")
+
+#: environ key set once the request was upgraded (read by offload.wsgi).
+UPGRADED = "offload.upgraded"
+
+
+def origin_allowed(origin: str | None) -> bool:
+    """Is a websocket from this ``Origin`` allowed (cross-site hijacking check)?
+
+    No Origin header means a non-browser client, which cannot carry a victim's
+    cookies cross-site, so it is allowed. ``null`` and anything not in the
+    allow-list are refused. The default allow-list is the hosts of
+    ``ALLOWED_HOSTS`` (any scheme and port).
+    """
+    if origin is None:
+        return True
+    allowed = conf.get("OFFLOAD_ALLOWED_ORIGINS")
+    if allowed is not None:
+        return "*" in allowed or origin in allowed
+    parts = urlsplit(origin)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return False
+    hosts = list(settings.ALLOWED_HOSTS)
+    if settings.DEBUG and not hosts:
+        hosts = [".localhost", "127.0.0.1", "[::1]"]
+    return validate_host(parts.hostname, hosts)
+
+
+def _identity_of(request: HttpRequest) -> Identity:
+    user = request.user
+    if not user.is_authenticated:
+        return ANONYMOUS
+    groups = frozenset(user.groups.values_list("name", flat=True))
+    return Identity(user.pk, user.get_username(), groups)
+
+
+def websocket_view(endpoint_class: type[Endpoint]):
+    """Make a Django view that serves ``endpoint_class`` over a websocket."""
+
+    def view(request: HttpRequest) -> HttpResponse:
+        env = request.META
+        if env.get("HTTP_UPGRADE", "").lower() != "websocket":
+            return HttpResponse("websocket endpoint: upgrade required\n", status=426, headers={"Upgrade": "websocket"})
+        if not origin_allowed(env.get("HTTP_ORIGIN")):
+            log.warning("websocket refused: origin %r not allowed", env.get("HTTP_ORIGIN"))
+            return HttpResponseForbidden("origin not allowed\n")
+        identity = run_blocking(_identity_of, request)
+        import uwsgi
+
+        try:
+            uwsgi.websocket_handshake(env.get("HTTP_SEC_WEBSOCKET_KEY", ""), env.get("HTTP_ORIGIN", ""))
+        except OSError as exc:
+            return HttpResponse(f"bad websocket handshake: {exc}\n", status=400)
+        env[UPGRADED] = True
+        install_reload_handler()
+        query = {key: request.GET.getlist(key) for key in request.GET}
+        ws = WebSocket(uwsgi.connection_fd(), identity, query, uwsgi.worker_id())
+        ws.run(endpoint_class(ws))
+        return HttpResponse(status=101)
+
+    view.csrf_exempt = True
+    return view
+
+
+channels_socket = websocket_view(ChannelsEndpoint)
+echo_socket = websocket_view(EchoEndpoint)
+
+
+def _error(status: int, code: str, reason: str, **headers) -> JsonResponse:
+    return JsonResponse({"error": code, "reason": reason}, status=status, headers=headers or None)
+
+
+@csrf_exempt
+@require_POST
+def api_publish(request: HttpRequest, channel: str) -> JsonResponse:
+    """``POST /api/publish/<channel>``: publish the JSON body as message data."""
+    key = conf.get("OFFLOAD_API_KEY")
+    if not key:
+        return _error(403, "api_disabled", "OFFLOAD_API_KEY is not configured")
+    scheme, _, token = request.META.get("HTTP_AUTHORIZATION", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        return _error(401, "unauthorized", "missing or wrong bearer key", **{"WWW-Authenticate": "Bearer"})
+    limit = conf.get("OFFLOAD_MAX_MESSAGE_BYTES")
+    length = request.META.get("CONTENT_LENGTH") or "0"
+    if not length.isdigit() or int(length) > limit:
+        return _error(413, "message_too_large", f"body larger than {limit} bytes")
+    try:
+        data = json.loads(request.body)
+    except (ValueError, RecursionError):
+        return _error(400, "bad_json", "body is not valid JSON")
+    try:
+        message_id = publish_json(channel, encode_data(data))
+    except (ChannelError, ProtocolError) as exc:
+        return _error(400, exc.code, exc.reason)
+    except LimitExceeded as exc:
+        return _error(413, exc.code, exc.reason)
+    except BackendUnavailable as exc:
+        return _error(503, exc.code, exc.reason)
+    return JsonResponse({"id": message_id})
+
+
+def healthz(request: HttpRequest) -> JsonResponse:
+    """Liveness plus Redis reachability (503 when Redis is down)."""
+    try:
+        get_client().ping()
+    except REDIS_ERRORS as exc:
+        return JsonResponse({"status": "degraded", "redis": "down", "reason": str(exc)}, status=503)
+    return JsonResponse({"status": "ok", "redis": "up"})

@@ -1,0 +1,153 @@
+"""Django settings of the demo project.
+
+Deployment values come from the environment (12-factor); every variable is
+listed in docs/settings.md with its default. Nothing secret is committed: the
+default SECRET_KEY is generated once into the git-ignored var/ directory.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def _env_bool(name: str, default: bool = False) -> bool:
+    return os.environ.get(name, str(default)).strip().lower() in ("1", "true", "yes", "on")
+
+
+def _env_list(name: str, default: str) -> list[str]:
+    return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
+
+
+# Runtime state (database, Redis socket and data, collected static, secret key).
+VAR_DIR = Path(os.environ.get("OFFLOAD_VAR_DIR", BASE_DIR / "var")).resolve()
+VAR_DIR.mkdir(parents=True, exist_ok=True)
+
+
+def _secret_key() -> str:
+    key = os.environ.get("DJANGO_SECRET_KEY")
+    if key:
+        return key
+    path = VAR_DIR / "secret_key"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        key = secrets.token_urlsafe(50)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(key)
+        return key
+
+
+SECRET_KEY = _secret_key()
+DEBUG = _env_bool("DJANGO_DEBUG")
+ALLOWED_HOSTS = _env_list("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost,[::1]")
+
+INSTALLED_APPS = [
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "offload",
+    "app",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "project.urls"
+WSGI_APPLICATION = "project.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASES = {
+    "default": {
+        "ENGINE": "django.db.backends.sqlite3",
+        "NAME": VAR_DIR / "db.sqlite3",
+        # WAL lets readers (page views, websocket auth) run beside a writer.
+        "OPTIONS": {"timeout": 20, "init_command": "PRAGMA journal_mode=WAL;"},
+    }
+}
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "/static/"
+STATIC_ROOT = VAR_DIR / "static"
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    # Hashed file names, so uWSGI's static-map can send far-future cache headers.
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.ManifestStaticFilesStorage"},
+}
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "/"
+LOGOUT_REDIRECT_URL = "login"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(levelname)s %(name)s[%(process)d]: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "loggers": {
+        "offload": {"handlers": ["console"], "level": os.environ.get("OFFLOAD_LOG_LEVEL", "INFO")},
+        "django": {"handlers": ["console"], "level": "WARNING"},
+    },
+}
+
+# --- offload -------------------------------------------------------------------
+# Embedded Redis (started by uwsgi.ini when REDIS_URL is unset) listens here.
+OFFLOAD_REDIS_URL = os.environ.get("REDIS_URL") or f"unix://{VAR_DIR}/redis.sock"
+OFFLOAD_API_KEY = os.environ.get("OFFLOAD_API_KEY") or None
+OFFLOAD_NAMESPACES = {
+    # Anyone may listen; only the server publishes (benchmarks, smoke checks).
+    "public": {"subscribe": "public", "publish": False, "history_size": 100, "history_ttl": 3600},
+    # Chat rooms: logged-in users listen; messages go through the Django view.
+    "room": {"subscribe": "authenticated", "publish": False, "history_size": 200, "history_ttl": 86400},
+    # Personal notifications: user:<id> is readable by that user only.
+    "user": {"subscribe": "user", "publish": False, "history_size": 50, "history_ttl": 86400},
+    # Members of the Django group "staff" may listen and publish from the socket.
+    "staff": {"subscribe": "group:staff", "publish": True, "history_size": 100, "history_ttl": 3600},
+    # Per-worker live stats for the demo page.
+    "stats": {"subscribe": "public", "publish": False, "history_size": 1, "history_ttl": 60},
+}
+for _name in ("PING_INTERVAL", "PING_TIMEOUT", "STATS_INTERVAL"):
+    if f"OFFLOAD_{_name}" in os.environ:
+        globals()[f"OFFLOAD_{_name}"] = float(os.environ[f"OFFLOAD_{_name}"])
+for _name in ("MAX_MESSAGE_BYTES", "MAX_SUBSCRIPTIONS", "MAX_QUEUED_MESSAGES"):
+    if f"OFFLOAD_{_name}" in os.environ:
+        globals()[f"OFFLOAD_{_name}"] = int(os.environ[f"OFFLOAD_{_name}"])
+if "OFFLOAD_ALLOWED_ORIGINS" in os.environ:
+    OFFLOAD_ALLOWED_ORIGINS = _env_list("OFFLOAD_ALLOWED_ORIGINS", "")

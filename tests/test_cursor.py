@@ -1,0 +1,45 @@
+"""The resume cursor: history then live, no gap, no duplicate."""
+
+from offload.cursor import ChannelCursor, CursorState
+
+
+def e(n):
+    return ((n, 0), f"m{n}")
+
+
+def ids(entries):
+    return [entry[0][0] for entry in entries]
+
+
+def test_live_messages_buffer_while_syncing_then_join_history_without_duplicates():
+    cursor = ChannelCursor(last=(3, 0))
+    assert cursor.live(e(6)) == [] and cursor.live(e(7)) == []
+    assert cursor.buffered == 2
+    # history read after the subscription became active: 4..7 (6, 7 also arrived live)
+    out = cursor.history([e(4), e(5), e(6), e(7)], tip=None)
+    assert ids(out) == [4, 5, 6, 7]
+    assert cursor.state is CursorState.LIVE and cursor.duplicates == 2
+    assert ids(cursor.live(e(7))) == [] and ids(cursor.live(e(8))) == [8]
+
+
+def test_subscribe_from_now_starts_after_the_tip():
+    cursor = ChannelCursor()
+    cursor.live(e(10))  # published before the tip was read: already history
+    cursor.live(e(11))
+    out = cursor.history([], tip=(10, 0))
+    assert ids(out) == [11] and cursor.last == (11, 0)
+
+
+def test_empty_channel_from_now_delivers_everything_live():
+    cursor = ChannelCursor()
+    cursor.live(e(1))
+    assert ids(cursor.history([], tip=None)) == [1]
+
+
+def test_resync_after_outage_fills_the_gap():
+    cursor = ChannelCursor()
+    cursor.history([], tip=(1, 0))
+    assert ids(cursor.live(e(2))) == [2]
+    cursor.resync()  # Redis connection lost: 3 and 4 were published meanwhile
+    assert cursor.live(e(5)) == []
+    assert ids(cursor.history([e(3), e(4), e(5)], tip=None)) == [3, 4, 5]

@@ -1,0 +1,109 @@
+"""Client frames through wsproto, byte by byte (no sockets)."""
+
+import os
+import struct
+
+import pytest
+
+from offload.frames import (
+    BinaryReceived,
+    CloseReceived,
+    FrameReader,
+    PingReceived,
+    ProtocolFailure,
+    TextReceived,
+)
+
+
+def frame(opcode: int, payload: bytes, fin: bool = True, mask: bool = True, rsv: int = 0) -> bytes:
+    """A client frame, built by hand."""
+    head = bytes([(0x80 if fin else 0) | rsv << 4 | opcode])
+    n = len(payload)
+    bit = 0x80 if mask else 0
+    if n < 126:
+        head += bytes([bit | n])
+    elif n < 65536:
+        head += bytes([bit | 126]) + struct.pack("!H", n)
+    else:
+        head += bytes([bit | 127]) + struct.pack("!Q", n)
+    if not mask:
+        return head + payload
+    key = os.urandom(4)
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+def feed_all(reader, data, step=None):
+    out = []
+    if step is None:
+        return reader.feed(data)
+    for i in range(0, len(data), step):
+        out += reader.feed(data[i : i + step])
+    return out
+
+
+@pytest.mark.parametrize("step", [None, 1, 3])
+def test_fragmented_text_is_reassembled_even_byte_by_byte(step):
+    data = frame(1, "hé".encode()[:2], fin=False) + frame(0, "hé".encode()[2:] + b"llo")
+    assert feed_all(FrameReader(100), data, step) == [TextReceived("héllo")]
+
+
+def test_text_and_binary_are_kept_apart():
+    out = FrameReader(100).feed(frame(1, b"a") + frame(2, b"\x00\xff"))
+    assert out == [TextReceived("a"), BinaryReceived(b"\x00\xff")]
+
+
+def test_ping_between_fragments_and_pong_echoes_payload():
+    reader = FrameReader(100)
+    out = reader.feed(frame(1, b"ab", fin=False) + frame(9, b"xyz") + frame(0, b"c"))
+    assert out == [PingReceived(b"xyz"), TextReceived("abc")]
+    assert reader.pong(b"xyz") == b"\x8a\x03xyz"
+
+
+@pytest.mark.parametrize(
+    "data, code",
+    [
+        (frame(0, b"stray"), 1002),  # continuation with nothing to continue
+        (frame(1, b"a", fin=False) + frame(1, b"b"), 1002),  # new message inside a fragmented one
+        (frame(1, b"a", rsv=4), 1002),  # reserved bit without an extension
+        (frame(3, b""), 1002),  # reserved opcode
+        (frame(9, b"x" * 126), 1002),  # control frame too long
+        (frame(9, b"x", fin=False), 1002),  # fragmented control frame
+        (frame(1, b"a", mask=False), 1002),  # unmasked client frame
+        (frame(1, b"\xff\xfe"), 1007),  # invalid UTF-8
+        (frame(1, b"\xc3", fin=False) + frame(0, b"\x28"), 1007),  # invalid UTF-8 across fragments
+        (frame(8, struct.pack("!H", 999)), 1002),  # invalid close code
+        (frame(2, b"x" * 101), 1009),  # too big in one frame
+        (frame(2, b"x" * 60, fin=False) + frame(0, b"x" * 60), 1009),  # too big across fragments
+        (b"GET / HTTP/1.1\r\n\r\n", 1002),  # garbage
+    ],
+)
+def test_protocol_violations_fail_with_the_right_close_code(data, code):
+    reader = FrameReader(100)
+    out = reader.feed(data)
+    assert isinstance(out[-1], ProtocolFailure), out
+    assert out[-1].code == code
+    assert reader.failed and reader.feed(frame(1, b"more")) == []
+
+
+def test_oversize_message_fails_before_it_is_complete():
+    reader = FrameReader(100)
+    header_and_part = frame(2, b"x" * 1000)[:200]  # the frame is far from complete
+    assert reader.feed(header_and_part)[-1] == ProtocolFailure(1009, "message larger than 100 bytes")
+
+
+def test_close_frame_is_answered_with_its_code():
+    reader = FrameReader(100)
+    assert reader.feed(frame(8, struct.pack("!H", 1001) + b"bye")) == [CloseReceived(1001, "bye")]
+    assert reader.close(1001) == b"\x88\x02\x03\xe9"
+    assert reader.close(1000) == b""  # only one close frame per connection
+
+
+def test_end_of_stream_is_an_abnormal_close():
+    assert FrameReader(100).feed(None) == [CloseReceived(1006, "")]
+
+
+def test_truncated_frame_waits_for_more_bytes():
+    reader = FrameReader(100)
+    data = frame(1, b"hello")
+    assert reader.feed(data[:-1]) == []
+    assert reader.feed(data[-1:]) == [TextReceived("hello")]

@@ -1,0 +1,113 @@
+"""The per-worker hub against a real redis-server (gevent, no uWSGI).
+
+The subscribers here are small recorders (the hub's narrow interface); the
+Redis server, the pub/sub connection and publishing are real.
+"""
+
+import gevent
+import pytest
+
+import offload
+from offload.hub import Hub
+
+
+class Recorder:
+    def __init__(self):
+        self.ready = []
+        self.lost = []
+        self.messages = []
+
+    def channel_ready(self, channel):
+        self.ready.append(channel)
+
+    def channel_lost(self, channel):
+        self.lost.append(channel)
+
+    def deliver(self, channel, entry):
+        self.messages.append((channel, entry))
+
+
+def wait_until(predicate, timeout=5.0):
+    deadline = gevent.get_hub().loop.now() + timeout
+    while not predicate():
+        if gevent.get_hub().loop.now() > deadline:
+            raise AssertionError("condition not reached")
+        gevent.sleep(0.01)
+
+
+@pytest.fixture
+def hub(redis_client, settings):
+    settings.OFFLOAD_STATS_INTERVAL = 0
+    hub = Hub(worker_id=1)
+    wait_until(lambda: hub.connected)
+    yield hub
+    hub._greenlet.kill()
+    hub._disconnect()
+
+
+def numsub(redis_client, channel):
+    return dict(redis_client.pubsub_numsub(f"offload:c:{channel}"))[f"offload:c:{channel}".encode()]
+
+
+def test_many_local_subscribers_share_one_redis_subscription(hub, redis_client):
+    subscribers = [Recorder() for _ in range(50)]
+    for s in subscribers:
+        hub.subscribe(s, "public:a")
+    wait_until(lambda: all(s.ready == ["public:a"] for s in subscribers))
+    assert numsub(redis_client, "public:a") == 1
+    assert len(redis_client.client_list(_type="pubsub")) == 1
+
+    message_id = offload.publish("public:a", {"x": 1})
+    wait_until(lambda: all(s.messages for s in subscribers))
+    channel, (_, text) = subscribers[0].messages[0]
+    assert channel == "public:a"
+    assert text == '{"type":"message","channel":"public:a","id":"' + message_id + '","data":{"x":1}}'
+    assert hub.delivered == 50
+
+
+def test_late_subscriber_is_ready_at_once_and_unsubscribe_follows_interest(hub, redis_client):
+    first, second = Recorder(), Recorder()
+    hub.subscribe(first, "public:b")
+    wait_until(lambda: first.ready)
+    hub.subscribe(second, "public:b")
+    assert second.ready == ["public:b"]
+    hub.unsubscribe(first, "public:b")
+    gevent.sleep(0.1)
+    assert numsub(redis_client, "public:b") == 1
+    hub.unsubscribe(second, "public:b")
+    wait_until(lambda: numsub(redis_client, "public:b") == 0)
+    assert hub.channels == 0
+
+
+def test_burst_is_drained_completely_in_order(hub):
+    s = Recorder()
+    hub.subscribe(s, "public:burst")
+    wait_until(lambda: s.ready)
+    ids = [offload.publish("public:burst", n) for n in range(500)]
+    wait_until(lambda: len(s.messages) == 500)
+    assert [entry[0] for _, entry in s.messages] == [tuple(map(int, i.split("-"))) for i in ids]
+
+
+def test_resubscribe_while_unsubscribe_is_pending_ends_ready(hub, redis_client):
+    s = Recorder()
+    hub.subscribe(s, "public:flip")
+    wait_until(lambda: s.ready)
+    hub.unsubscribe(s, "public:flip")
+    hub.subscribe(s, "public:flip")
+    wait_until(lambda: len(s.ready) == 2 and hub.is_ready("public:flip"))
+    offload.publish("public:flip", 1)
+    wait_until(lambda: s.messages)
+    assert numsub(redis_client, "public:flip") == 1
+
+
+def test_redis_connection_killed_reconnects_and_resubscribes(hub, redis_client):
+    s = Recorder()
+    hub.subscribe(s, "public:r")
+    wait_until(lambda: s.ready)
+    for client in redis_client.client_list(_type="pubsub"):
+        redis_client.client_kill_filter(_id=client["id"])
+    wait_until(lambda: s.lost == ["public:r"])
+    wait_until(lambda: s.ready == ["public:r", "public:r"])
+    assert hub.reconnects == 1
+    offload.publish("public:r", "after")
+    wait_until(lambda: s.messages)

@@ -1,0 +1,115 @@
+"""The envelope and command rules of docs/protocol.md, without I/O."""
+
+import json
+
+import pytest
+
+from offload.exceptions import ChannelError, ProtocolError
+from offload.protocol import (
+    Ping,
+    Publish,
+    Subscribe,
+    Unsubscribe,
+    encode_data,
+    error_text,
+    message_text,
+    parse_command,
+    parse_stream_id,
+    reply,
+    split_channel,
+)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('{"type":"ping"}', Ping()),
+        ('{"type":"ping","ref":7}', Ping(ref=7)),
+        ('{"type":"subscribe","channel":"room:a"}', Subscribe("room:a")),
+        ('{"type":"subscribe","channel":"room:a","since":"12-3"}', Subscribe("room:a", (12, 3))),
+        ('{"type":"subscribe","channel":"room:a","since":null}', Subscribe("room:a")),
+        ('{"type":"unsubscribe","channel":"room:a","ref":"x"}', Unsubscribe("room:a", "x")),
+        ('{"type":"publish","channel":"room:a","data":{"b": [1, 2]}}', Publish("room:a", '{"b":[1,2]}')),
+        ('{"type":"publish","channel":"room:a","data":null}', Publish("room:a", "null")),
+    ],
+)
+def test_valid_commands(text, expected):
+    assert parse_command(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, code",
+    [
+        ("not json", "bad_json"),
+        ("", "bad_json"),
+        ("[1,2]", "bad_message"),
+        ('"ping"', "bad_message"),
+        ('{"channel":"room:a"}', "bad_message"),
+        ('{"type":5}', "bad_message"),
+        ('{"type":"dance"}', "unknown_type"),
+        ('{"type":"subscribe"}', "bad_message"),
+        ('{"type":"subscribe","channel":"nocolon"}', "invalid_channel"),
+        ('{"type":"subscribe","channel":7}', "invalid_channel"),
+        ('{"type":"subscribe","channel":"room:a","since":"yesterday"}', "invalid_since"),
+        ('{"type":"subscribe","channel":"room:a","since":12}', "invalid_since"),
+        ('{"type":"publish","channel":"room:a"}', "bad_message"),
+        ('{"type":"publish","channel":"room:a","data":NaN}', "bad_message"),
+        ('{"type":"ping","ref":{"a":1}}', "bad_message"),
+        ('{"type":"ping","ref":true}', "bad_message"),
+        ("[" * 100000, "bad_json"),
+    ],
+)
+def test_invalid_commands_have_stable_codes(text, code):
+    with pytest.raises((ProtocolError, ChannelError)) as info:
+        parse_command(text)
+    assert info.value.code == code
+    assert info.value.reason
+
+
+def test_publish_data_size_limit_counts_utf8_bytes():
+    parse_command('{"type":"publish","channel":"room:a","data":"ééé"}', max_data_bytes=8)
+    with pytest.raises(ProtocolError) as info:
+        parse_command('{"type":"publish","channel":"room:a","data":"éééé"}', max_data_bytes=8)
+    assert info.value.code == "message_too_large"
+
+
+@pytest.mark.parametrize("channel", ["room:general", "user:42", "a:b", "x_y-z:a.b@c=d", "n" * 32 + ":" + "m" * 128])
+def test_valid_channel_names(channel):
+    namespace, name = split_channel(channel)
+    assert f"{namespace}:{name}" == channel
+
+
+@pytest.mark.parametrize(
+    "channel",
+    ["", "room", ":a", "room:", "ro om:a", "room:a b", "room:a:b", "n" * 33 + ":a", "a:" + "m" * 129, "é:a", None],
+)
+def test_invalid_channel_names(channel):
+    with pytest.raises(ChannelError):
+        split_channel(channel)
+
+
+def test_stream_ids_compare_numerically_not_as_strings():
+    assert parse_stream_id("10-0") > parse_stream_id("9-5")
+    assert parse_stream_id("5-10") > parse_stream_id("5-9")
+    for bad in ("10", "a-b", "1-2-3", "-1-0", " 1-0", "1-0 "):
+        with pytest.raises(ProtocolError):
+            parse_stream_id(bad)
+
+
+def test_message_text_splices_preencoded_json():
+    text = message_text(json.dumps("room:a"), "5-1", '{"x":"é"}')
+    assert json.loads(text) == {"type": "message", "channel": "room:a", "id": "5-1", "data": {"x": "é"}}
+
+
+def test_replies_carry_ref_only_when_given():
+    assert json.loads(reply("pong")) == {"type": "pong"}
+    assert json.loads(reply("pong", "r1")) == {"type": "pong", "ref": "r1"}
+    err = json.loads(error_text("forbidden", "no", 3, "user:1"))
+    assert err == {"type": "error", "code": "forbidden", "reason": "no", "ref": 3, "channel": "user:1"}
+
+
+def test_encode_data_is_compact_and_refuses_non_json():
+    assert encode_data({"a": [1, "é"]}) == '{"a":[1,"é"]}'
+    for bad in (object(), float("nan"), {1j: 2}):
+        with pytest.raises(ProtocolError):
+            encode_data(bad)
