@@ -1,0 +1,99 @@
+"""Redis failures and graceful reloads, against a real uWSGI and redis-server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import time
+
+import pytest
+
+from offload.testing import LiveServer, RedisServer
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def stack(tmp_path):
+    redis = RedisServer(tmp_path / "redis").start()
+    server = LiveServer(tmp_path / "var", redis_url=redis.url).prepare().start()
+    try:
+        yield server, redis
+    finally:
+        server.stop()
+        redis.stop()
+
+
+def recv(ws) -> dict:
+    return json.loads(ws.recv())
+
+
+def api_publish(server, channel, data):
+    return server.http().request(
+        "POST",
+        f"/api/publish/{channel}",
+        json.dumps(data),
+        headers={"Authorization": f"Bearer {server.api_key}", "Content-Type": "application/json"},
+    )
+
+
+def test_redis_restart_keeps_sockets_open_fails_fast_and_loses_nothing(stack):
+    server, redis = stack
+    ws = server.websocket("/ws/?channel=public:outage")
+    assert recv(ws)["type"] == "subscribed"
+    first = server.publish("public:outage", "before")
+    assert recv(ws)["id"] == first
+
+    redis.stop()
+    started = time.monotonic()
+    status, _, body = api_publish(server, "public:outage", "during")
+    assert status == 503 and json.loads(body)["error"] == "unavailable"
+    assert time.monotonic() - started < 5, "publish must fail fast while Redis is down"
+    status, _, _ = server.http().request("GET", "/healthz")
+    assert status == 503
+
+    redis.start()  # same socket, same append-only file: history survives
+    # Published before the hub has resubscribed: only history has it, and the
+    # socket must still get it (re-sync after the outage), then live ones.
+    ids = [server.publish("public:outage", n) for n in range(3)]
+    time.sleep(3)
+    ids.append(server.publish("public:outage", "live again"))
+    got = [recv(ws) for _ in range(4)]
+    assert [m["id"] for m in got if m["type"] == "message"] == ids
+    ws.close()
+
+
+def close_code(ws) -> int | None:
+    """Read until the server's close frame; return its code."""
+    while True:
+        opcode, data = ws.recv_data(control_frame=True)
+        if opcode == 8:
+            return struct.unpack("!H", data[:2])[0] if len(data) >= 2 else None
+
+
+def test_graceful_reload_closes_sockets_with_1012_quickly(stack):
+    server, _ = stack
+
+    sockets = [server.websocket("/ws/?channel=public:reload") for _ in range(20)]
+    for ws in sockets:
+        assert recv(ws)["type"] == "subscribed"
+    old_pids = server.worker_pids()
+    started = time.monotonic()
+    os.kill(server.proc.pid, signal.SIGHUP)  # uwsgi --reload
+    for ws in sockets:
+        assert close_code(ws) == 1012
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            if server.worker_pids() and server.worker_pids() != old_pids:
+                break
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "workers were not replaced"
+        time.sleep(0.1)
+    assert time.monotonic() - started < 10, "reload waited for websockets instead of closing them"
+    ws = server.websocket("/ws/?channel=public:reload")
+    assert recv(ws)["type"] == "subscribed"
+    ws.close()
