@@ -93,10 +93,12 @@ def test_resume_with_since_has_no_gap_and_no_duplicate_while_publishing(offload_
     stop = threading.Event()
 
     def publisher():
-        n = 100
-        while not stop.is_set():
+        # Bounded so that before[3] stays within the namespace's 100-message history.
+        for n in range(80):
+            if stop.is_set():
+                break
             published.append(offload_server.publish(channel, n))
-            n += 1
+            time.sleep(0.005)
 
     thread = threading.Thread(target=publisher)
     thread.start()
@@ -269,3 +271,42 @@ def _readlink(path: str) -> str:
         return os.readlink(path)
     except OSError:
         return ""
+
+
+@pytest.mark.parametrize(
+    "method, channel, body, headers, status, code",
+    [
+        ("POST", "public:x", "1", {}, 401, "unauthorized"),
+        ("POST", "public:x", "1", {"Authorization": "Bearer wrong"}, 401, "unauthorized"),
+        ("POST", "public:x", "1", {"Authorization": "Basic dGVzdA=="}, 401, "unauthorized"),
+        ("POST", "public:x", "{oops", None, 400, "bad_json"),
+        ("POST", "public:x", "", None, 400, "bad_json"),
+        ("POST", "bad%20name", "1", None, 400, "invalid_channel"),
+        ("POST", "secret:x", "1", None, 400, "unknown_namespace"),
+        ("POST", "public:x", json.dumps("x" * 70000), None, 413, "message_too_large"),
+        ("GET", "public:x", None, None, 405, None),
+    ],
+)
+def test_http_publish_api_refuses_bad_requests_clearly(offload_server, method, channel, body, headers, status, code):
+    if headers is None:
+        headers = {"Authorization": f"Bearer {offload_server.api_key}"}
+    got, _, payload = offload_server.http().request(
+        method, f"/api/publish/{channel}", body, headers={**headers, "Content-Type": "application/json"}
+    )
+    assert got == status, payload
+    if code:
+        assert json.loads(payload)["error"] == code
+    assert offload_server.redis().keys("offload:h:public:x") == []
+
+
+def test_http_publish_api_is_disabled_without_a_key(tmp_path):
+    from offload.testing import LiveServer
+
+    server = LiveServer(tmp_path, env={"OFFLOAD_API_KEY": ""}).prepare().start()
+    try:
+        status, _, body = server.http().request(
+            "POST", "/api/publish/public:x", "1", headers={"Authorization": "Bearer "}
+        )
+        assert status == 403 and json.loads(body)["error"] == "api_disabled"
+    finally:
+        server.stop()
