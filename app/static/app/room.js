@@ -212,6 +212,10 @@
   const seenNotifications = new Set();
 
   function renderNotification(data, msg) {
+    if (data && data.kind === 'task') {
+      renderTask(data);
+      return;
+    }
     const id = msg.id;
     if (id == null || seenNotifications.has(String(id))) return;
     seenNotifications.add(String(id));
@@ -235,6 +239,59 @@
       showInline(notifyError, 'Failed: ' + err.message);
     } finally {
       notifyButton.disabled = false;
+    }
+  });
+
+  // ------------------------------------------------------------ reports (spooler tasks)
+
+  const reportButton = $('#report-button');
+  const reportProgress = $('#report-progress');
+  const reportStatus = $('#report-status');
+  const reportLink = $('#report-link');
+  const reportError = $('#report-error');
+  let currentTask = null;
+
+  /** Task messages arrive on the user's channel: queued, running, done or failed. */
+  function renderTask(data) {
+    if (currentTask !== null && data.task_id !== currentTask) return;
+    currentTask = data.task_id;
+    reportProgress.hidden = false;
+    reportProgress.dataset.state = data.state;
+    if (data.state === 'running' && typeof data.progress === 'number') {
+      reportProgress.value = data.progress;
+      reportStatus.textContent = `Building… ${Math.round(data.progress * 100)}%` + (data.text ? ` (${data.text})` : '');
+    } else if (data.state === 'queued') {
+      reportProgress.value = 0;
+      reportStatus.textContent = 'Queued in the spooler…';
+    } else if (data.state === 'retrying') {
+      reportStatus.textContent = 'Failed, retrying: ' + data.error;
+    } else if (data.state === 'done') {
+      reportProgress.value = 1;
+      const mb = data.result && data.result.bytes ? (data.result.bytes / 1e6).toFixed(1) + ' MB' : '';
+      reportStatus.textContent = `Done in ${data.seconds}s. ` + mb;
+      reportLink.href = data.result.download;
+      reportLink.hidden = false;
+      reportButton.disabled = false;
+    } else if (data.state === 'failed') {
+      showInline(reportError, 'Report failed: ' + data.error);
+      reportStatus.textContent = '';
+      reportButton.disabled = false;
+    }
+  }
+
+  reportButton.addEventListener('click', async () => {
+    reportButton.disabled = true;
+    reportLink.hidden = true;
+    showInline(reportError, '');
+    try {
+      const reply = await post(config.report_url, {seconds: reportButton.dataset.seconds || '10'});
+      currentTask = reply.task_id;
+      reportProgress.hidden = false;
+      reportProgress.value = 0;
+      reportStatus.textContent = 'Queued in the spooler…';
+    } catch (err) {
+      showInline(reportError, 'Not started: ' + err.message);
+      reportButton.disabled = false;
     }
   });
 

@@ -1,0 +1,482 @@
+"""Server-Sent Events: the websocket channels over one long HTTP response.
+
+For clients and proxies that cannot do websockets: ``GET /sse/?channel=C``
+streams the same messages, with the same policies, history and gap-free resume.
+
+Theory of operation
+-------------------
+The view checks everything up front (Origin, channel names, policies, limits,
+the resume cursor) and refuses with a JSON 400/403 *before* any byte of the
+stream is sent. It then returns a ``StreamingHttpResponse`` whose iterator is
+:meth:`SseStream.events`, a generator that uWSGI iterates on the request's own
+greenlet: one gevent core per open stream, exactly like a websocket, and no
+extra greenlet or thread.
+
+An :class:`SseStream` is a hub subscriber like ``ChannelsEndpoint``: one
+:class:`~offload.cursor.ChannelCursor` per channel joins history and live
+messages with no gap and no duplicate, and re-syncs after a Redis outage. The
+generator sleeps on one event, set by the hub (a message, a channel ready), by
+the connection becoming readable (the client closed it) or by
+:func:`close_all_streams`; each wake-up it writes everything queued as one chunk.
+
+Resume: there is one ``Last-Event-ID`` for several channels, so every event's
+``id:`` carries the position of *every* channel of the stream
+(``public:a=1732-0,room:b=1733-5``). A browser reconnects by itself and sends
+it back; each channel resumes from its own position.
+
+The end: the client closes (EOF on the socket), a write fails (uWSGI stops
+iterating and closes the generator), too many messages queue up
+(``OFFLOAD_MAX_QUEUED_MESSAGES``), Redis stays down past
+``OFFLOAD_SUBSCRIBE_TIMEOUT``, or the worker reloads. The generator's
+``finally`` always leaves the hub.
+
+The wire format (:func:`format_event`, :func:`format_resume_id`,
+:func:`parse_resume_id`, :func:`resume_positions`) is pure; gevent, uwsgi,
+redis and Django are imported only where a stream or the view needs them.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import re
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
+
+from .cursor import ChannelCursor, Entry
+from .exceptions import BackendUnavailable, ChannelError, PermissionDenied, ProtocolError, RefusedError
+from .protocol import (
+    StreamId,
+    error_text,
+    format_stream_id,
+    message_text,
+    parse_stream_id,
+    reply,
+    validate_channel,
+)
+
+if TYPE_CHECKING:
+    from django.http import HttpRequest, HttpResponse
+
+__all__ = [
+    "PING",
+    "RETRY",
+    "SseStream",
+    "close_all_streams",
+    "format_event",
+    "format_resume_id",
+    "open_streams",
+    "parse_resume_id",
+    "resume_positions",
+    "stream_view",
+]
+
+log = logging.getLogger("offload.sse")
+
+#: First bytes of every stream: reconnect 2 s after the stream ends.
+RETRY = b"retry: 2000\n\n"
+#: Keep-alive comment: proxies keep the stream open, dead clients fail the write.
+PING = b": ping\n\n"
+
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")  # SSE's only line breaks (not U+2028 ...)
+_RETRY_HISTORY = 1.0  # seconds before re-reading history after a Redis error
+_streams: set[SseStream] = set()
+
+
+# -- the wire format (pure) ---------------------------------------------------
+
+
+def format_event(data: str, *, event: str | None = None, event_id: str | None = None) -> str:
+    """One SSE event: ``id:``, ``event:``, one ``data:`` line per line, blank line.
+
+    JSON text has no raw line breaks, so an envelope is one ``data:`` line.
+
+    Raises:
+        ValueError: ``event`` or ``event_id`` contains a line break or NUL.
+    """
+    out = ""
+    if event_id is not None:
+        if _LINE_BREAK.search(event_id) or "\0" in event_id:
+            raise ValueError("an SSE id cannot contain line breaks or NUL")
+        out += "id: " + event_id + "\n"
+    if event is not None:
+        if _LINE_BREAK.search(event):
+            raise ValueError("an SSE event name cannot contain line breaks")
+        out += "event: " + event + "\n"
+    if "\n" in data or "\r" in data:
+        return out + "".join("data: " + line + "\n" for line in _LINE_BREAK.split(data)) + "\n"
+    return out + "data: " + data + "\n\n"
+
+
+def format_resume_id(positions: Iterable[tuple[str, StreamId]]) -> str:
+    """The ``id:`` of an event: ``channel=id`` for every positioned channel, comma-separated."""
+    return ",".join(channel + "=" + format_stream_id(position) for channel, position in positions)
+
+
+def parse_resume_id(value: str) -> dict[str, StreamId]:
+    """Parse a ``Last-Event-ID`` written by :func:`format_resume_id`.
+
+    Channel names may contain ``=`` but ids cannot, so each part splits at its
+    last ``=``. A blank value means no positions.
+
+    Raises:
+        ProtocolError: ``invalid_since`` if any part is malformed.
+    """
+    positions: dict[str, StreamId] = {}
+    if not value.strip():
+        return positions
+    for part in value.strip().split(","):
+        channel, _, position = part.rpartition("=")
+        try:
+            positions[validate_channel(channel)] = parse_stream_id(position)
+        except (ChannelError, ProtocolError):
+            raise ProtocolError(
+                "Last-Event-ID must be 'channel=id' pairs separated by commas", code="invalid_since"
+            ) from None
+    return positions
+
+
+def resume_positions(
+    channels: Iterable[str], since: str | None = None, last_event_id: str | None = None
+) -> dict[str, StreamId]:
+    """Where each channel starts: ``Last-Event-ID`` beats ``since``, channel by channel.
+
+    A channel missing from ``last_event_id`` falls back to ``since``; a channel
+    with neither starts "from now" (it is absent from the result).
+
+    Raises:
+        ProtocolError: ``invalid_since`` if either value is malformed.
+    """
+    since_id = None if since is None else parse_stream_id(since)
+    resumed = parse_resume_id(last_event_id) if last_event_id else {}
+    positions = {}
+    for channel in channels:
+        position = resumed.get(channel, since_id)
+        if position is not None:
+            positions[channel] = position
+    return positions
+
+
+# -- one stream (the uWSGI/gevent edge) -------------------------------------------
+
+
+def open_streams() -> int:
+    """SSE streams open in this process."""
+    return len(_streams)
+
+
+def close_all_streams() -> None:
+    """End every SSE stream of this process at once (graceful reload).
+
+    The browser reconnects after ``retry`` and resumes with ``Last-Event-ID``.
+    """
+    for stream in list(_streams):
+        stream.close("server restart")
+
+
+class SseStream:
+    """One open event stream: a hub subscriber feeding :meth:`events`.
+
+    Args:
+        channels: the channels, already checked against the policies.
+        positions: each resumed channel's position (see :func:`resume_positions`).
+        worker_id: the uWSGI worker, for the hub's stats.
+    """
+
+    def __init__(self, channels: list[str], positions: dict[str, StreamId], worker_id: int = 0) -> None:
+        import gevent.event
+
+        from . import conf
+        from .hub import get_hub
+
+        self.hub = get_hub(worker_id)
+        self.channels = list(channels)
+        self.cursors = {channel: ChannelCursor(positions.get(channel)) for channel in self.channels}
+        #: What the client's Last-Event-ID says: advanced as events are written.
+        self.positions = {channel: positions[channel] for channel in self.channels if channel in positions}
+        #: Why the stream ended (None while open).
+        self.ended: str | None = None
+        self._pending: dict[str, float] = {}  # channel -> subscribe time, until its `subscribed`
+        self._needs_history: set[str] = set()
+        self._retry_at: float | None = None
+        self._outbox: deque[tuple[str, StreamId | None, str, str]] = deque()
+        self._live_queued = 0
+        self._finish = False  # end after writing what is queued
+        self._peer_readable = False
+        self._in_hub = False
+        self._wake = gevent.event.Event()
+        self._max_queued = conf.get("OFFLOAD_MAX_QUEUED_MESSAGES")
+        self._ping_interval = conf.get("OFFLOAD_PING_INTERVAL")
+        self._subscribe_timeout = conf.get("OFFLOAD_SUBSCRIBE_TIMEOUT")
+
+    # -- hub callbacks (hub greenlet) -----------------------------------------
+
+    def channel_ready(self, channel: str) -> None:
+        if channel in self.cursors:
+            self._needs_history.add(channel)
+            self._wake.set()
+
+    def channel_lost(self, channel: str) -> None:
+        cursor = self.cursors.get(channel)
+        if cursor is not None:
+            cursor.resync()
+
+    def deliver(self, channel: str, entry: Entry) -> None:
+        cursor = self.cursors.get(channel)
+        if cursor is None or self.ended is not None:
+            return
+        admitted = cursor.live(entry)
+        if not admitted:
+            return
+        if self._live_queued >= self._max_queued:
+            # The client does not read: end the stream, it resumes on reconnect.
+            self.close("slow consumer")
+            return
+        for stream_id, text in admitted:
+            self._outbox.append((channel, stream_id, "message", text))
+        self._live_queued += len(admitted)
+        self._wake.set()
+
+    # -- control (any greenlet) -------------------------------------------------
+
+    def close(self, reason: str) -> None:
+        """End the stream now; what is still queued is dropped.
+
+        The hub is left at once: a stream stuck in a write to a client that
+        does not read (until uWSGI's socket timeout) receives nothing more.
+        """
+        if self.ended is None:
+            self.ended = reason
+            self._outbox.clear()
+            self._leave_hub()
+            self._wake.set()
+
+    def _leave_hub(self) -> None:
+        if self._in_hub:
+            self._in_hub = False
+            for channel in self.channels:
+                self.hub.unsubscribe(self, channel)
+
+    # -- the generator (the request greenlet only) ------------------------------
+
+    def events(self) -> Iterator[bytes]:
+        """The response body: ``retry``, then events and pings until the end."""
+        import gevent
+
+        fd = _connection_fd()
+        watcher = None
+        _streams.add(self)
+        try:
+            if fd is not None:
+                watcher = gevent.get_hub().loop.io(fd, 1)
+                watcher.start(self._on_readable)
+            started = time.monotonic()
+            self._in_hub = True
+            for channel in self.channels:
+                self._pending[channel] = started
+                self.hub.subscribe(self, channel)
+            yield RETRY
+            next_ping = time.monotonic() + self._ping_interval
+            while self.ended is None:
+                self._wake.wait(timeout=self._timeout(next_ping))
+                self._wake.clear()
+                if self._peer_readable:
+                    self._peer_readable = False
+                    if _peer_closed(fd):
+                        self.ended = "client closed"
+                if self.ended is not None:
+                    break
+                self._step()
+                chunk = self._drain()
+                if chunk:
+                    yield chunk
+                    next_ping = time.monotonic() + self._ping_interval
+                elif time.monotonic() >= next_ping:
+                    yield PING
+                    next_ping = time.monotonic() + self._ping_interval
+                if self._finish:
+                    self.ended = self.ended or "finished"
+        except Exception:
+            self.ended = "internal error"
+            log.exception("sse stream failed")
+        finally:
+            if self.ended is None:
+                self.ended = "closed by the server"  # a failed write: uWSGI closed the generator
+            if watcher is not None:
+                watcher.stop()
+            _streams.discard(self)
+            self._leave_hub()
+            self._outbox.clear()
+            log.debug("sse stream ended: %s", self.ended)
+
+    def _on_readable(self) -> None:
+        self._peer_readable = True
+        self._wake.set()
+
+    def _timeout(self, next_ping: float) -> float:
+        deadline = next_ping
+        if self._pending:
+            deadline = min(deadline, min(self._pending.values()) + self._subscribe_timeout)
+        if self._retry_at is not None:
+            deadline = min(deadline, self._retry_at)
+        return max(0.0, deadline - time.monotonic())
+
+    def _step(self) -> None:
+        """Read history where the hub is ready; give up on subscriptions that time out."""
+        now = time.monotonic()
+        if self._retry_at is not None and now >= self._retry_at:
+            self._retry_at = None
+        if self._needs_history and self._retry_at is None:
+            for channel in list(self._needs_history):
+                self._needs_history.discard(channel)
+                self._sync(channel)
+        for channel, started in list(self._pending.items()):
+            if now - started >= self._subscribe_timeout:
+                text = error_text("unavailable", "subscription timed out: Redis unavailable", channel=channel)
+                self._outbox.append((channel, None, "error", text))
+                self._finish = True  # the client reconnects after `retry` and resumes
+
+    def _sync(self, channel: str) -> None:
+        """The Redis subscription is live: queue history, then go live."""
+        cursor = self.cursors[channel]
+        first = channel in self._pending
+        try:
+            entries, tip, recovered = read_history(channel, cursor, first)
+        except BackendUnavailable:
+            # Stay SYNCING (live messages keep buffering) and retry shortly.
+            self._needs_history.add(channel)
+            self._retry_at = time.monotonic() + _RETRY_HISTORY
+            return
+        if first:
+            del self._pending[channel]
+            start = cursor.last if cursor.last is not None else tip
+            text = reply(
+                "subscribed",
+                channel=channel,
+                last_id=None if start is None else format_stream_id(start),
+                recovered=recovered,
+            )
+            # A channel with no history yet resumes from 0-0: all it will retain is new.
+            self._outbox.append((channel, start or (0, 0), "subscribed", text))
+        elif not recovered:
+            text = reply("subscribed", channel=channel, last_id=None, recovered=False)
+            self._outbox.append((channel, None, "subscribed", text))
+        for stream_id, text in cursor.history(entries, tip):
+            self._outbox.append((channel, stream_id, "message", text))
+
+    def _drain(self) -> bytes:
+        """Format everything queued, advancing the resume id event by event."""
+        outbox = self._outbox
+        if not outbox:
+            return b""
+        parts = []
+        resume_id = None
+        while outbox:
+            channel, stream_id, event, data = outbox.popleft()
+            if stream_id is not None or resume_id is None:
+                if stream_id is not None:
+                    self.positions[channel] = stream_id
+                resume_id = format_resume_id((c, self.positions[c]) for c in self.channels if c in self.positions)
+            parts.append(format_event(data, event=event, event_id=resume_id or None))
+        self._live_queued = 0
+        return "".join(parts).encode()
+
+
+def read_history(channel: str, cursor: ChannelCursor, first: bool) -> tuple[list[Entry], StreamId | None, bool]:
+    """What a cursor needs to go live: ``(entries, tip, recovered)``.
+
+    A first subscription without a position reads only the newest id ("from
+    now"); otherwise the retained messages after ``cursor.last`` (everything
+    for a cursor that never had a position) are read and framed.
+
+    Raises:
+        BackendUnavailable: Redis is down.
+    """
+    from .history import read_after, read_tip
+    from .policies import namespace_of
+
+    if cursor.last is None and first:
+        return [], read_tip(channel), True
+    limit = namespace_of(channel).namespace.history_size
+    rows, recovered = read_after(channel, cursor.last or (0, 0), limit)
+    channel_json = json.dumps(channel)
+    entries = [(parse_stream_id(mid), message_text(channel_json, mid, data)) for mid, data in rows]
+    return entries, None, recovered or cursor.last is None
+
+
+def _connection_fd() -> int | None:
+    """The client socket, watched for EOF (None outside uWSGI)."""
+    try:
+        import uwsgi
+    except ImportError:
+        return None
+    return uwsgi.connection_fd()
+
+
+def _peer_closed(fd: int | None) -> bool:
+    """Did the client close the connection? (It sends nothing after its request.)"""
+    if fd is None:
+        return False
+    try:
+        return not os.read(fd, 4096)  # b"": EOF; bytes: ignored (the request is done)
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        return exc.errno != errno.EINTR
+
+
+# -- the Django view ----------------------------------------------------------------
+
+
+def stream_view(request: HttpRequest) -> HttpResponse:
+    """``GET /sse/?channel=C[&channel=D][&since=ID]``: the channels as an event stream.
+
+    Everything is checked before the first byte: a refusal is a JSON
+    ``{"error": code, "reason": ...}`` with 400 (bad request) or 403 (origin
+    or policy), never a stream that ends at once.
+    """
+    from django.http import HttpResponseNotAllowed, StreamingHttpResponse
+
+    from . import conf
+    from .blocking import run_blocking
+    from .connection import install_reload_handler
+    from .policies import check_subscribe
+    from .views import _error, _identity_of, origin_allowed
+
+    if request.method != "GET":
+        return HttpResponseNotAllowed(["GET"])
+    if not origin_allowed(request.META.get("HTTP_ORIGIN")):
+        log.warning("sse refused: origin %r not allowed", request.META.get("HTTP_ORIGIN"))
+        return _error(403, "forbidden", "origin not allowed")
+    channels = list(dict.fromkeys(request.GET.getlist("channel")))
+    if not channels:
+        return _error(400, "bad_message", "at least one channel= is required")
+    limit = conf.get("OFFLOAD_MAX_SUBSCRIPTIONS")
+    if len(channels) > limit:
+        return _error(400, "too_many_subscriptions", f"at most {limit} channels per stream")
+    try:
+        last_event_id = request.headers.get("Last-Event-ID") or request.GET.get("last_event_id")
+        positions = resume_positions(channels, request.GET.get("since"), last_event_id)
+        identity = run_blocking(_identity_of, request)
+        for channel in channels:
+            check_subscribe(identity, channel, run_blocking)
+    except RefusedError as exc:
+        return _error(403 if isinstance(exc, PermissionDenied) else 400, exc.code, exc.reason)
+    install_reload_handler()
+    stream = SseStream(channels, positions, _worker_id())
+    response = StreamingHttpResponse(stream.events(), content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"  # nginx: pass events through at once
+    return response
+
+
+def _worker_id() -> int:
+    try:
+        import uwsgi
+    except ImportError:
+        return 0
+    return uwsgi.worker_id()
