@@ -81,6 +81,7 @@ def test_a_failing_task_reaches_the_user_as_an_error_and_leaves_no_spool_file(se
     ws = server.websocket(f"/ws/?channel={channel}", cookie=alice.cookie_header())
     json.loads(ws.recv())
     status, _, body = alice.post_csrf("/reports/", {"seconds": "0.1", "fail": "1"})
+    assert status == 202
     task_id = json.loads(body)["task_id"]
     events = task_events(ws, task_id)
     assert events[-1]["state"] == "failed"
@@ -97,6 +98,7 @@ def test_a_task_interrupted_by_a_restart_runs_again_and_completes(server):
     ws = server.websocket(f"/ws/?channel={channel}", cookie=alice.cookie_header())
     json.loads(ws.recv())
     status, _, body = alice.post_csrf("/reports/", {"seconds": "6", "rows": "20000"})
+    assert status == 202
     task_id = json.loads(body)["task_id"]
     task_events(ws, task_id, until=("running",))
     ws.close()
