@@ -40,6 +40,15 @@ DEFAULTS: dict[str, Any] = {
     "OFFLOAD_API_KEY": None,
     # Largest client message (bytes) and largest published data (bytes of JSON).
     "OFFLOAD_MAX_MESSAGE_BYTES": 64 * 1024,
+    # Messages per second a client may send on one connection (token bucket
+    # refilled at this rate, holding OFFLOAD_MESSAGE_BURST); beyond: close 1008.
+    "OFFLOAD_MAX_MESSAGES_PER_SECOND": 50.0,
+    "OFFLOAD_MESSAGE_BURST": 100,
+    # Open websockets per client IP, across all workers (counted in Redis).
+    "OFFLOAD_MAX_CONNECTIONS_PER_IP": 200,
+    # Seconds the upgrade may take on our side (user lookup, limits) before 503.
+    # Reading the request headers is bounded by uWSGI's socket-timeout.
+    "OFFLOAD_HANDSHAKE_TIMEOUT": 10.0,
     # Channels one connection may subscribe to.
     "OFFLOAD_MAX_SUBSCRIPTIONS": 100,
     # Messages queued for one client before it is closed as a slow consumer.

@@ -54,6 +54,7 @@ from .frames import (
     ProtocolFailure,
     TextReceived,
 )
+from .limits import ConnectionSlots, TokenBucket
 from .policies import Identity
 
 __all__ = ["Endpoint", "WebSocket", "close_all", "open_connections"]
@@ -111,7 +112,14 @@ class Endpoint:
 class WebSocket:
     """An upgraded connection: outgoing queue, reader, timers."""
 
-    def __init__(self, fd: int, identity: Identity, query: dict[str, list[str]], worker_id: int = 0) -> None:
+    def __init__(
+        self,
+        fd: int,
+        identity: Identity,
+        query: dict[str, list[str]],
+        worker_id: int = 0,
+        slots: ConnectionSlots | None = None,
+    ) -> None:
         import uwsgi
 
         self._uwsgi = uwsgi
@@ -129,6 +137,8 @@ class WebSocket:
         self._ping_timeout = conf.get("OFFLOAD_PING_TIMEOUT")
         self._closing_since = 0.0
         self._pending_close: tuple[int, str] | None = None
+        self._slots = slots
+        self._bucket = TokenBucket(conf.get("OFFLOAD_MAX_MESSAGES_PER_SECOND"), conf.get("OFFLOAD_MESSAGE_BURST"))
 
     # -- API for endpoints and the hub (any greenlet) --------------------------
 
@@ -193,6 +203,8 @@ class WebSocket:
         finally:
             watcher.stop()
             _open.discard(self)
+            if self._slots is not None:
+                self._slots.release()
             self.state = State.CLOSED
             self._outbox.clear()
             try:
@@ -233,6 +245,9 @@ class WebSocket:
                 return
 
     def _handle(self, event, endpoint: Endpoint) -> None:
+        if isinstance(event, (TextReceived, BinaryReceived)) and not self._bucket.allow():
+            self._send_close(CLOSE_POLICY, "rate limit exceeded")
+            return
         if isinstance(event, TextReceived):
             if self.state is State.OPEN:
                 endpoint.on_text(event.text)
@@ -262,6 +277,8 @@ class WebSocket:
             self._write_raw(self._reader.ping(b"%d" % int(now * 1000)))
             self._ping_sent = now
             self._next_ping = now + self._ping_interval
+            if self._slots is not None:
+                self._slots.refresh()
 
     def _flush(self) -> None:
         if self._pending_close is not None and self.state is State.OPEN:

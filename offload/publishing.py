@@ -7,34 +7,15 @@ stream and publishes it, atomically, and returns the id both carry.
 
 from __future__ import annotations
 
-from functools import cache
-from importlib.resources import files
 from typing import Any
 
 from . import conf
 from .exceptions import BackendUnavailable, LimitExceeded
 from .policies import namespace_of
 from .protocol import encode_data
-from .redis_client import REDIS_ERRORS, get_client, history_key, pubsub_channel
+from .redis_client import REDIS_ERRORS, history_key, pubsub_channel, script
 
 __all__ = ["publish", "publish_json"]
-
-
-@cache
-def _script_source() -> str:
-    return files("offload").joinpath("lua/publish.lua").read_text()
-
-
-_scripts: dict[int, Any] = {}
-
-
-def _script():
-    client = get_client()
-    script = _scripts.get(id(client))
-    if script is None:
-        _scripts.clear()
-        script = _scripts[id(client)] = client.register_script(_script_source())
-    return script
 
 
 def publish(channel: str, data: Any) -> str:
@@ -59,7 +40,7 @@ def publish_json(channel: str, data_json: str) -> str:
     if len(data_json) > limit or len(data_json.encode()) > limit:
         raise LimitExceeded(f"data is larger than {limit} bytes", code="message_too_large")
     try:
-        message_id = _script()(
+        message_id = script("publish")(
             keys=[history_key(channel)],
             args=[pubsub_channel(channel), data_json, ns.history_size, ns.history_ttl],
         )

@@ -65,6 +65,28 @@ def get_client() -> redis.Redis:
     return _client
 
 
+_scripts: dict[tuple[int, str], object] = {}
+
+
+def script(name: str):
+    """The Lua script ``offload/lua/<name>.lua``, registered once per client.
+
+    redis-py runs it with EVALSHA and loads it again if Redis forgot it
+    (e.g. after a restart).
+    """
+    client = get_client()
+    key = (id(client), name)
+    found = _scripts.get(key)
+    if found is None:
+        from importlib.resources import files
+
+        source = files("offload").joinpath(f"lua/{name}.lua").read_text()
+        if len(_scripts) > 16:
+            _scripts.clear()
+        found = _scripts[key] = client.register_script(source)
+    return found
+
+
 def reset() -> None:
     """Drop the process-wide client (tests that change the Redis URL)."""
     global _client

@@ -199,6 +199,9 @@ class LiveServer:
                 "CORES": "1200",
                 "WORKERS": "1",
                 "PYTHONUNBUFFERED": "1",
+                # every test client connects from 127.0.0.1: lift the per-IP cap
+                # (tests of the cap itself set it back down)
+                "OFFLOAD_MAX_CONNECTIONS_PER_IP": "100000",
             }
         )
         if redis_url:

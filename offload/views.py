@@ -14,6 +14,7 @@ import json
 import logging
 from urllib.parse import urlsplit
 
+import gevent
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, HttpResponseForbidden, JsonResponse
 from django.http.request import validate_host
@@ -25,6 +26,7 @@ from .blocking import run_blocking
 from .connection import Endpoint, WebSocket, install_reload_handler
 from .endpoints import ChannelsEndpoint, EchoEndpoint
 from .exceptions import BackendUnavailable, ChannelError, LimitExceeded, ProtocolError
+from .limits import ConnectionSlots
 from .policies import ANONYMOUS, Identity
 from .protocol import encode_data
 from .publishing import publish_json
@@ -78,17 +80,31 @@ def websocket_view(endpoint_class: type[Endpoint]):
         if not origin_allowed(env.get("HTTP_ORIGIN")):
             log.warning("websocket refused: origin %r not allowed", env.get("HTTP_ORIGIN"))
             return HttpResponseForbidden("origin not allowed\n")
-        identity = run_blocking(_identity_of, request)
+        slots = ConnectionSlots(
+            env.get("REMOTE_ADDR", ""),
+            conf.get("OFFLOAD_MAX_CONNECTIONS_PER_IP"),
+            stale_after=3 * conf.get("OFFLOAD_PING_INTERVAL"),
+        )
+        try:
+            with gevent.Timeout(conf.get("OFFLOAD_HANDSHAKE_TIMEOUT")):
+                if not slots.acquire():
+                    log.warning("websocket refused: too many connections from %s", env.get("REMOTE_ADDR"))
+                    return HttpResponse("too many connections from this address\n", status=429)
+                identity = run_blocking(_identity_of, request)
+        except gevent.Timeout:
+            slots.release()
+            return HttpResponse("handshake timed out\n", status=503)
         import uwsgi
 
         try:
             uwsgi.websocket_handshake(env.get("HTTP_SEC_WEBSOCKET_KEY", ""), env.get("HTTP_ORIGIN", ""))
         except OSError as exc:
+            slots.release()
             return HttpResponse(f"bad websocket handshake: {exc}\n", status=400)
         env[UPGRADED] = True
         install_reload_handler()
         query = {key: request.GET.getlist(key) for key in request.GET}
-        ws = WebSocket(uwsgi.connection_fd(), identity, query, uwsgi.worker_id())
+        ws = WebSocket(uwsgi.connection_fd(), identity, query, uwsgi.worker_id(), slots)
         ws.run(endpoint_class(ws))
         return HttpResponse(status=101)
 

@@ -1,0 +1,85 @@
+"""Every limit, against the real uWSGI: per-IP connections, message rate, handshake time."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+import websocket
+
+from offload.testing import LiveServer
+from tests.integration.rawws import RawWebSocket
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    live = LiveServer(
+        tmp_path_factory.mktemp("limits-var"),
+        env={
+            "OFFLOAD_MAX_CONNECTIONS_PER_IP": "5",
+            "OFFLOAD_MAX_MESSAGES_PER_SECOND": "20",
+            "OFFLOAD_MESSAGE_BURST": "40",
+        },
+    )
+    live.prepare().start()
+    yield live
+    live.stop()
+
+
+def test_connections_per_ip_are_capped_across_the_instance(server):
+    sockets = [server.websocket("/ws/echo") for _ in range(5)]
+    with pytest.raises(websocket.WebSocketBadStatusException) as info:
+        server.websocket("/ws/echo")
+    assert info.value.status_code == 429
+    sockets.pop().close()
+    deadline = time.monotonic() + 5
+    while True:  # the slot is freed when the server notices the close
+        try:
+            sockets.append(server.websocket("/ws/echo"))
+            break
+        except websocket.WebSocketBadStatusException:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    for ws in sockets:
+        ws.close()
+
+
+def test_message_rate_is_limited_with_a_policy_close(server):
+    ws = RawWebSocket(server.port)
+    for n in range(200):  # far above 20/s with a burst of 40
+        ws.send_frame(1, b"%d" % n)
+    code = ws.read_until_close()
+    assert code == 1008
+    ws.close()
+
+
+def test_a_client_within_the_rate_keeps_its_connection(server):
+    ws = server.websocket("/ws/echo")
+    for n in range(30):  # within the burst
+        ws.send(str(n))
+        assert ws.recv() == str(n)
+    ws.close()
+
+
+def test_a_handshake_that_never_completes_is_dropped(server):
+    # uWSGI's socket-timeout (30 s: the gevent plugin's minimum) bounds the header read.
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=45)
+    sock.sendall(b"GET /ws/echo HTTP/1.1\r\nHost: x\r\n")  # headers never finished
+    started = time.monotonic()
+    assert sock.recv(1024) == b""  # the server closes it
+    assert 25 < time.monotonic() - started < 40
+    sock.close()
+    ws = server.websocket("/ws/echo")  # and keeps serving others
+    ws.send("ok")
+    assert ws.recv() == "ok"
+    ws.close()
+
+
+def test_message_size_limit_closes_with_1009(server):
+    ws = RawWebSocket(server.port)
+    ws.send_frame(1, b"x" * (64 * 1024 + 1))
+    assert ws.read_until_close() == 1009
+    ws.close()
