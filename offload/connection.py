@@ -2,18 +2,24 @@
 
 Theory of operation
 -------------------
-uWSGI performs the handshake (``uwsgi.websocket_handshake``) and sends data
-messages (``uwsgi.websocket_send``/``_binary``); both must be called from the
-request's own greenlet. Client frames are *not* read with uWSGI's unsafe
-receive path: the greenlet reads raw bytes from ``uwsgi.connection_fd()`` and
-feeds :class:`offload.frames.FrameReader` (wsproto). Control frames (pong,
-ping, close) are written to the fd as bytes, from the same greenlet, so
-frames never interleave.
+uWSGI performs the handshake (``uwsgi.websocket_handshake``, on the request's
+own greenlet). From then on the connection owns ``uwsgi.connection_fd()``:
 
-The greenlet sleeps on one event, set by any of: the fd became readable
-(a libev io watcher), another greenlet queued something (the hub delivering a
-message), or the next timer. Each wake-up it drains everything: all readable
-bytes, all parsed events, all queued messages.
+* Reading: client frames are *not* read with uWSGI's unsafe receive path; the
+  greenlet reads raw bytes and feeds :class:`offload.frames.FrameReader`
+  (wsproto).
+* Writing: every frame (data and control) goes through :meth:`WebSocket.send_frame`,
+  callable from any greenlet. When nothing is pending it is one non-blocking
+  ``os.write`` of complete frame bytes, done by the caller: the hub writes a
+  message it framed once to every socket without waking their greenlets.
+  Whatever the kernel does not take is queued and flushed by a write watcher
+  when the socket drains; a socket whose queue overflows is a slow consumer
+  and is closed (1008). One writer at a time (gevent is cooperative and a
+  write never yields), so frames never interleave.
+
+The greenlet sleeps on one event, set by: the fd became readable (a libev io
+watcher), a close was requested, or the next timer. Each wake-up it drains
+everything readable.
 
 Lifecycle::
 
@@ -24,6 +30,7 @@ Lifecycle::
     OPEN      protocol error -> close 1002/1007/1009  CLOSED
     OPEN      no pong/data within ping timeout        CLOSED (1011)
     OPEN      outgoing queue over the limit           CLOSING (1008)
+    OPEN      queued bytes stuck for the ping timeout CLOSED
     CLOSING   peer close frame, EOF or 2 s timeout    CLOSED
 """
 
@@ -43,6 +50,7 @@ import gevent.socket
 
 from . import conf
 from .frames import (
+    CLOSE_GOING_AWAY,
     CLOSE_INTERNAL,
     CLOSE_POLICY,
     CLOSE_RESTART,
@@ -53,6 +61,8 @@ from .frames import (
     PongReceived,
     ProtocolFailure,
     TextReceived,
+    frame_binary,
+    frame_text,
 )
 from .limits import ConnectionSlots, TokenBucket
 from .policies import Identity
@@ -72,7 +82,7 @@ def open_connections() -> int:
 
 
 def close_all(code: int = CLOSE_RESTART, reason: str = "server restart") -> None:
-    """Ask every websocket of this process to close (e.g. on reload)."""
+    """Send every websocket of this process a close frame now (reload, shutdown)."""
     for ws in list(_open):
         ws.close(code, reason)
 
@@ -120,9 +130,6 @@ class WebSocket:
         worker_id: int = 0,
         slots: ConnectionSlots | None = None,
     ) -> None:
-        import uwsgi
-
-        self._uwsgi = uwsgi
         self.fd = fd
         self.identity = identity
         self.query = query
@@ -130,29 +137,42 @@ class WebSocket:
         self.state = State.OPEN
         self.close_code: int | None = None
         self._reader = FrameReader(conf.get("OFFLOAD_MAX_MESSAGE_BYTES"))
-        self._outbox: deque[tuple[int, bytes | str]] = deque()
+        self._out: deque[bytes | memoryview] = deque()
         self._max_queued = conf.get("OFFLOAD_MAX_QUEUED_MESSAGES")
         self._wake = gevent.event.Event()
         self._ping_interval = conf.get("OFFLOAD_PING_INTERVAL")
         self._ping_timeout = conf.get("OFFLOAD_PING_TIMEOUT")
         self._closing_since = 0.0
-        self._pending_close: tuple[int, str] | None = None
+        self._stuck_since: float | None = None
         self._slots = slots
         self._bucket = TokenBucket(conf.get("OFFLOAD_MAX_MESSAGES_PER_SECOND"), conf.get("OFFLOAD_MESSAGE_BURST"))
+        self._write_watcher = gevent.get_hub().loop.io(fd, 2)
 
     # -- API for endpoints and the hub (any greenlet) --------------------------
 
     def send_text(self, text: str) -> None:
-        """Queue a text message; it is sent on the connection's greenlet."""
-        self._queue(_TEXT, text)
+        """Send a text message (framed here; see :meth:`send_frame`)."""
+        self.send_frame(frame_text(text.encode()))
 
     def send_binary(self, data: bytes) -> None:
-        self._queue(_BINARY, data)
+        self.send_frame(frame_binary(data))
+
+    def send_frame(self, frame: bytes) -> None:
+        """Send complete frame bytes now, or queue what the socket cannot take.
+
+        Nothing is sent once the connection is closing.
+        """
+        if self.state is State.OPEN:
+            self._write(frame)
 
     def close(self, code: int, reason: str = "") -> None:
         """Start the closing handshake with ``code`` (from any greenlet)."""
-        if self.state is State.OPEN and self._pending_close is None:
-            self._pending_close = (code, reason)
+        if self.state is State.OPEN:
+            self.close_code = code
+            self._write(self._reader.close(code, reason))
+            if self.state is State.OPEN:
+                self.state = State.CLOSING
+                self._closing_since = time.monotonic()
             self._wake.set()
 
     def wake(self) -> None:
@@ -160,17 +180,61 @@ class WebSocket:
 
     @property
     def queued(self) -> int:
-        return len(self._outbox)
+        """Frames (or parts of one) waiting for the socket to drain."""
+        return len(self._out)
 
-    def _queue(self, kind: int, payload: bytes | str) -> None:
-        if self.state is not State.OPEN or self._pending_close is not None:
-            return
-        if len(self._outbox) >= self._max_queued:
-            # The client does not read: drop its queue, never slow the others.
-            self._outbox.clear()
+    # -- writing ------------------------------------------------------------------
+
+    def _write(self, data: bytes | memoryview) -> None:
+        out = self._out
+        if not out:
+            try:
+                written = os.write(self.fd, data)
+            except BlockingIOError:
+                written = 0
+            except OSError:
+                self._broken()
+                return
+            if written == len(data):
+                return
+            data = memoryview(data)[written:]
+            self._stuck_since = time.monotonic()
+            self._write_watcher.start(self._on_writable)
+        elif len(out) >= self._max_queued and self.state is State.OPEN:
+            # The client does not read. Keep the frame being written (it may
+            # be half sent), drop the rest, never slow the others down.
+            head = out.popleft()
+            out.clear()
+            out.append(head)
             self.close(CLOSE_POLICY, "slow consumer")
             return
-        self._outbox.append((kind, payload))
+        out.append(data)
+
+    def _on_writable(self) -> None:
+        """Flush queued bytes (runs in the event loop when the socket drains)."""
+        out = self._out
+        try:
+            while out:
+                data = out[0]
+                written = os.write(self.fd, data)
+                if written < len(data):
+                    out[0] = memoryview(data)[written:]
+                    self._stuck_since = time.monotonic()
+                    return
+                out.popleft()
+        except BlockingIOError:
+            return
+        except OSError:
+            self._broken()
+            return
+        self._stuck_since = None
+        self._write_watcher.stop()
+
+    def _broken(self) -> None:
+        """The peer is gone (EPIPE, ECONNRESET): stop at once."""
+        self._out.clear()
+        self._write_watcher.stop()
+        self.state = State.CLOSED
         self._wake.set()
 
     # -- the loop (the request greenlet only) ----------------------------------
@@ -187,26 +251,23 @@ class WebSocket:
         try:
             endpoint.on_open()
             while self.state is not State.CLOSED:
-                self._flush()
                 self._wake.wait(timeout=self._timeout(endpoint))
                 self._wake.clear()
                 self._read(endpoint)
                 if self.state is State.OPEN:
                     endpoint.on_wake()
                 self._timers()
-        except OSError as exc:
-            # The peer vanished mid-send (uWSGI raises IOError): nothing to close.
-            log.debug("websocket I/O error: %s", exc)
         except Exception:
             log.exception("websocket endpoint failed")
-            self._send_close(CLOSE_INTERNAL, "internal error")
+            self.close(CLOSE_INTERNAL, "internal error")
         finally:
             watcher.stop()
+            self._write_watcher.stop()
             _open.discard(self)
             if self._slots is not None:
                 self._slots.release()
             self.state = State.CLOSED
-            self._outbox.clear()
+            self._out.clear()
             try:
                 endpoint.on_close()
             except Exception:
@@ -219,6 +280,8 @@ class WebSocket:
             deadline = self._next_ping
         if self.state is State.CLOSING:
             deadline = min(deadline, self._closing_since + _CLOSE_GRACE)
+        if self._stuck_since is not None:
+            deadline = min(deadline, self._stuck_since + self._ping_timeout)
         extra = endpoint.next_deadline()
         if extra is not None:
             deadline = min(deadline, extra)
@@ -246,7 +309,7 @@ class WebSocket:
 
     def _handle(self, event, endpoint: Endpoint) -> None:
         if isinstance(event, (TextReceived, BinaryReceived)) and not self._bucket.allow():
-            self._send_close(CLOSE_POLICY, "rate limit exceeded")
+            self.close(CLOSE_POLICY, "rate limit exceeded")
             return
         if isinstance(event, TextReceived):
             if self.state is State.OPEN:
@@ -255,82 +318,41 @@ class WebSocket:
             if self.state is State.OPEN:
                 endpoint.on_binary(event.data)
         elif isinstance(event, PingReceived):
-            self._write_raw(self._reader.pong(event.payload))
+            self._write(self._reader.pong(event.payload))
         elif isinstance(event, PongReceived):
             pass  # any received byte already counts as a sign of life
         elif isinstance(event, CloseReceived):
             self.close_code = event.code
-            self._write_raw(self._reader.close(event.code))
+            self._write(self._reader.close(event.code))
             self.state = State.CLOSED
         elif isinstance(event, ProtocolFailure):
-            self._send_close(event.code, event.reason)
+            self.close(event.code, event.reason)
             self.state = State.CLOSED
 
     def _timers(self) -> None:
         now = time.monotonic()
         if self.state is State.CLOSING and now - self._closing_since >= _CLOSE_GRACE:
             self.state = State.CLOSED
+        elif self._stuck_since is not None and now - self._stuck_since >= self._ping_timeout:
+            log.info("websocket peer stopped reading for %.0f s: dropping it", self._ping_timeout)
+            self.state = State.CLOSED
         elif self._ping_sent is not None and now - self._ping_sent >= self._ping_timeout:
             log.info("websocket peer did not answer a ping for %.0f s: dropping it", self._ping_timeout)
             self.state = State.CLOSED  # a dead peer cannot receive a close frame
         elif self.state is State.OPEN and self._ping_sent is None and now >= self._next_ping:
-            self._write_raw(self._reader.ping(b"%d" % int(now * 1000)))
+            self._write(self._reader.ping(b"%d" % int(now * 1000)))
             self._ping_sent = now
             self._next_ping = now + self._ping_interval
             if self._slots is not None:
                 self._slots.refresh()
 
-    def _flush(self) -> None:
-        if self._pending_close is not None and self.state is State.OPEN:
-            code, reason = self._pending_close
-            self._outbox.clear()
-            self._send_close(code, reason)
-            return
-        if not self._outbox:
-            return
-        send_text = self._uwsgi.websocket_send
-        send_binary = self._uwsgi.websocket_send_binary
-        outbox = self._outbox
-        # A client that stops reading blocks the send; bound it.
-        with gevent.Timeout(self._ping_timeout, OSError("send timed out")):
-            while outbox and self.state is State.OPEN:
-                kind, payload = outbox.popleft()
-                if kind is _TEXT:
-                    send_text(payload)
-                else:
-                    send_binary(payload)
-
-    def _send_close(self, code: int, reason: str) -> None:
-        self.close_code = code
-        self._write_raw(self._reader.close(code, reason))
-        if self.state is State.OPEN:
-            self.state = State.CLOSING
-            self._closing_since = time.monotonic()
-
-    def _write_raw(self, data: bytes) -> None:
-        """Write control-frame bytes completely (same greenlet as data sends)."""
-        view = memoryview(data)
-        deadline = time.monotonic() + _CLOSE_GRACE
-        while view:
-            try:
-                written = os.write(self.fd, view)
-            except BlockingIOError:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise OSError("control frame write timed out") from None
-                gevent.socket.wait_write(self.fd, timeout=left)
-                continue
-            view = view[written:]
-
-
-_TEXT = 0
-_BINARY = 1
 
 _handlers_installed_pid: int | None = None
 
 
-def install_reload_handler() -> None:
-    """On graceful reload (SIGHUP to the worker), close every socket with 1012.
+def install_signal_handlers() -> None:
+    """On graceful reload (SIGHUP to the worker), close every socket with 1012;
+    on shutdown with 1001.
 
     uWSGI's gevent loop waits for every open request before a worker can be
     replaced; closing websockets promptly makes reloads take seconds instead
@@ -341,3 +363,7 @@ def install_reload_handler() -> None:
         return
     _handlers_installed_pid = os.getpid()
     gevent.signal_handler(signal.SIGHUP, close_all)
+    # Shutdown (uWSGI stops a worker with SIGINT, and with SIGTERM/SIGQUIT on
+    # some paths): tell clients with 1001 instead of just dropping TCP.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):
+        gevent.signal_handler(signum, close_all, CLOSE_GOING_AWAY, "server shutting down")

@@ -35,9 +35,10 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable
 
+from .frames import frame_text
 from .protocol import StreamId
 
-__all__ = ["ChannelCursor", "CursorState"]
+__all__ = ["ChannelCursor", "CursorState", "Entry", "make_entry"]
 
 
 class CursorState(enum.IntEnum):
@@ -45,8 +46,20 @@ class CursorState(enum.IntEnum):
     LIVE = 1
 
 
-Entry = tuple[StreamId, str]
-"""``(id, envelope_text)``: one message ready to send."""
+Entry = tuple[StreamId, bytes, bytes]
+"""``(id, envelope JSON bytes, websocket frame bytes)``: one message ready to send."""
+
+
+def make_entry(channel_json: bytes, message_id: bytes, data_json: bytes) -> Entry:
+    """Build a message envelope by splicing pre-encoded JSON, and frame it.
+
+    ``channel_json`` is the JSON string of the channel (computed once per
+    channel) and ``data_json`` the stored JSON text, so nothing is re-encoded
+    per message or per socket.
+    """
+    text = b'{"type":"message","channel":' + channel_json + b',"id":"' + message_id + b'","data":' + data_json + b"}"
+    ms, _, seq = message_id.partition(b"-")
+    return (int(ms), int(seq)), text, frame_text(text)
 
 
 class ChannelCursor:
@@ -72,6 +85,21 @@ class ChannelCursor:
             self._buffer.append(entry)
             return []
         return self._admit(entry)
+
+    def live_many(self, entries: list[Entry]) -> list[Entry] | None:
+        """A batch of live messages (id order) arrived.
+
+        Returns None when the whole batch is admitted as it is (the hot path:
+        the caller sends the batch's pre-joined frames in one write), else
+        the entries to send now (possibly none).
+        """
+        if self.state is CursorState.LIVE and (self.last is None or entries[0][0] > self.last):
+            self.last = entries[-1][0]
+            return None
+        out: list[Entry] = []
+        for entry in entries:
+            out.extend(self.live(entry))
+        return out
 
     def history(self, entries: Iterable[Entry], tip: StreamId | None) -> list[Entry]:
         """History was read. Returns everything to send, in order; goes LIVE.

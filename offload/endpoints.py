@@ -17,7 +17,7 @@ from typing import Any
 from . import conf
 from .blocking import run_blocking
 from .connection import Endpoint, WebSocket
-from .cursor import ChannelCursor, Entry
+from .cursor import ChannelCursor, Entry, make_entry
 from .exceptions import BackendUnavailable, LimitExceeded, RefusedError
 from .history import read_after, read_tip
 from .hub import get_hub
@@ -29,9 +29,7 @@ from .protocol import (
     Unsubscribe,
     error_text,
     format_stream_id,
-    message_text,
     parse_command,
-    parse_stream_id,
     reply,
 )
 from .publishing import publish_json
@@ -88,11 +86,16 @@ class ChannelsEndpoint(Endpoint):
         if cursor is not None:
             cursor.resync()
 
-    def deliver(self, channel: str, entry: Entry) -> None:
+    def deliver(self, channel: str, entries: list[Entry], frames: bytes) -> None:
         cursor = self.cursors.get(channel)
-        if cursor is not None:
-            for _, text in cursor.live(entry):
-                self.ws.send_text(text)
+        if cursor is None:
+            return
+        admitted = cursor.live_many(entries)
+        if admitted is None:  # the hot path: one write of the pre-joined frames
+            self.ws.send_frame(frames)
+            return
+        for entry in admitted:
+            self.ws.send_frame(entry[2])
 
     # -- websocket hooks (connection greenlet) ----------------------------------
 
@@ -214,8 +217,8 @@ class ChannelsEndpoint(Endpoint):
             self._needs_history.add(channel)
             self._retry_at = time.monotonic() + _RETRY_HISTORY
             return
-        channel_json = json.dumps(channel)
-        entries = [(parse_stream_id(mid), message_text(channel_json, mid, data)) for mid, data in rows]
+        channel_json = json.dumps(channel).encode()
+        entries = [make_entry(channel_json, mid.encode(), data.encode()) for mid, data in rows]
         if pending is not None:
             del self._pending[channel]
             start = cursor.last if cursor.last is not None else tip
@@ -230,5 +233,5 @@ class ChannelsEndpoint(Endpoint):
             )
         elif not recovered:
             self.ws.send_text(reply("subscribed", None, channel=channel, last_id=None, recovered=False))
-        for _, text in cursor.history(entries, tip):
-            self.ws.send_text(text)
+        for entry in cursor.history(entries, tip):
+            self.ws.send_frame(entry[2])

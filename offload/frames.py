@@ -12,6 +12,7 @@ bytes in through :meth:`FrameReader.feed`, events out, control-frame bytes
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 from wsproto import ConnectionType
@@ -46,6 +47,28 @@ CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL = 1011
 CLOSE_RESTART = 1012
+
+
+def _header(first_byte: int, length: int) -> bytes:
+    if length < 126:
+        return bytes((first_byte, length))
+    if length < 65536:
+        return struct.pack("!BBH", first_byte, 126, length)
+    return struct.pack("!BBQ", first_byte, 127, length)
+
+
+def frame_text(payload: bytes) -> bytes:
+    """A complete server text frame (FIN, unmasked) around UTF-8 ``payload``.
+
+    Built once per published message by the hub; the same bytes are written
+    to every subscribed socket.
+    """
+    return _header(0x81, len(payload)) + payload
+
+
+def frame_binary(payload: bytes) -> bytes:
+    """A complete server binary frame (FIN, unmasked)."""
+    return _header(0x82, len(payload)) + payload
 
 
 @dataclass(frozen=True)

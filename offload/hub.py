@@ -33,7 +33,7 @@ import gevent
 import gevent.event
 
 from . import conf
-from .cursor import Entry
+from .cursor import Entry, make_entry
 from .redis_client import REDIS_ERRORS, channel_of, new_client, pubsub_channel
 
 __all__ = ["Hub", "Subscriber", "get_hub"]
@@ -43,6 +43,7 @@ log = logging.getLogger("offload.hub")
 _CONTROL = "ctl"
 _IDLE_PING = 5.0  # seconds of silence before the hub pings Redis
 _BACKOFF = (0.1, 0.2, 0.5, 1.0, 2.0)
+_MAX_BATCH = 256  # messages fanned out together at most
 
 
 class Subscriber(Protocol):
@@ -52,7 +53,9 @@ class Subscriber(Protocol):
 
     def channel_lost(self, channel: str) -> None: ...
 
-    def deliver(self, channel: str, entry: Entry) -> None: ...
+    def deliver(self, channel: str, entries: list[Entry], frames: bytes) -> None:
+        """New live messages of ``channel``, in id order; ``frames`` is all
+        their websocket frames joined, ready to write in one call."""
 
 
 class Hub:
@@ -61,7 +64,7 @@ class Hub:
     def __init__(self, worker_id: int = 0) -> None:
         self.worker_id = worker_id
         self._local: dict[str, set[Subscriber]] = {}
-        self._channel_json: dict[str, str] = {}
+        self._channel_json: dict[str, bytes] = {}
         self._sent_subscribe: set[str] = set()
         self._pending_acks: dict[str, int] = {}
         self._ready: set[str] = set()
@@ -82,7 +85,7 @@ class Hub:
         subscribers = self._local.get(channel)
         if subscribers is None:
             subscribers = self._local[channel] = set()
-            self._channel_json[channel] = json.dumps(channel)
+            self._channel_json[channel] = json.dumps(channel).encode()
             self._wake.set()
         subscribers.add(subscriber)
         if channel in self._ready:
@@ -196,19 +199,36 @@ class Hub:
                 self._pending_acks[channel] = self._pending_acks.get(channel, 0) + 1
 
     def _drain(self) -> bool:
-        """Handle every reply already received. Returns True if any was."""
+        """Handle every reply already received. Returns True if any was.
+
+        Messages are grouped per channel and fanned out once per group, so a
+        burst costs one write per socket rather than one per message.
+        """
         got = False
         get_message = self._pubsub.get_message
+        batch: dict[bytes, list[bytes]] = {}
+        size = 0
         while True:
             message = get_message(timeout=0)
             if message is None:
-                return got
+                break
             got = True
             kind = message["type"]
             if kind == "message":
-                self._fan_out(message["channel"], message["data"])
+                batch.setdefault(message["channel"], []).append(message["data"])
+                size += 1
+                if size >= _MAX_BATCH:
+                    self._fan_out_batch(batch)
+                    batch, size = {}, 0
             elif kind in ("subscribe", "unsubscribe"):
                 self._ack(channel_of(message["channel"]))
+        if batch:
+            self._fan_out_batch(batch)
+        return got
+
+    def _fan_out_batch(self, batch: dict[bytes, list[bytes]]) -> None:
+        for name, payloads in batch.items():
+            self._fan_out(name, payloads)
 
     def _ack(self, channel: str) -> None:
         if channel == _CONTROL:
@@ -223,27 +243,20 @@ class Hub:
             for subscriber in list(self._local.get(channel, ())):
                 subscriber.channel_ready(channel)
 
-    def _fan_out(self, name: bytes, payload: bytes) -> None:
+    def _fan_out(self, name: bytes, payloads: list[bytes]) -> None:
         channel = channel_of(name)
         subscribers = self._local.get(channel)
         if not subscribers:
             return
-        message_id, _, data = payload.partition(b" ")
-        message_id = message_id.decode()
-        ms, _, seq = message_id.partition("-")
-        entry = (
-            (int(ms), int(seq)),
-            '{"type":"message","channel":'
-            + self._channel_json[channel]
-            + ',"id":"'
-            + message_id
-            + '","data":'
-            + data.decode()
-            + "}",
-        )
+        channel_json = self._channel_json[channel]
+        entries = []
+        for payload in payloads:
+            message_id, _, data = payload.partition(b" ")
+            entries.append(make_entry(channel_json, message_id, data))
+        frames = entries[0][2] if len(entries) == 1 else b"".join([entry[2] for entry in entries])
         for subscriber in list(subscribers):
-            subscriber.deliver(channel, entry)
-        self.delivered += len(subscribers)
+            subscriber.deliver(channel, entries, frames)
+        self.delivered += len(subscribers) * len(entries)
 
     # -- stats ----------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from django.views.decorators.http import require_POST
 
 from . import conf
 from .blocking import run_blocking
-from .connection import Endpoint, WebSocket, install_reload_handler
+from .connection import Endpoint, WebSocket, install_signal_handlers
 from .endpoints import ChannelsEndpoint, EchoEndpoint
 from .exceptions import BackendUnavailable, ChannelError, LimitExceeded, ProtocolError
 from .limits import ConnectionSlots
@@ -102,7 +102,7 @@ def websocket_view(endpoint_class: type[Endpoint]):
             slots.release()
             return HttpResponse(f"bad websocket handshake: {exc}\n", status=400)
         env[UPGRADED] = True
-        install_reload_handler()
+        install_signal_handlers()
         query = {key: request.GET.getlist(key) for key in request.GET}
         ws = WebSocket(uwsgi.connection_fd(), identity, query, uwsgi.worker_id(), slots)
         ws.run(endpoint_class(ws))

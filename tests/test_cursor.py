@@ -4,7 +4,7 @@ from offload.cursor import ChannelCursor, CursorState
 
 
 def e(n):
-    return ((n, 0), f"m{n}")
+    return ((n, 0), b"m%d" % n, b"f%d" % n)
 
 
 def ids(entries):
@@ -43,3 +43,12 @@ def test_resync_after_outage_fills_the_gap():
     cursor.resync()  # Redis connection lost: 3 and 4 were published meanwhile
     assert cursor.live(e(5)) == []
     assert ids(cursor.history([e(3), e(4), e(5)], tip=None)) == [3, 4, 5]
+
+
+def test_live_batches_take_the_hot_path_only_when_nothing_is_stale():
+    cursor = ChannelCursor()
+    cursor.history([], tip=(1, 0))
+    assert cursor.live_many([e(2), e(3)]) is None and cursor.last == (3, 0)
+    assert ids(cursor.live_many([e(3), e(4)])) == [4]  # 3 was already sent
+    cursor.resync()
+    assert cursor.live_many([e(5)]) == [] and cursor.buffered == 1

@@ -23,8 +23,9 @@ class Recorder:
     def channel_lost(self, channel):
         self.lost.append(channel)
 
-    def deliver(self, channel, entry):
-        self.messages.append((channel, entry))
+    def deliver(self, channel, entries, frames):
+        assert frames == b"".join(entry[2] for entry in entries)
+        self.messages.extend((channel, entry) for entry in entries)
 
 
 def wait_until(predicate, timeout=5.0):
@@ -59,9 +60,10 @@ def test_many_local_subscribers_share_one_redis_subscription(hub, redis_client):
 
     message_id = offload.publish("public:a", {"x": 1})
     wait_until(lambda: all(s.messages for s in subscribers))
-    channel, (_, text) = subscribers[0].messages[0]
+    channel, (_, text, frame) = subscribers[0].messages[0]
     assert channel == "public:a"
-    assert text == '{"type":"message","channel":"public:a","id":"' + message_id + '","data":{"x":1}}'
+    assert text == b'{"type":"message","channel":"public:a","id":"' + message_id.encode() + b'","data":{"x":1}}'
+    assert frame == bytes([0x81, len(text)]) + text
     assert hub.delivered == 50
 
 

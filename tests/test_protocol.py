@@ -101,6 +101,18 @@ def test_message_text_splices_preencoded_json():
     assert json.loads(text) == {"type": "message", "channel": "room:a", "id": "5-1", "data": {"x": "é"}}
 
 
+def test_entries_are_framed_once_with_the_right_length_encoding():
+    from offload.cursor import make_entry
+
+    for size in (10, 200, 70000):
+        data = json.dumps("x" * size).encode()
+        sid, text, frame = make_entry(b'"room:a"', b"7-2", data)
+        assert sid == (7, 2) and json.loads(text)["data"] == "x" * size
+        assert frame.endswith(text) and frame[0] == 0x81
+        header = frame[: len(frame) - len(text)]
+        assert len(header) == (2 if len(text) < 126 else 4 if len(text) < 65536 else 10)
+
+
 def test_replies_carry_ref_only_when_given():
     assert json.loads(reply("pong")) == {"type": "pong"}
     assert json.loads(reply("pong", "r1")) == {"type": "pong", "ref": "r1"}

@@ -97,3 +97,13 @@ def test_graceful_reload_closes_sockets_with_1012_quickly(stack):
     ws = server.websocket("/ws/?channel=public:reload")
     assert recv(ws)["type"] == "subscribed"
     ws.close()
+
+
+def test_shutdown_tells_clients_1001(stack):
+    server, _ = stack
+    sockets = [server.websocket("/ws/?channel=public:bye") for _ in range(5)]
+    for ws in sockets:
+        assert recv(ws)["type"] == "subscribed"
+    os.kill(server.proc.pid, signal.SIGTERM)  # die-on-term: stop the instance
+    assert [close_code(ws) for ws in sockets] == [1001] * 5
+    server.proc.wait(30)
