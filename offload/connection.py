@@ -362,8 +362,18 @@ def install_signal_handlers() -> None:
     if _handlers_installed_pid == os.getpid():
         return
     _handlers_installed_pid = os.getpid()
-    gevent.signal_handler(signal.SIGHUP, close_all)
+    from .sse import close_all_streams
+
+    def reload() -> None:
+        close_all()
+        close_all_streams()
+
+    def shutdown() -> None:
+        close_all(CLOSE_GOING_AWAY, "server shutting down")
+        close_all_streams()
+
+    gevent.signal_handler(signal.SIGHUP, reload)
     # Shutdown (uWSGI stops a worker with SIGINT, and with SIGTERM/SIGQUIT on
     # some paths): tell clients with 1001 instead of just dropping TCP.
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):
-        gevent.signal_handler(signum, close_all, CLOSE_GOING_AWAY, "server shutting down")
+        gevent.signal_handler(signum, shutdown)

@@ -274,13 +274,14 @@ class Hub:
     def _publish_stats(self) -> None:
         from .connection import open_connections
         from .publishing import publish
+        from .sse import open_streams
 
         interval = conf.get("OFFLOAD_STATS_INTERVAL")
         channel = conf.get("OFFLOAD_STATS_CHANNEL")
         while True:
             gevent.sleep(interval)
             try:
-                publish(channel, self.stats(open_connections()))
+                publish(channel, self.stats(open_connections() + open_streams()))
             except Exception as exc:  # Redis down or namespace missing: keep going
                 log.debug("stats not published: %s", exc)
 

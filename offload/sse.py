@@ -53,7 +53,6 @@ from .protocol import (
     StreamId,
     error_text,
     format_stream_id,
-    message_text,
     parse_stream_id,
     reply,
     validate_channel,
@@ -82,7 +81,7 @@ RETRY = b"retry: 2000\n\n"
 #: Keep-alive comment: proxies keep the stream open, dead clients fail the write.
 PING = b": ping\n\n"
 
-_LINE_BREAK = re.compile(r"\r\n|\r|\n")  # SSE's only line breaks (not U+2028 ...)
+_LINE_BREAK = re.compile(rb"\r\n|\r|\n")  # SSE's only line breaks (not U+2028 ...)
 _RETRY_HISTORY = 1.0  # seconds before re-reading history after a Redis error
 _streams: set[SseStream] = set()
 
@@ -90,7 +89,7 @@ _streams: set[SseStream] = set()
 # -- the wire format (pure) ---------------------------------------------------
 
 
-def format_event(data: str, *, event: str | None = None, event_id: str | None = None) -> str:
+def format_event(data: str | bytes, *, event: str | None = None, event_id: str | None = None) -> bytes:
     """One SSE event: ``id:``, ``event:``, one ``data:`` line per line, blank line.
 
     JSON text has no raw line breaks, so an envelope is one ``data:`` line.
@@ -98,18 +97,22 @@ def format_event(data: str, *, event: str | None = None, event_id: str | None = 
     Raises:
         ValueError: ``event`` or ``event_id`` contains a line break or NUL.
     """
-    out = ""
+    if isinstance(data, str):
+        data = data.encode()
+    head = b""
     if event_id is not None:
-        if _LINE_BREAK.search(event_id) or "\0" in event_id:
-            raise ValueError("an SSE id cannot contain line breaks or NUL")
-        out += "id: " + event_id + "\n"
+        head += b"id: " + _field(event_id) + b"\n"
     if event is not None:
-        if _LINE_BREAK.search(event):
-            raise ValueError("an SSE event name cannot contain line breaks")
-        out += "event: " + event + "\n"
-    if "\n" in data or "\r" in data:
-        return out + "".join("data: " + line + "\n" for line in _LINE_BREAK.split(data)) + "\n"
-    return out + "data: " + data + "\n\n"
+        head += b"event: " + _field(event) + b"\n"
+    if b"\n" in data or b"\r" in data:
+        return head + b"".join(b"data: " + line + b"\n" for line in _LINE_BREAK.split(data)) + b"\n"
+    return head + b"data: " + data + b"\n\n"
+
+
+def _field(value: str) -> bytes:
+    if "\n" in value or "\r" in value or "\0" in value:
+        raise ValueError(f"an SSE field cannot contain line breaks or NUL: {value!r}")
+    return value.encode()
 
 
 def format_resume_id(positions: Iterable[tuple[str, StreamId]]) -> str:
@@ -187,7 +190,9 @@ class SseStream:
         worker_id: the uWSGI worker, for the hub's stats.
     """
 
-    def __init__(self, channels: list[str], positions: dict[str, StreamId], worker_id: int = 0) -> None:
+    def __init__(
+        self, channels: list[str], positions: dict[str, StreamId], worker_id: int = 0, slots: object = None
+    ) -> None:
         import gevent.event
 
         from . import conf
@@ -203,11 +208,12 @@ class SseStream:
         self._pending: dict[str, float] = {}  # channel -> subscribe time, until its `subscribed`
         self._needs_history: set[str] = set()
         self._retry_at: float | None = None
-        self._outbox: deque[tuple[str, StreamId | None, str, str]] = deque()
+        self._outbox: deque[tuple[str, StreamId | None, str, str | bytes]] = deque()
         self._live_queued = 0
         self._finish = False  # end after writing what is queued
         self._peer_readable = False
         self._in_hub = False
+        self._slots = slots  # offload.limits.ConnectionSlots: this stream's per-IP slot
         self._wake = gevent.event.Event()
         self._max_queued = conf.get("OFFLOAD_MAX_QUEUED_MESSAGES")
         self._ping_interval = conf.get("OFFLOAD_PING_INTERVAL")
@@ -225,19 +231,21 @@ class SseStream:
         if cursor is not None:
             cursor.resync()
 
-    def deliver(self, channel: str, entry: Entry) -> None:
+    def deliver(self, channel: str, entries: list[Entry], frames: bytes) -> None:
         cursor = self.cursors.get(channel)
         if cursor is None or self.ended is not None:
             return
-        admitted = cursor.live(entry)
+        admitted = cursor.live_many(entries)
+        if admitted is None:  # all of them, in order
+            admitted = entries
         if not admitted:
             return
         if self._live_queued >= self._max_queued:
             # The client does not read: end the stream, it resumes on reconnect.
             self.close("slow consumer")
             return
-        for stream_id, text in admitted:
-            self._outbox.append((channel, stream_id, "message", text))
+        for entry in admitted:
+            self._outbox.append((channel, entry[0], "message", entry[1]))
         self._live_queued += len(admitted)
         self._wake.set()
 
@@ -298,6 +306,8 @@ class SseStream:
                 elif time.monotonic() >= next_ping:
                     yield PING
                     next_ping = time.monotonic() + self._ping_interval
+                    if self._slots is not None:
+                        self._slots.refresh()
                 if self._finish:
                     self.ended = self.ended or "finished"
         except Exception:
@@ -311,6 +321,8 @@ class SseStream:
             _streams.discard(self)
             self._leave_hub()
             self._outbox.clear()
+            if self._slots is not None:
+                self._slots.release()
             log.debug("sse stream ended: %s", self.ended)
 
     def _on_readable(self) -> None:
@@ -345,7 +357,7 @@ class SseStream:
         cursor = self.cursors[channel]
         first = channel in self._pending
         try:
-            entries, tip, recovered = read_history(channel, cursor, first)
+            entries, tip, recovered = _read_history(channel, cursor, first)
         except BackendUnavailable:
             # Stay SYNCING (live messages keep buffering) and retry shortly.
             self._needs_history.add(channel)
@@ -365,8 +377,8 @@ class SseStream:
         elif not recovered:
             text = reply("subscribed", channel=channel, last_id=None, recovered=False)
             self._outbox.append((channel, None, "subscribed", text))
-        for stream_id, text in cursor.history(entries, tip):
-            self._outbox.append((channel, stream_id, "message", text))
+        for entry in cursor.history(entries, tip):
+            self._outbox.append((channel, entry[0], "message", entry[1]))
 
     def _drain(self) -> bytes:
         """Format everything queued, advancing the resume id event by event."""
@@ -383,10 +395,10 @@ class SseStream:
                 resume_id = format_resume_id((c, self.positions[c]) for c in self.channels if c in self.positions)
             parts.append(format_event(data, event=event, event_id=resume_id or None))
         self._live_queued = 0
-        return "".join(parts).encode()
+        return b"".join(parts)
 
 
-def read_history(channel: str, cursor: ChannelCursor, first: bool) -> tuple[list[Entry], StreamId | None, bool]:
+def _read_history(channel: str, cursor: ChannelCursor, first: bool) -> tuple[list[Entry], StreamId | None, bool]:
     """What a cursor needs to go live: ``(entries, tip, recovered)``.
 
     A first subscription without a position reads only the newest id ("from
@@ -396,6 +408,7 @@ def read_history(channel: str, cursor: ChannelCursor, first: bool) -> tuple[list
     Raises:
         BackendUnavailable: Redis is down.
     """
+    from .cursor import make_entry
     from .history import read_after, read_tip
     from .policies import namespace_of
 
@@ -403,8 +416,8 @@ def read_history(channel: str, cursor: ChannelCursor, first: bool) -> tuple[list
         return [], read_tip(channel), True
     limit = namespace_of(channel).namespace.history_size
     rows, recovered = read_after(channel, cursor.last or (0, 0), limit)
-    channel_json = json.dumps(channel)
-    entries = [(parse_stream_id(mid), message_text(channel_json, mid, data)) for mid, data in rows]
+    channel_json = json.dumps(channel).encode()
+    entries = [make_entry(channel_json, mid.encode(), data.encode()) for mid, data in rows]
     return entries, None, recovered or cursor.last is None
 
 
@@ -443,7 +456,8 @@ def stream_view(request: HttpRequest) -> HttpResponse:
 
     from . import conf
     from .blocking import run_blocking
-    from .connection import install_reload_handler
+    from .connection import install_signal_handlers
+    from .limits import ConnectionSlots
     from .policies import check_subscribe
     from .views import _error, _identity_of, origin_allowed
 
@@ -466,8 +480,15 @@ def stream_view(request: HttpRequest) -> HttpResponse:
             check_subscribe(identity, channel, run_blocking)
     except RefusedError as exc:
         return _error(403 if isinstance(exc, PermissionDenied) else 400, exc.code, exc.reason)
-    install_reload_handler()
-    stream = SseStream(channels, positions, _worker_id())
+    slots = ConnectionSlots(
+        request.META.get("REMOTE_ADDR", ""),
+        conf.get("OFFLOAD_MAX_CONNECTIONS_PER_IP"),
+        stale_after=3 * conf.get("OFFLOAD_PING_INTERVAL"),
+    )
+    if not slots.acquire():
+        return _error(429, "too_many_connections", "too many connections from this address")
+    install_signal_handlers()
+    stream = SseStream(channels, positions, _worker_id(), slots)
     response = StreamingHttpResponse(stream.events(), content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"  # nginx: pass events through at once

@@ -195,7 +195,7 @@ class LiveServer:
                 "OFFLOAD_API_KEY": self.api_key,
                 "VIRTUAL_ENV": sys.prefix,
                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-                "LISTEN": "1024",
+                "UWSGI_LISTEN": "1024",
                 "CORES": "1200",
                 "WORKERS": "1",
                 "PYTHONUNBUFFERED": "1",

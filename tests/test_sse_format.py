@@ -12,8 +12,7 @@ ENVELOPE = '{"type":"message","channel":"public:a","id":"1732-0","data":{"n":1}}
 
 
 def test_a_message_event_is_id_event_and_one_data_line():
-    text = format_event(ENVELOPE, event="message", event_id="public:a=1732-0")
-    assert text.encode() == (
+    assert format_event(ENVELOPE.encode(), event="message", event_id="public:a=1732-0") == (
         b"id: public:a=1732-0\n"
         b"event: message\n"
         b'data: {"type":"message","channel":"public:a","id":"1732-0","data":{"n":1}}\n'
@@ -22,23 +21,25 @@ def test_a_message_event_is_id_event_and_one_data_line():
 
 
 def test_fields_are_optional_and_constants_are_exact():
-    assert format_event("x") == "data: x\n\n"
-    assert format_event("", event="ping") == "event: ping\ndata: \n\n"
+    assert format_event("x") == format_event(b"x") == b"data: x\n\n"
+    assert format_event("", event="ping") == b"event: ping\ndata: \n\n"
     assert RETRY == b"retry: 2000\n\n"
     assert PING == b": ping\n\n"
 
 
 def test_only_cr_and_lf_split_data_lines():
-    assert format_event("a\nb\r\nc\rd") == "data: a\ndata: b\ndata: c\ndata: d\n\n"
+    assert format_event("a\nb\r\nc\rd") == b"data: a\ndata: b\ndata: c\ndata: d\n\n"
     # JSON with ensure_ascii=False may carry these raw; they are not SSE line breaks.
     odd = '"a\u2028b\u2029c\x85d\x0be"'
-    assert format_event(odd) == "data: " + odd + "\n\n"
+    assert format_event(odd) == b"data: " + odd.encode() + b"\n\n"
 
 
 @pytest.mark.parametrize("bad", ["a\nb", "a\rb", "a\0b"])
-def test_an_id_with_a_line_break_or_nul_is_refused(bad):
+def test_an_id_or_event_with_a_line_break_or_nul_is_refused(bad):
     with pytest.raises(ValueError):
         format_event("x", event_id=bad)
+    with pytest.raises(ValueError):
+        format_event("x", event=bad)
 
 
 def test_resume_id_lists_every_positioned_channel():
@@ -126,9 +127,11 @@ def stream(monkeypatch, settings):
     return SseStream(["public:a", "room:b"], {"room:b": (5, 0)})
 
 
-def live(stream, channel, ms):
-    stream.cursors[channel].history([], None)  # go LIVE
-    stream.deliver(channel, ((ms, 0), f'{{"id":"{ms}-0"}}'))
+def live(stream, channel, *ms):
+    """The hub delivers a batch of messages (cursor made LIVE first)."""
+    stream.cursors[channel].history([], None)
+    entries = [((n, 0), b'{"id":"%d-0"}' % n, b"<websocket frame>") for n in ms]
+    stream.deliver(channel, entries, b"".join(entry[2] for entry in entries))
 
 
 def test_each_event_carries_the_positions_written_so_far(stream):
@@ -144,9 +147,11 @@ def test_each_event_carries_the_positions_written_so_far(stream):
 
 
 def test_duplicates_are_dropped_and_overflow_ends_the_stream(stream):
-    for ms in (7, 7, 8, 9):  # one duplicate: three queued, the limit
-        live(stream, "public:a", ms)
-    assert stream.ended is None and len(stream._outbox) == 3
+    live(stream, "public:a", 7)
+    live(stream, "public:a", 6, 7, 8)  # a batch that overlaps: only 8 is new
+    live(stream, "public:a", 9)
+    assert [item[1] for item in stream._outbox] == [(7, 0), (8, 0), (9, 0)]  # the limit: 3 queued
+    assert stream.ended is None
     live(stream, "public:a", 10)
     assert stream.ended == "slow consumer" and stream._drain() == b""
 

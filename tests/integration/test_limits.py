@@ -47,6 +47,26 @@ def test_connections_per_ip_are_capped_across_the_instance(server):
         ws.close()
 
 
+def test_event_streams_count_against_the_same_per_ip_cap(server):
+    import http.client
+
+    sockets = [server.websocket("/ws/echo") for _ in range(4)]
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    conn.request("GET", "/sse/?channel=public:cap")
+    stream = conn.getresponse()
+    assert stream.status == 200  # the fifth connection of this IP
+    refused = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    refused.request("GET", "/sse/?channel=public:cap")
+    response = refused.getresponse()
+    assert response.status == 429
+    with pytest.raises(websocket.WebSocketBadStatusException):
+        server.websocket("/ws/echo")
+    conn.close()
+    refused.close()
+    for ws in sockets:
+        ws.close()
+
+
 def test_message_rate_is_limited_with_a_policy_close(server):
     ws = RawWebSocket(server.port)
     for n in range(200):  # far above 20/s with a burst of 40
