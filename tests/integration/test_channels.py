@@ -310,3 +310,8 @@ def test_http_publish_api_is_disabled_without_a_key(tmp_path):
         assert status == 403 and json.loads(body)["error"] == "api_disabled"
     finally:
         server.stop()
+
+
+def test_the_accept_backlog_is_applied(offload_server):
+    # A placeholder in `listen` silently gives 0; UWSGI_LISTEN (set by make and LiveServer) works.
+    assert "your server socket listen backlog is limited to 1024 connections" in offload_server.log_text()
