@@ -147,6 +147,7 @@ class WebSocket:
         self._slots = slots
         self._bucket = TokenBucket(conf.get("OFFLOAD_MAX_MESSAGES_PER_SECOND"), conf.get("OFFLOAD_MESSAGE_BURST"))
         self._write_watcher = gevent.get_hub().loop.io(fd, 2)
+        self._owns_fd = False
 
     # -- API for endpoints and the hub (any greenlet) --------------------------
 
@@ -237,7 +238,22 @@ class WebSocket:
         self.state = State.CLOSED
         self._wake.set()
 
-    # -- the loop (the request greenlet only) ----------------------------------
+    def detach(self) -> None:
+        """Take the socket over from uWSGI, freeing the request's async core.
+
+        The connection keeps a duplicate of the client fd; uWSGI then ends
+        the request as usual and closes its own fd, while the TCP connection
+        stays open through ours. An open websocket then costs no uWSGI core
+        (each core keeps about 20 KB: its request struct and header buffer),
+        only its Python objects, and ``CORES`` bounds concurrent *requests*
+        rather than open sockets. Call it before any data is exchanged.
+        """
+        self._write_watcher.stop()
+        self.fd = os.dup(self.fd)
+        self._owns_fd = True
+        self._write_watcher = gevent.get_hub().loop.io(self.fd, 2)
+
+    # -- the loop ----------------------------------------------------------------
 
     def run(self, endpoint: Endpoint) -> None:
         """Serve the websocket until it closes."""
@@ -272,6 +288,8 @@ class WebSocket:
                 endpoint.on_close()
             except Exception:
                 log.exception("websocket on_close failed")
+            if self._owns_fd:
+                os.close(self.fd)
 
     def _timeout(self, endpoint: Endpoint) -> float:
         if self._ping_sent is not None:  # one ping at a time: wait for its answer

@@ -214,9 +214,12 @@ class SseStream:
         self._peer_readable = False
         self._in_hub = False
         self._slots = slots  # offload.limits.ConnectionSlots: this stream's per-IP slot
+        #: Our duplicate of the client fd once the stream left the uWSGI request.
+        self.detached_fd: int | None = None
         self._wake = gevent.event.Event()
         self._max_queued = conf.get("OFFLOAD_MAX_QUEUED_MESSAGES")
         self._ping_interval = conf.get("OFFLOAD_PING_INTERVAL")
+        self.ping_timeout = conf.get("OFFLOAD_PING_TIMEOUT")
         self._subscribe_timeout = conf.get("OFFLOAD_SUBSCRIBE_TIMEOUT")
 
     # -- hub callbacks (hub greenlet) -----------------------------------------
@@ -288,6 +291,12 @@ class SseStream:
                 self._pending[channel] = started
                 self.hub.subscribe(self, channel)
             yield RETRY
+            if self.detached_fd is not None and watcher is not None:
+                # The stream left uWSGI's request (see _detached_body): watch our fd.
+                watcher.stop()
+                fd = self.detached_fd
+                watcher = gevent.get_hub().loop.io(fd, 1)
+                watcher.start(self._on_readable)
             next_ping = time.monotonic() + self._ping_interval
             while self.ended is None:
                 self._wake.wait(timeout=self._timeout(next_ping))
@@ -489,10 +498,49 @@ def stream_view(request: HttpRequest) -> HttpResponse:
         return _error(429, "too_many_connections", "too many connections from this address")
     install_signal_handlers()
     stream = SseStream(channels, positions, _worker_id(), slots)
-    response = StreamingHttpResponse(stream.events(), content_type="text/event-stream")
+    response = StreamingHttpResponse(_detached_body(stream), content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"  # nginx: pass events through at once
     return response
+
+
+def _detached_body(stream: SseStream) -> Iterator[bytes]:
+    """The response body as uWSGI sees it: headers and the first chunk only.
+
+    Then the stream takes the socket over (a duplicate fd) and goes on from its
+    own greenlet, and the uWSGI request ends: an open stream, like an open
+    websocket, holds no async core, only its Python objects.
+    """
+    events = stream.events()
+    yield next(events)  # uWSGI writes the headers and ``retry`` with it
+    try:
+        import uwsgi
+    except ImportError:  # not under uWSGI (tests of the view): stream in place
+        yield from events
+        return
+    import gevent
+
+    stream.detached_fd = os.dup(uwsgi.connection_fd())
+    gevent.spawn(_pump, events, stream.detached_fd, stream.ping_timeout)
+
+
+def _pump(events: Iterator[bytes], fd: int, timeout: float) -> None:
+    """Write the stream's chunks to its detached socket until it ends."""
+    from gevent.socket import wait_write
+
+    try:
+        for chunk in events:
+            view = memoryview(chunk)
+            while view:
+                try:
+                    view = view[os.write(fd, view) :]
+                except BlockingIOError:
+                    wait_write(fd, timeout=timeout)  # a client that stopped reading times out
+    except OSError as exc:  # gone, or not reading: end the stream
+        log.debug("sse stream dropped: %s", exc)
+    finally:
+        events.close()
+        os.close(fd)
 
 
 def _worker_id() -> int:

@@ -9,15 +9,23 @@ response is returned, so the server never calls ``response.close()`` and
 
 :class:`OffloadWSGIHandler` passes Django a ``start_response`` that does
 nothing once the request was upgraded, so the (empty) response is returned
-normally, uWSGI writes nothing, calls ``close()``, and ``request_finished``
-runs as for any request. ``request_started`` runs at the start as usual.
+normally and ``request_finished`` runs as for any request (``request_started``
+runs at the start as usual).
+
+It also takes the websocket out of the request: the view only authenticates
+and performs the handshake; once Django returned, the connection duplicates
+the client fd (:meth:`offload.connection.WebSocket.detach`) and runs on a
+fresh greenlet, and the uWSGI request ends, freeing its async core. An open
+socket then costs only its Python objects (measured here: 49 KB per idle
+socket inside a request greenlet, far less detached; see docs/performance.md).
 """
 
 from __future__ import annotations
 
+import gevent
 from django.core.handlers.wsgi import WSGIHandler
 
-from .views import UPGRADED
+from .views import DEFERRED_RUN, UPGRADED
 
 __all__ = ["OffloadWSGIHandler", "get_wsgi_application"]
 
@@ -33,7 +41,22 @@ class OffloadWSGIHandler(WSGIHandler):
                 return _discard
             return start_response(status, headers, exc_info)
 
-        return super().__call__(environ, guarded_start_response)
+        environ[DEFERRED_RUN] = False
+        response = super().__call__(environ, guarded_start_response)
+        deferred = environ.pop(DEFERRED_RUN, None)
+        if not deferred:
+            return response
+        # Django is done with this request: finish it now (request_finished
+        # closes database connections) and free the request and response
+        # objects before the socket's long life begins.
+        response.close()
+        del response
+        ws, endpoint = deferred
+        # The socket leaves uWSGI: its own greenlet serves it from now on and
+        # this request (and its async core) ends at once.
+        ws.detach()
+        gevent.spawn(ws.run, endpoint)
+        return []
 
 
 def get_wsgi_application() -> OffloadWSGIHandler:
