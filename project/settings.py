@@ -158,7 +158,13 @@ SLOW_UPSTREAM_URL = os.environ.get("SLOW_UPSTREAM_URL", "http://127.0.0.1:8001")
 for _name in ("PING_INTERVAL", "PING_TIMEOUT", "STATS_INTERVAL", "MAX_MESSAGES_PER_SECOND", "HANDSHAKE_TIMEOUT"):
     if f"OFFLOAD_{_name}" in os.environ:
         globals()[f"OFFLOAD_{_name}"] = float(os.environ[f"OFFLOAD_{_name}"])
-for _name in ("MAX_MESSAGE_BYTES", "MAX_SUBSCRIPTIONS", "MAX_QUEUED_MESSAGES", "MESSAGE_BURST", "MAX_CONNECTIONS_PER_IP"):
+for _name in (
+    "MAX_MESSAGE_BYTES",
+    "MAX_SUBSCRIPTIONS",
+    "MAX_QUEUED_MESSAGES",
+    "MESSAGE_BURST",
+    "MAX_CONNECTIONS_PER_IP",
+):
     if f"OFFLOAD_{_name}" in os.environ:
         globals()[f"OFFLOAD_{_name}"] = int(os.environ[f"OFFLOAD_{_name}"])
 if "OFFLOAD_ALLOWED_ORIGINS" in os.environ:
