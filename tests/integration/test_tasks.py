@@ -111,3 +111,9 @@ def test_a_task_interrupted_by_a_restart_runs_again_and_completes(server):
     assert events[-1]["state"] == "done"
     assert any(e.get("attempt", 1) >= 2 for e in events if e["state"] == "running")
     ws.close()
+
+
+def test_the_configured_number_of_spooler_processes_runs(server):
+    # UWSGI_SPOOLER_PROCESSES=2 (a placeholder in uwsgi.ini would silently give 1)
+    spoolers = server.stats()["spoolers"]
+    assert len(spoolers) == 2 and all(s["pid"] for s in spoolers)
