@@ -1,0 +1,75 @@
+"""The slice of ``docs/protocol.md`` the anchor speaks, and Channels' group names."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+import time
+
+# docs/protocol.md: namespace 1-32 of [A-Za-z0-9_-], name 1-128 of [A-Za-z0-9_.@=-]
+CHANNEL_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}:[A-Za-z0-9_.@=-]{1,128}$")
+_GROUP_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def valid_channel(channel: str) -> bool:
+    return bool(CHANNEL_RE.match(channel))
+
+
+def group_for(channel: str) -> str:
+    """Channels group of a channel: ``public:bench`` -> ``public.bench``.
+
+    Group names allow only ``[a-zA-Z0-9._-]`` and fewer than 100 characters:
+    ``:`` becomes ``.``, ``@``/``=`` become ``-40-``/``-3D-``, and a name still
+    too long is replaced by its hash. (Collisions are possible in theory; the
+    benchmark uses one plain channel.)
+    """
+    group = _GROUP_UNSAFE.sub(lambda m: f"-{ord(m.group()):02X}-", channel.replace(":", ".", 1))
+    if len(group) >= 99:
+        group = "h." + hashlib.sha1(channel.encode()).hexdigest()
+    return group
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def subscribed(channel: str) -> str:
+    """The project's first message for a fresh subscription without ``since``."""
+    return dumps({"type": "subscribed", "channel": channel, "last_id": None, "recovered": True})
+
+
+def message(channel: str, message_id: str, data_json: str) -> str:
+    """A ``message`` envelope, built once per publish (as the project frames once)."""
+    return '{"type":"message","channel":' + json.dumps(channel) + ',"id":"' + message_id + '","data":' + data_json + "}"
+
+
+def error(code: str, reason: str, channel: str | None = None) -> str:
+    fields = {"type": "error", "code": code, "reason": reason}
+    if channel is not None:
+        fields["channel"] = channel
+    return dumps(fields)
+
+
+class IdClock:
+    """``<ms>-<seq>`` ids that strictly increase within this process.
+
+    Channels has no message ids; this imitates a Redis Stream's: the current
+    millisecond, and a sequence number when the clock has not moved on (or
+    went back).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ms = 0
+        self._seq = 0
+
+    def next(self) -> str:
+        now = time.time_ns() // 1_000_000
+        with self._lock:
+            if now > self._ms:
+                self._ms, self._seq = now, 0
+            else:
+                self._seq += 1
+            return f"{self._ms}-{self._seq}"

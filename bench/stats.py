@@ -1,0 +1,69 @@
+"""Percentiles and medians, stdlib only (imported by the orchestrator and the clients).
+
+Latencies are kept as integer microseconds; summaries are floats in
+milliseconds, which is what the report shows.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+
+
+def percentile(ordered: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile of an already sorted sequence (None if empty)."""
+    if not ordered:
+        return None
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def summarize_us(values: Iterable[int], cdf_points: int = 0) -> dict:
+    """n, p50/p90/p99/p99.9/max and mean in ms of microsecond samples.
+
+    With ``cdf_points`` it also returns that many evenly spaced quantiles
+    (ms), enough to draw a CDF without shipping every sample.
+    """
+    ordered = sorted(values)
+    out: dict = {"n": len(ordered)}
+    for name, q in (("p50", 50), ("p90", 90), ("p99", 99), ("p999", 99.9), ("max", 100)):
+        v = percentile(ordered, q)
+        out[name] = None if v is None else round(v / 1000, 3)
+    out["mean"] = round(statistics.fmean(ordered) / 1000, 3) if ordered else None
+    if cdf_points and ordered:
+        step = (len(ordered) - 1) / max(1, cdf_points - 1)
+        out["cdf_ms"] = [round(ordered[round(i * step)] / 1000, 3) for i in range(cdf_points)]
+    return out
+
+
+def median_merge(items: list):
+    """Merge repeated results leaf by leaf: the median of numbers, else the first value.
+
+    Dicts are merged key by key (keys of the first item), lists of equal
+    length element by element; anything else (strings, lists of different
+    lengths such as CDFs) comes from the first repeat.
+    """
+    first = items[0]
+    if len(items) == 1:
+        return first
+    if isinstance(first, dict):
+        return {k: median_merge([i[k] for i in items if isinstance(i, dict) and k in i]) for k in first}
+    if isinstance(first, bool) or first is None:
+        return first
+    if isinstance(first, (int, float)):
+        numbers = [i for i in items if isinstance(i, (int, float)) and not isinstance(i, bool)]
+        if not numbers:
+            return None
+        middle = statistics.median(numbers)
+        if all(isinstance(i, int) for i in numbers) and middle == int(middle):
+            return int(middle)  # counts stay counts
+        return round(middle, 3)
+    return first
+
+
+def ratio(loaded: float | None, idle: float | None) -> float | None:
+    """loaded / idle, None when either is missing or idle is zero."""
+    if loaded is None or not idle:
+        return None
+    return round(loaded / idle, 2)
