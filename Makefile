@@ -87,3 +87,19 @@ bench: setup $(BENCH_STAMP) ## websocket + view latency under load, offloading o
 
 bench-quick: ## the same benchmark at small scale (about a minute)
 	BENCH_SCALE=small $(MAKE) bench
+
+# --- hardening: random-frame fuzzing and a long soak against the real stack ---
+.PHONY: fuzz soak
+
+fuzz: setup ## fuzz /ws/ and /ws/echo with random frames; prints its seed (replay: FUZZ_SEED=n make fuzz)
+	@seed=$${FUZZ_SEED:-$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}; \
+	  echo "fuzz seed: $$seed  (replay: FUZZ_SEED=$$seed make fuzz; one connection: FUZZ_ONLY=<iteration>)"; \
+	  FUZZ_SEED=$$seed FUZZ_ITERATIONS=$${FUZZ_ITERATIONS:-3000} \
+	  $(PY) -m pytest -q -s -p no:cacheprovider tests/integration/test_fuzz.py -k random_frames
+
+soak: setup ## long run (SOAK_SECONDS, default 300): Redis restarts, reloads, worker kills; fails on any gap
+	$(PY) tests/soak_run.py
+
+# --- fan-out benchmark (bench/scenarios/fanout.py): ours vs Django Channels 4, same run ---
+bench-fanout: setup $(BENCH_STAMP) ## fan-out, saturation, idle memory, connect storm; Channels 4 anchor (about 6 min)
+	BENCH_CLIENT_PYTHON=$(abspath $(BENCH_VENV))/bin/python $(PY) -m bench fanout

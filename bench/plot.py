@@ -101,7 +101,75 @@ def draw_offload(results: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-DRAW = {"offload": draw_offload}
+def _fanout_windows(results: dict) -> list[tuple[str, dict, bool]]:
+    """(label, window, is ours) of every fixed-rate window, ours first."""
+    k, out = results["knobs"], []
+    for name, n in (("fanout_small", k["small"]), ("fanout_large", k["large"]), ("fanout_storm", k["storm"])):
+        if name in results["ours"]["windows"]:
+            out.append((f"ours, {n:,} sockets", results["ours"]["windows"][name], True))
+    for combo, a in results["channels"].items():
+        if "windows" in a:
+            out.append((f"Channels {combo}, {k['small']:,}", a["windows"]["fanout_small"], False))
+    return out
+
+
+def draw_fanout(results: dict, path: str) -> None:
+    k = results["knobs"]
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.5))
+    ax = axes[0]
+    for label, w, ours in _fanout_windows(results):
+        points = w["broadcast"].get("cdf_ms") or []
+        if points:
+            ys = [i / (len(points) - 1) for i in range(len(points))] if len(points) > 1 else [1.0]
+            ax.plot(points, ys, "-" if ours else "--", label=label)
+    ax.set_xscale("log")
+    _plain_log(ax.xaxis)
+    ax.set_xlabel("delivery latency (ms, log)")
+    ax.set_ylabel("fraction of deliveries")
+    ax.set_title(f"fan-out latency at {k['rate']:g} msgs/s")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+
+    bars = [
+        (f"ours {name[4:]}/s", w["broadcast"]["deliveries_per_s"], w.get("server_us_per_delivery"), "tab:blue")
+        for name, w in results["ours"]["windows"].items()
+        if name.startswith("sat_")
+    ]
+    bars += [
+        (
+            combo,
+            a["windows"]["sat"]["broadcast"]["deliveries_per_s"],
+            a["windows"]["sat"].get("server_us_per_delivery"),
+            "tab:red",
+        )
+        for combo, a in results["channels"].items()
+        if "windows" in a
+    ]
+    names = [b[0] for b in bars]
+    for ax, idx, title, ylabel in (
+        (axes[1], 1, f"saturation, {k['small']:,} sockets", "deliveries/s (log)"),
+        (axes[2], 2, "server CPU per delivery, saturated", "µs per delivery (log)"),
+    ):
+        values = [b[idx] or 0 for b in bars]
+        drawn = ax.bar(range(len(bars)), values, color=[b[3] for b in bars])
+        ax.bar_label(drawn, labels=[f"{v:,.0f}" if v >= 10 else f"{v:.2f}" for v in values], fontsize=7)
+        ax.set_xticks(range(len(bars)), names, rotation=35, ha="right", fontsize=8)
+        ax.set_yscale("log")
+        positive = [v for v in values if v > 0]
+        if positive:
+            ax.set_ylim(min(positive) / 3, max(positive) * 2)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+    fig.suptitle(
+        f"fan-out benchmark {results['started']}: one uWSGI worker (blue) vs Django Channels 4 (red), "
+        "same Redis and client"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+DRAW = {"offload": draw_offload, "fanout": draw_fanout}
 
 
 def main(argv: list[str]) -> int:

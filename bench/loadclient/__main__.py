@@ -14,10 +14,10 @@ import traceback
 
 import uvloop
 
-from . import load, probe
+from . import fanout, load, probe
 from .channel import Channel
 
-ROLES = {"probe": probe.run, "load": load.run}
+ROLES = {"probe": probe.run, "load": load.run, "fanout": fanout.run}
 
 
 async def main(role: str, cfg: dict) -> int:

@@ -114,6 +114,7 @@ class SubscriberPool:
     async def _connect_one(self, index: int, gate: asyncio.Semaphore, timeout: float) -> Subscriber:
         async with gate:
             for attempt in range(ATTEMPTS):
+                sub = None
                 try:
                     async with asyncio.timeout(timeout):
                         _, sub = await ws_connect(
@@ -126,6 +127,8 @@ class SubscriberPool:
                         return sub
                 except Exception as exc:  # picows' WSError (e.g. 429), timeouts, resets
                     self.errors[f"connect: {type(exc).__name__}"] += 1
+                    if sub is not None and sub.transport is not None:  # an abandoned attempt must not deliver
+                        sub.transport.disconnect()
                     if attempt == ATTEMPTS - 1:
                         raise
                     await asyncio.sleep(0.5 * (attempt + 1))

@@ -8,6 +8,6 @@ dict that goes to JSON, with ``"scenario": NAME``) and ``markdown(results)``.
 
 from __future__ import annotations
 
-from . import offload
+from . import fanout, offload
 
-SCENARIOS = {"offload": offload}
+SCENARIOS = {"offload": offload, "fanout": fanout}
