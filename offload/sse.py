@@ -468,7 +468,7 @@ def stream_view(request: HttpRequest) -> HttpResponse:
     from .connection import install_signal_handlers
     from .limits import ConnectionSlots
     from .policies import check_subscribe
-    from .views import _error, _identity_of, origin_allowed
+    from .views import _error, origin_allowed, resolve_identity
 
     if request.method != "GET":
         return HttpResponseNotAllowed(["GET"])
@@ -484,7 +484,7 @@ def stream_view(request: HttpRequest) -> HttpResponse:
     try:
         last_event_id = request.headers.get("Last-Event-ID") or request.GET.get("last_event_id")
         positions = resume_positions(channels, request.GET.get("since"), last_event_id)
-        identity = run_blocking(_identity_of, request)
+        identity = resolve_identity(request)
         for channel in channels:
             check_subscribe(identity, channel, run_blocking)
     except RefusedError as exc:

@@ -32,7 +32,15 @@ from .protocol import encode_data
 from .publishing import publish_json
 from .redis_client import REDIS_ERRORS, get_client
 
-__all__ = ["api_publish", "channels_socket", "echo_socket", "healthz", "origin_allowed", "websocket_view"]
+__all__ = [
+    "api_publish",
+    "channels_socket",
+    "echo_socket",
+    "healthz",
+    "origin_allowed",
+    "resolve_identity",
+    "websocket_view",
+]
 
 log = logging.getLogger("offload.views")
 
@@ -72,6 +80,18 @@ def _identity_of(request: HttpRequest) -> Identity:
     return Identity(user.pk, user.get_username(), groups)
 
 
+def resolve_identity(request: HttpRequest) -> Identity:
+    """The user behind a websocket or event stream, without blocking the loop.
+
+    Without a session cookie the client is anonymous and nothing needs the
+    database (a connect storm of anonymous clients never queues on the thread
+    pool); otherwise the session and user are loaded in a thread.
+    """
+    if settings.SESSION_COOKIE_NAME not in request.COOKIES:
+        return ANONYMOUS
+    return run_blocking(_identity_of, request)
+
+
 def websocket_view(endpoint_class: type[Endpoint]):
     """Make a Django view that serves ``endpoint_class`` over a websocket."""
 
@@ -92,7 +112,7 @@ def websocket_view(endpoint_class: type[Endpoint]):
                 if not slots.acquire():
                     log.warning("websocket refused: too many connections from %s", env.get("REMOTE_ADDR"))
                     return HttpResponse("too many connections from this address\n", status=429)
-                identity = run_blocking(_identity_of, request)
+                identity = resolve_identity(request)
         except gevent.Timeout:
             slots.release()
             return HttpResponse("handshake timed out\n", status=503)
