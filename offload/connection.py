@@ -76,6 +76,18 @@ _READ_SIZE = 65536
 _open: set[WebSocket] = set()
 
 
+def _close_now(fd: int) -> None:
+    """Close an fd at once, our watchers on it being stopped already.
+
+    gevent's monkey-patched ``os.close`` defers the close to the event loop's
+    next iteration, which on an idle worker may be long after: the client
+    would wait for the TCP connection to end.
+    """
+    from gevent.monkey import get_original
+
+    get_original("os", "close")(fd)
+
+
 def open_connections() -> int:
     """Websockets open in this process."""
     return len(_open)
@@ -289,7 +301,7 @@ class WebSocket:
             except Exception:
                 log.exception("websocket on_close failed")
             if self._owns_fd:
-                os.close(self.fd)
+                _close_now(self.fd)
 
     def _timeout(self, endpoint: Endpoint) -> float:
         if self._ping_sent is not None:  # one ping at a time: wait for its answer

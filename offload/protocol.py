@@ -38,6 +38,8 @@ _NAMESPACE_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 _NAME_RE = re.compile(r"[A-Za-z0-9_.@=-]{1,128}")
 _STREAM_ID_RE = re.compile(r"(\d{1,20})-(\d{1,20})")
 
+_U64_MAX = 2**64 - 1  # both parts of a Redis Stream id are unsigned 64-bit
+
 StreamId = tuple[int, int]
 """A Redis Stream id as ``(milliseconds, sequence)``; compares correctly."""
 
@@ -99,7 +101,7 @@ def parse_stream_id(value: Any) -> StreamId:
         ProtocolError: with code ``invalid_since`` if it is not a stream id.
     """
     match = _STREAM_ID_RE.fullmatch(value) if isinstance(value, str) else None
-    if match is None:
+    if match is None or int(match.group(1)) > _U64_MAX or int(match.group(2)) > _U64_MAX:
         raise ProtocolError("since must be a message id like '1732460000000-0'", code="invalid_since")
     return int(match.group(1)), int(match.group(2))
 
@@ -164,6 +166,8 @@ def encode_data(data: Any) -> str:
         return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ProtocolError(f"data is not JSON-serializable: {exc}") from None
+    except RecursionError:
+        raise ProtocolError("data is nested too deeply") from None
 
 
 def message_text(channel_json: str, message_id: str, data_json: str) -> str:

@@ -528,6 +528,8 @@ def _pump(events: Iterator[bytes], fd: int, timeout: float) -> None:
     """Write the stream's chunks to its detached socket until it ends."""
     from gevent.socket import wait_write
 
+    from .connection import _close_now
+
     try:
         for chunk in events:
             view = memoryview(chunk)
@@ -539,8 +541,8 @@ def _pump(events: Iterator[bytes], fd: int, timeout: float) -> None:
     except OSError as exc:  # gone, or not reading: end the stream
         log.debug("sse stream dropped: %s", exc)
     finally:
-        events.close()
-        os.close(fd)
+        events.close()  # stops the stream's watcher on fd
+        _close_now(fd)
 
 
 def _worker_id() -> int:

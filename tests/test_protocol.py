@@ -57,6 +57,8 @@ def test_valid_commands(text, expected):
         ('{"type":"ping","ref":{"a":1}}', "bad_message"),
         ('{"type":"ping","ref":true}', "bad_message"),
         ("[" * 100000, "bad_json"),
+        ('{"type":"subscribe","channel":"room:a","since":"18446744073709551616-0"}', "invalid_since"),
+        ('{"type":"subscribe","channel":"room:a","since":"1-18446744073709551616"}', "invalid_since"),
     ],
 )
 def test_invalid_commands_have_stable_codes(text, code):
@@ -122,6 +124,9 @@ def test_replies_carry_ref_only_when_given():
 
 def test_encode_data_is_compact_and_refuses_non_json():
     assert encode_data({"a": [1, "é"]}) == '{"a":[1,"é"]}'
-    for bad in (object(), float("nan"), {1j: 2}):
+    deep: list = []
+    for _ in range(5000):
+        deep = [deep]
+    for bad in (object(), float("nan"), {1j: 2}, deep):
         with pytest.raises(ProtocolError):
             encode_data(bad)
