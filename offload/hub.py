@@ -42,7 +42,7 @@ log = logging.getLogger("offload.hub")
 
 _CONTROL = "ctl"
 _IDLE_PING = 5.0  # seconds of silence before the hub pings Redis
-_BACKOFF = (0.1, 0.2, 0.5, 1.0, 2.0)
+_BACKOFF = (0.05, 0.1, 0.2, 0.3, 0.5)  # short: live delivery must resume before history (the gap filler) is trimmed
 _MAX_BATCH = 256  # messages fanned out together at most
 
 
