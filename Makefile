@@ -94,7 +94,7 @@ bench-quick: ## the same benchmark at small scale (about a minute)
 fuzz: setup ## fuzz /ws/ and /ws/echo with random frames; prints its seed (replay: FUZZ_SEED=n make fuzz)
 	@seed=$${FUZZ_SEED:-$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}; \
 	  echo "fuzz seed: $$seed  (replay: FUZZ_SEED=$$seed make fuzz; one connection: FUZZ_ONLY=<iteration>)"; \
-	  FUZZ_SEED=$$seed FUZZ_ITERATIONS=$${FUZZ_ITERATIONS:-3000} \
+	  FUZZ_SEED=$$seed FUZZ_ITERATIONS=$${FUZZ_ITERATIONS:-10000} \
 	  $(PY) -m pytest -q -s -p no:cacheprovider tests/integration/test_fuzz.py -k random_frames
 
 soak: setup ## long run (SOAK_SECONDS, default 300): Redis restarts, reloads, worker kills; fails on any gap

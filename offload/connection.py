@@ -41,6 +41,7 @@ import errno
 import logging
 import os
 import signal
+import socket
 import time
 from collections import deque
 
@@ -86,6 +87,17 @@ def _close_now(fd: int) -> None:
     from gevent.monkey import get_original
 
     get_original("os", "close")(fd)
+
+
+def _shutdown_write(fd: int) -> None:
+    """Send FIN (no more data from us), keeping the fd open for reading."""
+    sock = socket.socket(fileno=fd)
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    finally:
+        sock.detach()
 
 
 def open_connections() -> int:
@@ -261,7 +273,10 @@ class WebSocket:
         rather than open sockets. Call it before any data is exchanged.
         """
         self._write_watcher.stop()
-        self.fd = os.dup(self.fd)
+        sock = socket.socket(fileno=os.dup(self.fd))
+        # Frames go out as they are written (no Nagle delay behind a small pong).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.fd = sock.detach()
         self._owns_fd = True
         self._write_watcher = gevent.get_hub().loop.io(self.fd, 2)
 
@@ -327,8 +342,11 @@ class WebSocket:
                 if exc.errno == errno.EINTR:
                     continue
                 data = b""
-            self._last_heard = time.monotonic()
+            self._last_heard = now = time.monotonic()
             self._ping_sent = None
+            if self.state is State.CLOSING and now - self._closing_since >= _CLOSE_GRACE:
+                self.state = State.CLOSED  # a client that keeps sending after our close
+                return
             for event in self._reader.feed(data or None):
                 self._handle(event, endpoint)
                 if self.state is State.CLOSED:
@@ -356,8 +374,14 @@ class WebSocket:
             self._write(self._reader.close(event.code))
             self.state = State.CLOSED
         elif isinstance(event, ProtocolFailure):
+            # Send the close frame, then keep reading (and discarding) until the
+            # client closes or the grace period ends: closing with its bytes
+            # unread would make the kernel reset the connection and drop the
+            # close frame before the client reads it. A FIN right after the
+            # close frame tells the client at once that nothing else follows.
             self.close(event.code, event.reason)
-            self.state = State.CLOSED
+            if not self._out:
+                _shutdown_write(self.fd)
 
     def _timers(self) -> None:
         now = time.monotonic()

@@ -151,6 +151,8 @@ class ChannelsEndpoint(Endpoint):
             handler = self._handlers[type(command)]
             handler(self, command)
         except RefusedError as exc:
+            if ref is None:
+                ref, channel = exc.ref, channel or exc.channel
             self.ws.send_text(error_text(exc.code, exc.reason, ref, channel))
         except BackendUnavailable as exc:
             self.ws.send_text(error_text(exc.code, exc.reason, ref, channel))

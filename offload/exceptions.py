@@ -29,6 +29,9 @@ class OffloadError(Exception):
         self.reason = reason
         if code is not None:
             self.code = code
+        #: The refused command's ``ref`` and ``channel``, when they could be read.
+        self.ref = None
+        self.channel: str | None = None
 
 
 class RefusedError(OffloadError):

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .exceptions import ChannelError, ProtocolError
+from .exceptions import ChannelError, ProtocolError, RefusedError
 
 __all__ = [
     "Command",
@@ -131,10 +131,21 @@ def parse_command(text: str, *, max_data_bytes: int | None = None) -> Command:
         raise ProtocolError("message is not valid JSON", code="bad_json") from None
     if not isinstance(obj, dict):
         raise ProtocolError("message must be a JSON object")
+    ref = _ref(obj)
+    try:
+        return _command(obj, ref, max_data_bytes)
+    except RefusedError as exc:
+        # Replies carry the command's ref (and channel) even when it was refused.
+        exc.ref = ref
+        channel = obj.get("channel")
+        exc.channel = channel if isinstance(channel, str) and len(channel) <= 200 else None
+        raise
+
+
+def _command(obj: dict, ref: Any, max_data_bytes: int | None) -> Command:
     kind = obj.get("type")
     if not isinstance(kind, str):
         raise ProtocolError("message needs a string 'type'")
-    ref = _ref(obj)
     if kind == "ping":
         return Ping(ref=ref)
     if kind not in ("subscribe", "unsubscribe", "publish"):
