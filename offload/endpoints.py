@@ -17,11 +17,11 @@ from typing import Any
 from . import conf
 from .blocking import run_blocking
 from .connection import Endpoint, WebSocket
-from .cursor import ChannelCursor, Entry, make_entry
+from .cursor import ChannelCursor, Entry
 from .exceptions import BackendUnavailable, LimitExceeded, RefusedError
-from .history import read_after, read_tip
+from .history import catch_up
 from .hub import get_hub
-from .policies import check_publish, check_subscribe, namespace_of
+from .policies import check_publish, check_subscribe
 from .protocol import (
     Ping,
     Publish,
@@ -203,24 +203,13 @@ class ChannelsEndpoint(Endpoint):
         if cursor is None:
             return
         pending = self._pending.get(channel)
-        tip = None
-        recovered = True
         try:
-            if cursor.last is None and pending is not None:
-                tip = read_tip(channel)  # "from now on"
-                rows: list = []
-            else:
-                limit = namespace_of(channel).namespace.history_size
-                since = cursor.last or (0, 0)
-                rows, recovered = read_after(channel, since, limit)
-                recovered = recovered or cursor.last is None
+            entries, tip, recovered = catch_up(channel, cursor.last, first=pending is not None)
         except BackendUnavailable:
             # Stay SYNCING (live messages keep buffering) and retry shortly.
             self._needs_history.add(channel)
             self._retry_at = time.monotonic() + _RETRY_HISTORY
             return
-        channel_json = json.dumps(channel).encode()
-        entries = [make_entry(channel_json, mid.encode(), data.encode()) for mid, data in rows]
         if pending is not None:
             del self._pending[channel]
             start = cursor.last if cursor.last is not None else tip

@@ -10,7 +10,7 @@ from .exceptions import BackendUnavailable
 from .protocol import StreamId, format_stream_id, parse_stream_id
 from .redis_client import REDIS_ERRORS, get_client, history_key
 
-__all__ = ["HistoryRead", "read_after", "read_tip"]
+__all__ = ["HistoryRead", "catch_up", "read_after", "read_tip"]
 
 # (id, data_json) pairs, oldest first.
 HistoryRead = tuple[list[tuple[str, str]], bool]
@@ -55,3 +55,28 @@ def read_tip(channel: str) -> StreamId | None:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def catch_up(channel: str, last: StreamId | None, first: bool) -> tuple[list, StreamId | None, bool]:
+    """What a subscription's cursor needs to go live: ``(entries, tip, recovered)``.
+
+    A first subscription without a position reads only the newest id ("from
+    now"); otherwise the retained messages after ``last`` (all of them for a
+    cursor that never had a position, e.g. a re-sync after a Redis outage)
+    are read and framed as cursor entries. Shared by websockets and SSE.
+
+    Raises:
+        BackendUnavailable: Redis is down.
+    """
+    import json
+
+    from .cursor import make_entry
+    from .policies import namespace_of
+
+    if last is None and first:
+        return [], read_tip(channel), True
+    limit = namespace_of(channel).namespace.history_size
+    rows, recovered = read_after(channel, last or (0, 0), limit)
+    channel_json = json.dumps(channel).encode()
+    entries = [make_entry(channel_json, mid.encode(), data.encode()) for mid, data in rows]
+    return entries, None, recovered or last is None

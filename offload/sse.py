@@ -38,7 +38,6 @@ redis and Django are imported only where a stream or the view needs them.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import re
@@ -366,7 +365,9 @@ class SseStream:
         cursor = self.cursors[channel]
         first = channel in self._pending
         try:
-            entries, tip, recovered = _read_history(channel, cursor, first)
+            from .history import catch_up  # lazy: the wire format imports no redis/django
+
+            entries, tip, recovered = catch_up(channel, cursor.last, first)
         except BackendUnavailable:
             # Stay SYNCING (live messages keep buffering) and retry shortly.
             self._needs_history.add(channel)
@@ -405,29 +406,6 @@ class SseStream:
             parts.append(format_event(data, event=event, event_id=resume_id or None))
         self._live_queued = 0
         return b"".join(parts)
-
-
-def _read_history(channel: str, cursor: ChannelCursor, first: bool) -> tuple[list[Entry], StreamId | None, bool]:
-    """What a cursor needs to go live: ``(entries, tip, recovered)``.
-
-    A first subscription without a position reads only the newest id ("from
-    now"); otherwise the retained messages after ``cursor.last`` (everything
-    for a cursor that never had a position) are read and framed.
-
-    Raises:
-        BackendUnavailable: Redis is down.
-    """
-    from .cursor import make_entry
-    from .history import read_after, read_tip
-    from .policies import namespace_of
-
-    if cursor.last is None and first:
-        return [], read_tip(channel), True
-    limit = namespace_of(channel).namespace.history_size
-    rows, recovered = read_after(channel, cursor.last or (0, 0), limit)
-    channel_json = json.dumps(channel).encode()
-    entries = [make_entry(channel_json, mid.encode(), data.encode()) for mid, data in rows]
-    return entries, None, recovered or cursor.last is None
 
 
 def _connection_fd() -> int | None:
