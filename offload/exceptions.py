@@ -9,7 +9,8 @@ Hierarchy::
     │   ├── ChannelError        bad channel name / unknown namespace
     │   ├── PermissionDenied    a namespace policy said no
     │   └── LimitExceeded       a configured limit was hit
-    └── BackendUnavailable      Redis is down or timed out (code ``unavailable``)
+    └── BackendUnavailable      Redis is down (code ``unavailable``)
+        └── OutcomeUnknown      Redis timed out mid-call (code ``outcome_unknown``)
 
 ``RefusedError`` is about the remote side (like h11's ``RemoteProtocolError``);
 ``BackendUnavailable`` is about our own infrastructure. Misuse of the library
@@ -66,3 +67,13 @@ class BackendUnavailable(OffloadError):
     """Redis could not be reached in time. Nothing was published."""
 
     code = "unavailable"
+
+
+class OutcomeUnknown(BackendUnavailable):
+    """Redis timed out after the command was sent: it may have run.
+
+    A publish that raises this may or may not have been delivered (it was
+    not delivered twice: publish calls are idempotent within a call).
+    """
+
+    code = "outcome_unknown"

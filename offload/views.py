@@ -25,7 +25,7 @@ from . import conf
 from .blocking import run_blocking
 from .connection import Endpoint, WebSocket, install_signal_handlers
 from .endpoints import ChannelsEndpoint, EchoEndpoint
-from .exceptions import BackendUnavailable, ChannelError, LimitExceeded, ProtocolError
+from .exceptions import BackendUnavailable, ChannelError, LimitExceeded, OutcomeUnknown, ProtocolError
 from .limits import ConnectionSlots
 from .policies import ANONYMOUS, Identity
 from .protocol import encode_data
@@ -172,6 +172,8 @@ def api_publish(request: HttpRequest, channel: str) -> JsonResponse:
         return _error(400, exc.code, exc.reason)
     except LimitExceeded as exc:
         return _error(413, exc.code, exc.reason)
+    except OutcomeUnknown as exc:
+        return _error(504, exc.code, exc.reason)
     except BackendUnavailable as exc:
         return _error(503, exc.code, exc.reason)
     return JsonResponse({"id": message_id})

@@ -73,3 +73,16 @@ def test_redis_down_fails_fast_with_backend_unavailable(settings, tmp_path):
         assert time.monotonic() - started < 2
     finally:
         client_module.reset()
+
+
+def test_a_retried_publish_call_is_not_published_twice(redis_client):
+    """redis-py retries the script once after a timeout: the call's token makes that harmless."""
+    from offload.redis_client import pubsub_channel, script
+
+    args = dict(
+        keys=[history_key("public:retry"), "offload:pub:same-call"],
+        args=[pubsub_channel("public:retry"), '"x"', 100, 3600],
+    )
+    first, again = script("publish")(**args), script("publish")(**args)
+    assert first == again
+    assert redis_client.xlen(history_key("public:retry")) == 1

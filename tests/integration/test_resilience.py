@@ -592,6 +592,7 @@ class DeliveryReport:
     disorder: dict[int, list] = field(default_factory=dict)
     unrecovered: dict[int, int] = field(default_factory=dict)
     uncertain_delivered: int = 0
+    refused_delivered: int = 0  # deliveries of publishes answered 503
     details: list[str] = field(default_factory=list)
 
     @property
@@ -604,7 +605,8 @@ class DeliveryReport:
 
         return (
             f"{self.subscribers} subscribers, {self.acked} acked ids ({self.uncertain} uncertain), "
-            f"{self.received_total}/{self.expected_total} deliveries; "
+            f"{self.received_total}/{self.expected_total} deliveries "
+            f"(+{self.uncertain_delivered} of uncertain publishes, +{self.refused_delivered} of refused ones); "
             f"missing in {len(self.missing)} {first(self.missing)}, "
             f"duplicates in {len(self.duplicates)} {first(self.duplicates)}, "
             f"unexpected in {len(self.unexpected)} {first(self.unexpected)}, "
@@ -619,11 +621,17 @@ def delivery_report(subscribers: list[Subscriber], publisher: Publisher) -> Deli
     """Each subscriber: received == acked ids after its first subscription, in order, once.
 
     Messages of uncertain attempts (the request died in flight) may be present
-    or absent, but never twice and never out of order.
+    or absent, but never twice and never out of order. So may messages whose
+    publish was refused with a 503 while the command had in fact run (Redis
+    stopped before answering; see
+    test_a_publish_is_published_at_most_once_and_never_after_a_503): they are
+    counted in ``refused_delivered``. A token that arrives under two ids
+    (published twice) is a duplicate.
     """
     with publisher.lock:
         acked = list(publisher.acked)
         uncertain = set(publisher.uncertain)
+        refused = {token for token, _, _ in publisher.refused}
     acked_tokens = {token for _, token in acked}
     acked_keys = [pack_id(i) for i, _ in acked]
     report = DeliveryReport(len(subscribers), len(acked), len(uncertain))
@@ -631,18 +639,26 @@ def delivery_report(subscribers: list[Subscriber], publisher: Publisher) -> Deli
         start = pack_id(sub.first_start or (0, 0))
         expected = [k for k in acked_keys if k > start]
         pairs = list(zip(sub.keys, sub.tokens, strict=True))
-        got = [k for k, token in pairs if token not in uncertain]
+        got = [k for k, token in pairs if token not in uncertain and token not in refused]
         report.expected_total += len(expected)
         report.received_total += len(got)
-        report.uncertain_delivered += len(pairs) - len(got)
-        if len(set(sub.keys)) != len(sub.keys):
-            counts = Counter(sub.keys)
-            report.duplicates[sub.index] = sorted(unpack_id(k) for k, n in counts.items() if n > 1)
+        report.uncertain_delivered += sum(1 for _, token in pairs if token in uncertain)
+        report.refused_delivered += sum(1 for _, token in pairs if token in refused)
+        key_counts, token_counts = Counter(sub.keys), Counter(sub.tokens)
+        dups = {k for k, n in key_counts.items() if n > 1} | {k for k, t in pairs if token_counts[t] > 1}
+        if dups:
+            report.duplicates[sub.index] = sorted(unpack_id(k) for k in dups)
         if got != expected:
             missing = sorted(set(expected) - set(got))
             if missing:
                 report.missing[sub.index] = [unpack_id(k) for k in missing]
-        strangers = [(unpack_id(k), t) for k, t in pairs if t not in acked_tokens and t not in uncertain]
+        expected_set = set(expected)
+        strangers = [
+            (unpack_id(k), t)
+            for k, t in pairs
+            if (t not in acked_tokens and t not in uncertain and t not in refused)
+            or (t in acked_tokens and k not in expected_set)
+        ]
         if strangers:
             report.unexpected[sub.index] = strangers
         if any(b <= a for a, b in itertools.pairwise(sub.keys)) or sub.disorder:
@@ -878,6 +894,7 @@ def test_the_delivery_check_catches_gaps_duplicates_strangers_and_disorder():
     publisher.lock = threading.Lock()
     publisher.acked = [((100, 10 * n), n) for n in range(1, 6)]  # ids 100-10 .. 100-50, tokens 1..5
     publisher.uncertain = {9: "connection reset"}
+    publisher.refused = [(8, "HTTP 503", 0.01)]
 
     def sub(index, seqs_tokens, start=(100, 0)):
         s = Subscriber(index, "public:x", first_start=start)
@@ -894,13 +911,15 @@ def test_the_delivery_check_catches_gaps_duplicates_strangers_and_disorder():
     dup = sub(4, [everything[i] for i in (0, 1, 2, 2, 3, 4)])
     stranger = sub(5, [*everything, (60, 7)])
     swapped = sub(6, [everything[i] for i in (0, 2, 1, 3, 4)])
-    report = delivery_report([good, late, maybe, gap, dup, stranger, swapped], publisher)
+    twice = sub(7, [everything[0], (15, 1), *everything[1:]])  # token 1 published again as 100-15
+    refused = sub(8, [*everything[:2], (25, 8), *everything[2:]])  # answered 503, yet published
+    report = delivery_report([good, late, maybe, gap, dup, stranger, swapped, twice, refused], publisher)
     assert report.missing == {3: [(100, 30)]}
-    assert report.duplicates == {4: [(100, 30)]}
-    assert report.unexpected == {5: [((100, 60), 7)]}
+    assert report.duplicates == {4: [(100, 30)], 7: [(100, 10), (100, 15)]}
+    assert report.unexpected == {5: [((100, 60), 7)], 7: [((100, 15), 1)]}
     assert set(report.disorder) == {4, 6}
-    assert report.uncertain_delivered == 1
-    assert delivery_report([good, late, maybe], publisher).ok
+    assert (report.uncertain_delivered, report.refused_delivered) == (1, 1)
+    assert delivery_report([good, late, maybe, refused], publisher).ok
 
 
 # -- a. worker SIGKILL ------------------------------------------------------------------
@@ -1157,4 +1176,35 @@ def test_live_delivery_resumes_before_the_history_window_is_exceeded_after_a_red
     assert report.ok, (
         f"{burst} publishes in {burst_s:.2f} s after Redis came back; {unrecovered} 'recovered: false'; "
         + (report.summary())
+    )
+
+
+# -- pinned: a publish must not run twice -----------------------------------------------------
+
+BUSY_SCRIPT = (
+    "local stop = tonumber(redis.call('TIME')[1]) + tonumber(ARGV[1]) "
+    "while tonumber(redis.call('TIME')[1]) < stop do end return 1"
+)
+
+
+def test_a_publish_is_published_at_most_once_and_never_after_a_503(tmp_path):
+    stack = Stack.start(tmp_path, subscribers=3, channel=f"public:slow-redis-{os.getpid()}", workers=1)
+    outcomes = {}
+    try:
+        for busy in (3, 5):  # seconds Redis is busy (the client timeout is 2 s)
+            blocker = threading.Thread(target=lambda b=busy: stack.redis.client().eval(BUSY_SCRIPT, 0, b))
+            blocker.start()
+            time.sleep(0.2)
+            outcome, _ = stack.publisher.publish_once()
+            blocker.join()
+            outcomes[busy] = (outcome, stack.publisher.token)
+        time.sleep(0.5)
+        stack.publisher.publish_until_acked()  # then one more, to know when everything arrived
+        wait_caught_up(stack.subs, stack.publisher, 20)
+    finally:
+        stack.stop()
+    delivered = {busy: Counter(stack.subs[0].tokens)[token] for busy, (_, token) in outcomes.items()}
+    allowed = {busy: {"acked": {1}, "refused": {0}}.get(outcome, {0, 1}) for busy, (outcome, _) in outcomes.items()}
+    assert all(delivered[busy] in allowed[busy] for busy in outcomes), (
+        f"Redis busy for 3 s, 5 s: publish outcomes {outcomes}, times each was delivered {delivered}"
     )
