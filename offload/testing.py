@@ -288,6 +288,15 @@ class LiveServer:
     def worker_pids(self) -> list[int]:
         return [w["pid"] for w in self.stats()["workers"] if w["pid"]]
 
+    def wait_for_new_workers(self, old_pids: list[int], timeout: float = 15) -> list[int]:
+        """Wait until workers other than ``old_pids`` serve (after a reload or kill)."""
+
+        def replaced():
+            pids = self.worker_pids()
+            return pids if pids and pids != old_pids else None
+
+        return _wait_for(replaced, timeout, "workers to be replaced", 0.1)
+
     def redis(self):
         import redis
 

@@ -84,15 +84,7 @@ def test_graceful_reload_closes_sockets_with_1012_quickly(stack):
     os.kill(server.proc.pid, signal.SIGHUP)  # uwsgi --reload
     for ws in sockets:
         assert close_code(ws) == 1012
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            if server.worker_pids() and server.worker_pids() != old_pids:
-                break
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, "workers were not replaced"
-        time.sleep(0.1)
+    server.wait_for_new_workers(old_pids)
     assert time.monotonic() - started < 10, "reload waited for websockets instead of closing them"
     ws = server.websocket("/ws/?channel=public:reload")
     assert recv(ws)["type"] == "subscribed"

@@ -431,15 +431,7 @@ def test_graceful_reload_ends_streams_quickly(stack):
     for stream in streams:
         assert stream.at_eof(10)
     assert time.monotonic() - started < 5, "reload waited for the streams instead of ending them"
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            if server.worker_pids() and server.worker_pids() != old_pids:
-                break
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, "workers were not replaced"
-        time.sleep(0.1)
+    server.wait_for_new_workers(old_pids)
     stream = SseClient(server, "/sse/?channel=public:sse-reload", {"Last-Event-ID": streams[0].last_id})
     stream.subscribed()
     stream.close()
