@@ -46,6 +46,11 @@ DEFAULTS: dict[str, Any] = {
     "OFFLOAD_MESSAGE_BURST": 100,
     # Open websockets per client IP, across all workers (counted in Redis).
     "OFFLOAD_MAX_CONNECTIONS_PER_IP": 200,
+    # Run websocket handshakes through Django's whole middleware stack. False
+    # (default): like Django Channels, the upgrade skips MIDDLEWARE (a connect
+    # storm costs a fraction of the CPU); the Host header, the Origin, the
+    # session user and the limits are still checked (docs/security.md).
+    "OFFLOAD_WEBSOCKET_MIDDLEWARE": False,
     # Seconds the upgrade may take on our side (user lookup, limits) before 503.
     # Reading the request headers is bounded by uWSGI's socket-timeout.
     "OFFLOAD_HANDSHAKE_TIMEOUT": 10.0,

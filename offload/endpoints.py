@@ -204,7 +204,7 @@ class ChannelsEndpoint(Endpoint):
             return
         pending = self._pending.get(channel)
         try:
-            entries, tip, recovered = catch_up(channel, cursor.last, first=pending is not None)
+            entries, tip, recovered = catch_up(channel, cursor.last, pending is not None, self.hub.newest_id)
         except BackendUnavailable:
             # Stay SYNCING (live messages keep buffering) and retry shortly.
             self._needs_history.add(channel)

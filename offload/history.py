@@ -6,6 +6,8 @@ History lives in one Redis Stream per channel, capped at the namespace's
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from .exceptions import BackendUnavailable
 from .protocol import StreamId, format_stream_id, parse_stream_id
 from .redis_client import REDIS_ERRORS, get_client, history_key
@@ -57,13 +59,20 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def catch_up(channel: str, last: StreamId | None, first: bool) -> tuple[list, StreamId | None, bool]:
+def catch_up(
+    channel: str,
+    last: StreamId | None,
+    first: bool,
+    newest_id: Callable[[str], StreamId | None] = read_tip,
+) -> tuple[list, StreamId | None, bool]:
     """What a subscription's cursor needs to go live: ``(entries, tip, recovered)``.
 
-    A first subscription without a position reads only the newest id ("from
-    now"); otherwise the retained messages after ``last`` (all of them for a
-    cursor that never had a position, e.g. a re-sync after a Redis outage)
-    are read and framed as cursor entries. Shared by websockets and SSE.
+    A first subscription without a position needs only the newest id ("from
+    now"), from ``newest_id`` (the hub's :meth:`~offload.hub.Hub.newest_id`
+    knows it without a Redis read once its channel is ready); otherwise the
+    retained messages after ``last`` (all of them for a cursor that never had
+    a position, e.g. a re-sync after a Redis outage) are read and framed as
+    cursor entries. Shared by websockets and SSE.
 
     Raises:
         BackendUnavailable: Redis is down.
@@ -74,7 +83,7 @@ def catch_up(channel: str, last: StreamId | None, first: bool) -> tuple[list, St
     from .policies import namespace_of
 
     if last is None and first:
-        return [], read_tip(channel), True
+        return [], newest_id(channel), True
     limit = namespace_of(channel).namespace.history_size
     rows, recovered = read_after(channel, last or (0, 0), limit)
     channel_json = json.dumps(channel).encode()

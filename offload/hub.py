@@ -19,6 +19,11 @@ failure the hub reconnects with backoff and resubscribes everything.
 
 Acks: Redis answers every SUBSCRIBE/UNSUBSCRIBE in order. A channel is ready
 when all commands sent for it are acknowledged and the last one was SUBSCRIBE.
+
+Newest ids: while a channel is ready, every new message passes through the
+hub, so the newest id it saw (or read once from the history stream) stays
+current. A subscription "from now" takes it from :meth:`Hub.newest_id`: a
+connect storm on one channel costs one Redis read, not one per socket.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ import gevent.event
 
 from . import conf
 from .cursor import Entry, make_entry
+from .history import read_tip
+from .protocol import StreamId
 from .redis_client import REDIS_ERRORS, channel_of, new_client, pubsub_channel
 
 __all__ = ["Hub", "Subscriber", "get_hub"]
@@ -44,6 +51,7 @@ _CONTROL = "ctl"
 _IDLE_PING = 5.0  # seconds of silence before the hub pings Redis
 _BACKOFF = (0.05, 0.1, 0.2, 0.3, 0.5)  # short: live delivery must resume before history (the gap filler) is trimmed
 _MAX_BATCH = 256  # messages fanned out together at most
+_UNKNOWN = object()
 
 
 class Subscriber(Protocol):
@@ -68,6 +76,8 @@ class Hub:
         self._sent_subscribe: set[str] = set()
         self._pending_acks: dict[str, int] = {}
         self._ready: set[str] = set()
+        self._newest: dict[str, StreamId | None] = {}  # ready channels only
+        self._generation = 0  # bumped when the Redis connection is lost
         self._wake = gevent.event.Event()
         self._pubsub = None
         self.connected = False
@@ -112,6 +122,30 @@ class Hub:
     def is_ready(self, channel: str) -> bool:
         return channel in self._ready
 
+    def newest_id(self, channel: str) -> StreamId | None:
+        """The newest message id of ``channel`` (None: its history is empty).
+
+        Call it once the channel is ready (after ``channel_ready``). Every
+        message with a greater id reaches the local subscribers live, so a
+        subscription "from now" may start after this id. Read from Redis only
+        when the hub does not know it yet.
+
+        Raises:
+            BackendUnavailable: Redis is down.
+        """
+        known = self._newest.get(channel, _UNKNOWN)
+        if known is not _UNKNOWN:
+            return known
+        generation = self._generation
+        tip = read_tip(channel)  # yields: messages may pass meanwhile
+        if channel in self._ready and generation == self._generation:
+            known = self._newest.get(channel, _UNKNOWN)
+            if known is _UNKNOWN or known is None:
+                self._newest[channel] = tip
+            elif tip is not None and tip > known:
+                self._newest[channel] = tip
+        return tip
+
     # -- the hub greenlet -----------------------------------------------------
 
     def _run(self) -> None:
@@ -146,6 +180,8 @@ class Hub:
         self.connected = False
         lost = list(self._ready)
         self._ready.clear()
+        self._newest.clear()
+        self._generation += 1
         self._sent_subscribe.clear()
         self._pending_acks.clear()
         if self._pubsub is not None:
@@ -196,6 +232,7 @@ class Hub:
             for channel in to_unsubscribe:
                 self._sent_subscribe.discard(channel)
                 self._ready.discard(channel)
+                self._newest.pop(channel, None)
                 self._pending_acks[channel] = self._pending_acks.get(channel, 0) + 1
 
     def _drain(self) -> bool:
@@ -253,6 +290,8 @@ class Hub:
         for payload in payloads:
             message_id, _, data = payload.partition(b" ")
             entries.append(make_entry(channel_json, message_id, data))
+        if channel in self._ready:
+            self._newest[channel] = entries[-1][0]
         frames = entries[0][2] if len(entries) == 1 else b"".join([entry[2] for entry in entries])
         for subscriber in list(subscribers):
             subscriber.deliver(channel, entries, frames)

@@ -367,7 +367,7 @@ class SseStream:
         try:
             from .history import catch_up  # lazy: the wire format imports no redis/django
 
-            entries, tip, recovered = catch_up(channel, cursor.last, first)
+            entries, tip, recovered = catch_up(channel, cursor.last, first, self.hub.newest_id)
         except BackendUnavailable:
             # Stay SYNCING (live messages keep buffering) and retry shortly.
             self._needs_history.add(channel)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+from importlib import import_module
 from urllib.parse import urlsplit
 
 import gevent
@@ -73,7 +74,13 @@ def origin_allowed(origin: str | None) -> bool:
 
 
 def _identity_of(request: HttpRequest) -> Identity:
-    user = request.user
+    user = getattr(request, "user", None)
+    if user is None:  # the handshake skipped the middleware stack (offload.wsgi)
+        from django.contrib.auth import get_user
+
+        engine = import_module(settings.SESSION_ENGINE)
+        request.session = engine.SessionStore(request.COOKIES.get(settings.SESSION_COOKIE_NAME))
+        user = get_user(request)
     if not user.is_authenticated:
         return ANONYMOUS
     groups = frozenset(user.groups.values_list("name", flat=True))
@@ -137,6 +144,7 @@ def websocket_view(endpoint_class: type[Endpoint]):
         return HttpResponse(status=101)
 
     view.csrf_exempt = True
+    view.offload_websocket = endpoint_class  # lets offload.wsgi upgrade without the middleware stack
     return view
 
 

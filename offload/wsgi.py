@@ -1,33 +1,53 @@
-"""The WSGI entry point: Django's handler, made safe for upgraded requests.
+"""The WSGI entry point: Django's handler, made safe and fast for websocket upgrades.
 
-A websocket view runs for the socket's whole life and returns only when it
-closes. Django's ``WSGIHandler`` then calls ``start_response`` for the view's
-response, but uWSGI already sent the 101 headers during the handshake and
-raises ``OSError: headers already sent``. The exception escapes before the
-response is returned, so the server never calls ``response.close()`` and
-``request_finished`` never fires (database connections stay open).
+A websocket view performs uWSGI's handshake, so uWSGI has already sent the
+101 headers when Django's ``WSGIHandler`` calls ``start_response`` for the
+view's response: uWSGI raises ``OSError: headers already sent``, the
+exception escapes before the response is returned, the server never calls
+``response.close()`` and ``request_finished`` never fires (database
+connections stay open). :class:`OffloadWSGIHandler` handles upgrades in one
+of two ways:
 
-:class:`OffloadWSGIHandler` passes Django a ``start_response`` that does
-nothing once the request was upgraded, so the (empty) response is returned
-normally and ``request_finished`` runs as for any request (``request_started``
-runs at the start as usual).
+* **Direct (default).** A websocket upgrade to a URL whose view was made by
+  :func:`offload.views.websocket_view` skips Django's middleware stack, as
+  Django Channels does for websockets: the handler builds the request,
+  validates the Host header (``ALLOWED_HOSTS``), resolves the URL and calls
+  the view, which checks the Origin, the limits and the session user itself.
+  Middleware costs most of a handshake's CPU (measured: a 5,000-socket
+  connect storm took about 1.2 ms of worker CPU per socket through the
+  stack); ``request_started``/``request_finished`` are not sent, and nothing
+  in the handshake keeps a database connection (``offload.blocking`` closes
+  the thread's connections).
+* **Through the middleware** (``OFFLOAD_WEBSOCKET_MIDDLEWARE = True``, or a
+  websocket view that is not a direct match): Django runs as for any request,
+  with a ``start_response`` that does nothing once the request was upgraded,
+  so the (empty) response is returned normally and ``request_finished`` runs.
 
-It also takes the websocket out of the request: the view only authenticates
-and performs the handshake; once Django returned, the connection duplicates
-the client fd (:meth:`offload.connection.WebSocket.detach`) and runs on a
-fresh greenlet, and the uWSGI request ends, freeing its async core. An open
-socket then costs only its Python objects (measured here: 49 KB per idle
-socket inside a request greenlet, far less detached; see docs/performance.md).
+Either way the websocket then leaves the request: once Django is done, the
+connection duplicates the client fd (:meth:`offload.connection.WebSocket.detach`)
+and runs on a fresh greenlet, and the uWSGI request ends, freeing its async
+core. An open socket then costs only its Python objects (about 13 KB; see
+docs/performance.md).
 """
 
 from __future__ import annotations
 
-import gevent
-from django.core.handlers.wsgi import WSGIHandler
+import logging
 
+import gevent
+from django.core.exceptions import DisallowedHost
+from django.core.handlers.wsgi import WSGIHandler, WSGIRequest
+from django.http import HttpResponse, HttpResponseBadRequest, HttpResponseServerError
+from django.urls import Resolver404, ResolverMatch, get_resolver
+
+from . import conf
 from .views import DEFERRED_RUN, UPGRADED
 
 __all__ = ["OffloadWSGIHandler", "get_wsgi_application"]
+
+log = logging.getLogger("offload.wsgi")
+
+_ROUTE_CACHE_SIZE = 256  # distinct upgrade paths remembered (a site has a handful)
 
 
 def _discard(data: bytes) -> None:
@@ -35,7 +55,17 @@ def _discard(data: bytes) -> None:
 
 
 class OffloadWSGIHandler(WSGIHandler):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._routes: dict[str, ResolverMatch | None] = {}
+
     def __call__(self, environ, start_response):
+        if environ.get("HTTP_UPGRADE", "").lower() == "websocket" and not conf.get("OFFLOAD_WEBSOCKET_MIDDLEWARE"):
+            request = WSGIRequest(environ)
+            match = self._websocket_route(request.path_info)
+            if match is not None:
+                return self._upgrade_directly(request, match, start_response)
+
         def guarded_start_response(status, headers, exc_info=None):
             if environ.get(UPGRADED):
                 return _discard
@@ -51,12 +81,61 @@ class OffloadWSGIHandler(WSGIHandler):
         # objects before the socket's long life begins.
         response.close()
         del response
-        ws, endpoint = deferred
+        return self._run_detached(deferred)
+
+    def _websocket_route(self, path: str) -> ResolverMatch | None:
+        """The URL match of ``path`` if its view is an offload websocket view."""
+        try:
+            return self._routes[path]
+        except KeyError:
+            pass
+        try:
+            match = get_resolver().resolve(path)
+        except Resolver404:
+            match = None
+        if match is not None and getattr(match.func, "offload_websocket", None) is None:
+            match = None
+        if len(self._routes) >= _ROUTE_CACHE_SIZE:
+            self._routes.clear()
+        self._routes[path] = match
+        return match
+
+    def _upgrade_directly(self, request: WSGIRequest, match: ResolverMatch, start_response):
+        environ = request.environ
+        environ[DEFERRED_RUN] = False
+        try:
+            request.get_host()  # ALLOWED_HOSTS, as CommonMiddleware would check it
+            request.resolver_match = match
+            response = match.func(request, *match.args, **match.kwargs)
+        except DisallowedHost as exc:
+            log.warning("websocket refused: %s", exc)
+            response = HttpResponseBadRequest("invalid Host header\n")
+        except Exception:
+            log.exception("websocket handshake failed: %s", request.path)
+            response = HttpResponseServerError("internal error\n")
+        deferred = environ.pop(DEFERRED_RUN, None)
+        if deferred:
+            return self._run_detached(deferred)
+        if environ.get(UPGRADED):  # upgraded, then failed: nothing more can be sent
+            return []
+        return _send(response, start_response)
+
+    @staticmethod
+    def _run_detached(deferred) -> list:
         # The socket leaves uWSGI: its own greenlet serves it from now on and
         # this request (and its async core) ends at once.
+        ws, endpoint = deferred
         ws.detach()
         gevent.spawn(ws.run, endpoint)
         return []
+
+
+def _send(response: HttpResponse, start_response) -> HttpResponse:
+    """Start a refusal response (426/403/429/503...) the way Django's handler does."""
+    status = f"{response.status_code} {response.reason_phrase}"
+    headers = [*response.items(), *(("Set-Cookie", c.output(header="")) for c in response.cookies.values())]
+    start_response(status, headers)
+    return response
 
 
 def get_wsgi_application() -> OffloadWSGIHandler:

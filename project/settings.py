@@ -153,6 +153,8 @@ OFFLOAD_NAMESPACES = {
 OFFLOAD_FILES_ROOT = FILES_ROOT
 # Benchmarks only: stream files from Python and run tasks inline ("offloading disabled").
 OFFLOAD_INLINE = _env_bool("OFFLOAD_INLINE")
+# Websocket handshakes through MIDDLEWARE too (slower; see docs/settings.md).
+OFFLOAD_WEBSOCKET_MIDDLEWARE = _env_bool("OFFLOAD_WEBSOCKET_MIDDLEWARE")
 # The demo's slow upstream (app/slow_upstream.py; `make slow-upstream` runs it).
 SLOW_UPSTREAM_URL = os.environ.get("SLOW_UPSTREAM_URL", "http://127.0.0.1:8001")
 for _name in ("PING_INTERVAL", "PING_TIMEOUT", "STATS_INTERVAL", "MAX_MESSAGES_PER_SECOND", "HANDSHAKE_TIMEOUT"):

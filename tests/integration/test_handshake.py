@@ -1,0 +1,103 @@
+"""The websocket upgrade path: direct (default) or through Django's middleware.
+
+By default offload.wsgi answers a websocket upgrade without running
+MIDDLEWARE (like Django Channels), and still checks the Host header, the
+Origin and the session user; ``OFFLOAD_WEBSOCKET_MIDDLEWARE=1`` runs the whole
+stack. Which path ran is visible in the response headers that middleware
+adds (XFrameOptionsMiddleware's ``X-Frame-Options``).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+
+import pytest
+
+from offload.testing import LiveServer
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def handshake(port: int, path: str = "/ws/", host: str | None = None, origin: str | None = None) -> tuple[int, dict]:
+    """Send one upgrade request; return the status and the response headers."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    lines = [
+        f"GET {path} HTTP/1.1",
+        f"Host: {host or f'127.0.0.1:{port}'}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {key}",
+        "Sec-WebSocket-Version: 13",
+    ]
+    if origin:
+        lines.append(f"Origin: {origin}")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+    headers = {}
+    for line in head[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(head[0].split()[1]), headers
+
+
+@pytest.fixture(scope="module")
+def middleware_server(tmp_path_factory):
+    server = LiveServer(tmp_path_factory.mktemp("mw"), env={"OFFLOAD_WEBSOCKET_MIDDLEWARE": "1"}).prepare().start()
+    yield server
+    server.stop()
+
+
+def test_the_upgrade_skips_the_middleware_stack_by_default(offload_server):
+    status, headers = handshake(offload_server.port, origin="http://evil.example")
+    assert status == 403
+    assert "x-frame-options" not in headers  # no middleware ran
+    status, headers = handshake(offload_server.port, origin=f"http://127.0.0.1:{offload_server.port}")
+    assert status == 101 and "x-frame-options" not in headers
+    # An ordinary page still goes through the stack.
+    status, headers, _ = offload_server.http().request("GET", "/accounts/login/")
+    assert status == 200 and headers["X-Frame-Options"] == "DENY"
+
+
+def test_the_middleware_stack_runs_when_asked(middleware_server):
+    status, headers = handshake(middleware_server.port, origin="http://evil.example")
+    assert status == 403 and headers["x-frame-options"] == "DENY"
+    status, _ = handshake(middleware_server.port)
+    assert status == 101
+
+
+@pytest.mark.parametrize("server_fixture", ["offload_server", "middleware_server"])
+def test_both_paths_know_the_session_user_and_refuse_anonymous_ones(request, server_fixture):
+    server = request.getfixturevalue(server_fixture)
+    alice = server.http()
+    alice.login("alice")
+    ws = server.websocket("/ws/?channel=room:general", cookie=alice.cookie_header())
+    assert json.loads(ws.recv())["type"] == "subscribed"
+    ws.close()
+    anonymous = server.websocket("/ws/?channel=room:general")
+    reply = json.loads(anonymous.recv())
+    assert reply["type"] == "error" and reply["code"] == "forbidden", reply
+    anonymous.close()
+
+
+def test_a_host_outside_allowed_hosts_is_refused_on_the_direct_path(offload_server):
+    status, headers = handshake(offload_server.port, host="evil.example")
+    assert status == 400
+    assert "x-frame-options" not in headers
+    assert "Invalid HTTP_HOST header" in offload_server.log_text()
+
+
+def test_an_upgrade_to_a_url_that_is_not_a_websocket_view_is_an_ordinary_request(offload_server):
+    status, _ = handshake(offload_server.port, path="/no/such/page")
+    assert status == 404
+    status, headers = handshake(offload_server.port, path="/accounts/login/")
+    assert status == 200 and headers["x-frame-options"] == "DENY"
