@@ -113,3 +113,38 @@ def test_redis_connection_killed_reconnects_and_resubscribes(hub, redis_client):
     assert hub.reconnects == 1
     offload.publish("public:r", "after")
     wait_until(lambda: s.messages)
+
+
+def test_newest_id_is_read_once_then_kept_current_by_live_messages(hub, redis_client):
+    from offload.protocol import parse_stream_id
+
+    older = offload.publish("public:tip", {"n": 0})
+    subscriber = Recorder()
+    hub.subscribe(subscriber, "public:tip")
+    wait_until(lambda: subscriber.ready)
+    redis_client.config_resetstat()
+    assert hub.newest_id("public:tip") == parse_stream_id(older)
+    assert hub.newest_id("public:tip") == parse_stream_id(older)
+    reads = redis_client.info("commandstats").get("cmdstat_xrevrange", {}).get("calls", 0)
+    assert reads == 1  # the second answer came from the hub, not from Redis
+    newer = offload.publish("public:tip", {"n": 1})
+    wait_until(lambda: len(subscriber.messages) == 1)
+    assert hub.newest_id("public:tip") == parse_stream_id(newer)
+    # An empty history is known too (None), and forgotten once nobody listens.
+    hub.subscribe(subscriber, "public:empty")
+    wait_until(lambda: "public:empty" in subscriber.ready)
+    assert hub.newest_id("public:empty") is None
+    hub.unsubscribe(subscriber, "public:tip")
+    wait_until(lambda: numsub(redis_client, "public:tip") == 0)
+    assert "public:tip" not in hub._newest
+
+
+def test_newest_ids_are_forgotten_when_the_redis_link_is_lost(hub):
+    subscriber = Recorder()
+    hub.subscribe(subscriber, "public:gone")
+    wait_until(lambda: subscriber.ready)
+    offload.publish("public:gone", {"n": 0})
+    wait_until(lambda: subscriber.messages)
+    assert "public:gone" in hub._newest
+    hub._disconnect()  # what the hub greenlet does when Redis fails
+    assert subscriber.lost == ["public:gone"] and hub._newest == {}
