@@ -10,6 +10,10 @@ Commands from the orchestrator:
   may publish meanwhile with ``seq >= EXTERNAL_BASE``.
 * ``{"cmd": "external", "name", "first", "count"}``: the external publisher's
   seqs attributed to a window (for lost/duplicate counts).
+* ``{"cmd": "expect", "name", "seqs"}``: the HTTP seqs another client process
+  published in a window (``published_ok`` of its ``window_ended``), for a
+  subscriber-only process; a process with ``subscribers: 0`` is a light
+  publish probe whose API timings no subscriber load can delay.
 * ``{"cmd": "stop"}``: report every window (``summary``) and close.
 
 Per window: latency of every delivery whose publish time is in the window,
@@ -86,6 +90,7 @@ async def run(cfg: dict, chan: Channel) -> None:
     lag_task = asyncio.create_task(lag.run())
     windows: list[tuple[Window, dict]] = []
     external_seqs: dict[str, list[int]] = {}
+    expected_own: dict[str, list[int]] = {}  # seqs a probe process published (we publish none)
     while True:
         cmd = await chan.next()
         if cmd["cmd"] == "window":
@@ -105,11 +110,14 @@ async def run(cfg: dict, chan: Channel) -> None:
                 await ticker.drain(timeout=5)
             await asyncio.gather(*tasks, return_exceptions=True)
             windows.append((window, cmd))
-            chan.emit("window_ended", name=window.name, open_sockets=pool.open_count())
+            sent = [seq for seq, (t, status) in published.items() if window.holds(t) and status == 200]
+            chan.emit("window_ended", name=window.name, open_sockets=pool.open_count(), published_ok=sent)
         elif cmd["cmd"] == "ping":  # answered only once the loop got round to it: a backlog shows
             chan.emit("pong", arrivals=len(arrivals))
         elif cmd["cmd"] == "external":
             external_seqs[cmd["name"]] = list(range(cmd["first"], cmd["first"] + cmd["count"]))
+        elif cmd["cmd"] == "expect":
+            expected_own[cmd["name"]] = list(cmd["seqs"])
         elif cmd["cmd"] in ("stop", "eof"):
             break
 
@@ -122,6 +130,7 @@ async def run(cfg: dict, chan: Channel) -> None:
     for w, cmd in windows:
         seconds = (w.end_ns - w.start_ns) / 1e9
         ok = [seq for seq, (t, status) in published.items() if w.holds(t) and status == 200]
+        ok = ok or expected_own.get(w.name, [])
         failed = Counter(str(status) for seq, (t, status) in published.items() if w.holds(t) and status != 200)
         b = summarize_us(latency.within(w), CDF_POINTS)
         tally = own.tally(ok)
