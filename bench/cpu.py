@@ -17,12 +17,19 @@ _TICK = os.sysconf("SC_CLK_TCK")
 
 def process_cpu(pid: int) -> float | None:
     """utime + stime of one process (all its threads), seconds; None if gone."""
+    split = process_cpu_split(pid)
+    return None if split is None else split[0] + split[1]
+
+
+def process_cpu_split(pid: int) -> tuple[float, float] | None:
+    """(utime, stime) of one process, seconds: stime is the kernel's share
+    (on loopback a socket write also pays for the receiver's TCP input)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return None
-    return (int(fields[11]) + int(fields[12])) / _TICK
+    return int(fields[11]) / _TICK, int(fields[12]) / _TICK
 
 
 def descendants(pid: int) -> list[int]:
@@ -63,13 +70,15 @@ class CpuMeter:
 
     def snapshot(self) -> dict:
         per_pid: dict[str, dict[int, float]] = {}
+        sys_pid: dict[str, dict[int, float]] = {}
         for name, pids in self.groups.items():
-            per_pid[name] = {}
+            per_pid[name], sys_pid[name] = {}, {}
             for pid in pids():
-                value = process_cpu(pid)
-                if value is not None:
-                    per_pid[name][pid] = value
-        return {"t": time.monotonic(), "machine": machine_busy(), "pids": per_pid}
+                split = process_cpu_split(pid)
+                if split is not None:
+                    per_pid[name][pid] = split[0] + split[1]
+                    sys_pid[name][pid] = split[1]
+        return {"t": time.monotonic(), "machine": machine_busy(), "pids": per_pid, "sys": sys_pid}
 
     @staticmethod
     def delta(before: dict, after: dict) -> dict:
@@ -80,8 +89,14 @@ class CpuMeter:
         for name, now in after["pids"].items():
             then = before["pids"].get(name, {})
             used = sum(max(0.0, value - then.get(pid, 0.0)) for pid, value in now.items())
+            sys_then = before.get("sys", {}).get(name, {})
+            kernel = sum(max(0.0, v - sys_then.get(pid, 0.0)) for pid, v in after.get("sys", {}).get(name, {}).items())
             ours += used
-            out["groups"][name] = {"cpu_s": round(used, 2), "core_pct": round(100 * used / wall, 1)}
+            out["groups"][name] = {
+                "cpu_s": round(used, 2),
+                "core_pct": round(100 * used / wall, 1),
+                "sys_s": round(kernel, 2),
+            }
         other = max(0.0, after["machine"] - before["machine"] - ours)
         out["groups"]["other"] = {"cpu_s": round(other, 2), "core_pct": round(100 * other / wall, 1)}
         cores = os.cpu_count() or 1

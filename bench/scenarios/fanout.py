@@ -503,6 +503,13 @@ def verdict(results: dict) -> dict:
 # -- Markdown ---------------------------------------------------------------
 
 
+def _kernel_pct(group: dict) -> float | None:
+    """Kernel share of a group's CPU (socket writes on loopback include the receiver's TCP input)."""
+    if not group.get("cpu_s") or "sys_s" not in group:
+        return None
+    return round(100 * group["sys_s"] / group["cpu_s"])
+
+
 def _row(title: str, w: dict, cpu_group: str = "server") -> list[str]:
     b, p, cpu = w["broadcast"], w["publish"], w["cpu"]["groups"]
     return [
@@ -516,6 +523,7 @@ def _row(title: str, w: dict, cpu_group: str = "server") -> list[str]:
         cell(p["p99"]),
         cell(w.get("server_us_per_delivery")),
         cell(cpu[cpu_group]["core_pct"]),
+        cell(_kernel_pct(cpu[cpu_group])),
         cell(cpu["clients"]["core_pct"]),
         cell(cpu["Redis"]["core_pct"]),
         cell(cpu.get("publisher", {}).get("core_pct")),
@@ -534,6 +542,7 @@ HEAD = [
     "publish API p99 ms",
     "server CPU µs/delivery",
     "server %core",
+    "server kernel %",
     "client %core",
     "Redis %core",
     "publisher %core",
