@@ -397,11 +397,51 @@ def _redis_pids(redis_url: str) -> list[int]:
     return _REDIS_PIDS.get(redis_url, [])
 
 
+_BACKLOG_SYSCTLS = ("/proc/sys/net/core/somaxconn", "/proc/sys/net/ipv4/tcp_max_syn_backlog")
+
+
+def raise_backlog(wanted: int) -> dict[str, tuple[int, int]]:
+    """Raise the kernel's listen backlog limits to ``wanted`` (root only), as a
+    deployment expecting connect storms would; returns {sysctl: (old, new)}.
+
+    With the default somaxconn (4,096 here) 10,000 simultaneous SYNs overflow
+    the accept queue whatever the server does: dropped handshakes wait for
+    TCP's SYN retransmission (1 s, 3 s, 7 s...). Call :func:`restore_backlog`.
+    """
+    changed = {}
+    for path in _BACKLOG_SYSCTLS:
+        try:
+            old = int(Path(path).read_text())
+            if old < wanted:
+                Path(path).write_text(str(wanted))
+            changed[path] = (old, int(Path(path).read_text()))
+        except (OSError, ValueError):
+            continue
+    SERVER_ENV["UWSGI_LISTEN"] = _somaxconn()
+    return changed
+
+
+def restore_backlog(changed: dict[str, tuple[int, int]]) -> None:
+    for path, (old, new) in changed.items():
+        if old != new:
+            try:
+                Path(path).write_text(str(old))
+            except OSError:
+                pass
+    SERVER_ENV["UWSGI_LISTEN"] = _somaxconn()
+
+
 def run(cfg: BenchConfig, work: Path, logs: Path, progress: Progress) -> dict:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # uWSGI inherits it (10,000 sockets)
     k = knobs()
-    ours, redis_url = run_ours(cfg, k, work, logs, progress)
+    backlog = raise_backlog(2 * k["storm"])
+    try:
+        ours, redis_url = run_ours(cfg, k, work, logs, progress)
+    finally:
+        restore_backlog(backlog)
+    ours["backlog_sysctls"] = {Path(p).name: v for p, v in backlog.items()}
+    ours["uwsgi_listen"] = max([new for _, new in backlog.values()] or [int(_somaxconn())])
     server: BenchServer = ours.pop("server_obj")
     _REDIS_PIDS[redis_url] = server.pids("redis")
     anchors = {}
@@ -621,7 +661,8 @@ def markdown(results: dict) -> str:
         ]
     if "storm" in ours:
         lines += [
-            f"Connect storm retries: {ours['storm']['retries'] or 'none'}; uWSGI: {ours['storm']['counters']}.",
+            f"Connect storm retries: {ours['storm']['retries'] or 'none'}; uWSGI: {ours['storm']['counters']}; "
+            f"kernel backlog limits (old, new): {ours.get('backlog_sysctls') or 'unchanged (not root)'}.",
             "",
         ]
     lines += [table(["target (one worker)", "measured", "target", "state"], verdict_rows)]
