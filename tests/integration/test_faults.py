@@ -99,3 +99,43 @@ def test_shutdown_tells_clients_1001(stack):
     os.kill(server.proc.pid, signal.SIGTERM)  # die-on-term: stop the instance
     assert [close_code(ws) for ws in sockets] == [1001] * 5
     server.proc.wait(30)
+
+
+def test_an_endpoint_failure_closes_only_that_socket_with_1011(offload_server):
+    """Corrupt history in Redis (an entry without its ``d`` field) makes the
+    resume of one socket raise inside the endpoint: that socket is closed with
+    1011 (internal error), the worker survives and its other sockets keep
+    receiving."""
+    from offload.redis_client import history_key
+
+    server = offload_server
+    channel = f"public:corrupt-{os.getpid()}-{time.monotonic_ns()}"
+    healthy = server.websocket(f"/ws/?channel={channel}")
+    assert recv(healthy)["type"] == "subscribed"
+    before = server.publish(channel, "before")
+    assert recv(healthy)["id"] == before
+
+    key = history_key(channel)
+    redis = server.redis()
+    assert redis.xlen(key) == 1, f"{key} is not the server's history stream"
+    redis.xadd(key, {"junk": "no d field"})  # not published: only history has it
+    pids = server.worker_pids()
+    log_start = len(server.log_text())
+
+    broken = server.websocket(f"/ws/?channel={channel}&since={before}")
+    assert close_code(broken) == 1011
+    broken.close()
+
+    ids = [server.publish(channel, n) for n in range(3)]
+    assert [recv(healthy)["id"] for _ in ids] == ids
+    assert server.worker_pids() == pids
+    log = server.log_text()[log_start:]
+    assert "websocket endpoint failed" in log and "KeyError" in log, log[-2000:]
+    # The worker still accepts new sockets on that channel (without the corrupt range).
+    fresh = server.websocket(f"/ws/?channel={channel}")
+    assert recv(fresh)["type"] == "subscribed"
+    last = server.publish(channel, "after")
+    assert recv(fresh)["id"] == last and recv(healthy)["id"] == last
+    for ws in (healthy, fresh):
+        ws.close()
+    redis.close()
