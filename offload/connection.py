@@ -231,7 +231,7 @@ class WebSocket:
             head = out.popleft()
             out.clear()
             out.append(head)
-            log.info("websocket peer is a slow consumer (%d frames queued): closing it with 1008", len(out) + 1)
+            log.info("websocket peer is a slow consumer (%d frames queued): closing it with 1008", self._max_queued)
             self.close(CLOSE_POLICY, "slow consumer")
             return
         out.append(data)
