@@ -73,7 +73,12 @@ clean: ## remove the virtualenv and var/ (database, Redis data, static files)
 # --- benchmark (bench/): its own virtualenv, never the project's ---
 BENCH_VENV  := bench/.venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed-$(shell cat bench/requirements.txt 2>/dev/null | md5sum | cut -c1-12)
-.PHONY: bench bench-quick
+.PHONY: bench bench-quick bench-backpressure
+# Scenarios `make bench` runs, in turn: every one registered in bench/scenarios/__init__.py
+# (read once setup has built .venv). Override: BENCH_SCENARIOS="offload backpressure" make bench
+BENCH_SCENARIOS ?= $(shell $(PY) -c 'from bench.scenarios import SCENARIOS; print(*SCENARIOS)')
+# `make bench-quick`: the scenarios that have a small scale (BENCH_SCALE=small)
+BENCH_QUICK_SCENARIOS ?= offload backpressure
 
 $(BENCH_STAMP): bench/requirements.txt
 	$(PYTHON) -m venv $(BENCH_VENV)
@@ -82,11 +87,21 @@ $(BENCH_STAMP): bench/requirements.txt
 	rm -f $(BENCH_VENV)/.installed-*
 	touch $@
 
-bench: setup $(BENCH_STAMP) ## websocket + view latency under load, offloading on vs off (BENCH_SECONDS, BENCH_SCALE)
-	BENCH_CLIENT_PYTHON=$(abspath $(BENCH_VENV))/bin/python $(PY) -m bench offload
+bench: setup $(BENCH_STAMP) ## every benchmark scenario in turn (BENCH_SCENARIOS; about 20 min; bench/README.md)
+	@scenarios="$(BENCH_SCENARIOS)"; [ -n "$$scenarios" ] || { echo "make bench: no scenarios" >&2; exit 2; }; \
+	failed=""; for scenario in $$scenarios; do \
+	  echo "=== make bench: $$scenario"; \
+	  BENCH_CLIENT_PYTHON=$(abspath $(BENCH_VENV))/bin/python $(PY) -m bench $$scenario; rc=$$?; \
+	  if [ $$rc -eq 130 ]; then exit 130; fi; \
+	  if [ $$rc -ne 0 ]; then failed="$$failed $$scenario"; fi; \
+	done; \
+	if [ -n "$$failed" ]; then echo "make bench: failed:$$failed" >&2; exit 1; fi
 
-bench-quick: ## the same benchmark at small scale (about a minute)
-	BENCH_SCALE=small $(MAKE) bench
+bench-quick: ## offloading and slow-consumer scenarios at small scale (about 2 min)
+	BENCH_SCALE=small $(MAKE) bench BENCH_SCENARIOS="$(BENCH_QUICK_SCENARIOS)"
+
+bench-backpressure: setup $(BENCH_STAMP) ## slow consumers: 1,000 fast + 10 stalled clients, p99 and worker memory (about 2 min)
+	BENCH_CLIENT_PYTHON=$(abspath $(BENCH_VENV))/bin/python $(PY) -m bench backpressure
 
 # --- hardening: random-frame fuzzing and a long soak against the real stack ---
 .PHONY: fuzz soak
@@ -103,3 +118,11 @@ soak: setup ## long run (SOAK_SECONDS, default 300): Redis restarts, reloads, wo
 # --- fan-out benchmark (bench/scenarios/fanout.py): ours vs Django Channels 4, same run ---
 bench-fanout: setup $(BENCH_STAMP) ## fan-out, saturation, idle memory, connect storm; Channels 4 anchor (about 6 min)
 	BENCH_CLIENT_PYTHON=$(abspath $(BENCH_VENV))/bin/python $(PY) -m bench fanout
+
+# --- many channels and publish throughput (bench/scenarios/{manychannels,publish}.py): vs Channels 4, same run ---
+.PHONY: bench-manychannels bench-publish
+bench-manychannels: setup $(BENCH_STAMP) ## 10,000 sockets over 1,000 channels at 1 msg/s each; Channels 4 anchor (about 4 min)
+	BENCH_CLIENT_PYTHON=$(abspath $(BENCH_VENV))/bin/python $(PY) -m bench manychannels
+
+bench-publish: setup $(BENCH_STAMP) ## publishes/s: offload.publish() and HTTP API vs group_send and Channels' view (about 3 min)
+	BENCH_CLIENT_PYTHON=$(abspath $(BENCH_VENV))/bin/python $(PY) -m bench publish

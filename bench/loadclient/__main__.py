@@ -14,10 +14,12 @@ import traceback
 
 import uvloop
 
-from . import fanout, load, probe
+from . import backpressure, fanout, httppub, load, manychannels, probe
 from .channel import Channel
 
 ROLES = {"probe": probe.run, "load": load.run, "fanout": fanout.run}
+ROLES.update({"manychannels": manychannels.run, "httppub": httppub.run})
+ROLES.update({"backpressure": backpressure.run, "stalled": backpressure.run_stalled})
 
 
 async def main(role: str, cfg: dict) -> int:

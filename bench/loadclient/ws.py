@@ -79,10 +79,12 @@ class Subscriber(WSListener):
 
 
 class SubscriberPool:
-    """``n`` websockets to one URL, connected with bounded concurrency.
+    """``n`` websockets, connected with bounded concurrency.
 
     Args:
-        url: ``ws://127.0.0.1:PORT/ws/?channel=...``.
+        url: ``ws://127.0.0.1:PORT/ws/?channel=...`` for all of them, or a
+            function of the subscriber's index giving its own URL (e.g. one
+            channel per index); every URL must name the same host.
         on_data: called for every ``message`` with (index, data, received_ns).
         headers: extra handshake headers (Origin is set from the URL).
         raw: pass ``data`` as its JSON bytes, unparsed (cheaper per delivery).
@@ -90,17 +92,18 @@ class SubscriberPool:
 
     def __init__(
         self,
-        url: str,
+        url: str | Callable[[int], str],
         n: int,
         on_data: Callable[[int, object, int], None],
         headers: dict | None = None,
         raw: bool = False,
     ):
         self.url = url
+        self.url_for: Callable[[int], str] = url if callable(url) else (lambda _index: url)
         self.raw = raw
         self.n = n
         self.on_data = on_data
-        origin = "http://" + url.split("://", 1)[1].split("/", 1)[0]
+        origin = "http://" + self.url_for(0).split("://", 1)[1].split("/", 1)[0]
         self.headers = {"Origin": origin, **(headers or {})}
         self.subscribers: list[Subscriber] = []
         self.errors: Counter[str] = Counter()
@@ -112,6 +115,7 @@ class SubscriberPool:
             self.disconnects.append((time.time_ns(), sub.index, sub.close_code))
 
     async def _connect_one(self, index: int, gate: asyncio.Semaphore, timeout: float) -> Subscriber:
+        url = self.url_for(index)
         async with gate:
             for attempt in range(ATTEMPTS):
                 sub = None
@@ -119,7 +123,7 @@ class SubscriberPool:
                     async with asyncio.timeout(timeout):
                         _, sub = await ws_connect(
                             lambda: Subscriber(self, index),
-                            self.url,
+                            url,
                             extra_headers=self.headers,
                             websocket_handshake_timeout=timeout,
                         )

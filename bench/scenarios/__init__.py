@@ -8,6 +8,8 @@ dict that goes to JSON, with ``"scenario": NAME``) and ``markdown(results)``.
 
 from __future__ import annotations
 
-from . import fanout, offload
+from . import backpressure, fanout, manychannels, offload, publish
 
 SCENARIOS = {"offload": offload, "fanout": fanout}
+SCENARIOS.update({"manychannels": manychannels, "publish": publish})
+SCENARIOS.update({"backpressure": backpressure})

@@ -1,0 +1,279 @@
+"""Shared by the ``manychannels`` and ``publish`` scenarios (not a scenario itself).
+
+Both spread publishes over many channels (``bench/spread.py``): one
+subscriber client (``bench.loadclient.manychannels``) measures what arrives,
+and one publisher at a time runs in its own process, bracketed by a
+measuring window:
+
+* ``OneShot``: a publisher that prints ``{"event": "ready"}`` once set up,
+  starts on a line on stdin, prints its result as one line and exits at EOF
+  of stdin (so its CPU time can be read after the result)
+  (``bench/redis_publisher.py``, ``bench/offload_publisher.py``,
+  ``bench/channels_anchor/publisher.py``);
+* an ``httppub`` client (``bench.loadclient.httppub``), driven by ``run``
+  commands.
+
+``measure`` opens the subscribers' window, snapshots CPU, starts the
+publisher, waits for its result, snapshots CPU again and closes the window,
+then tells the subscribers which publish numbers to expect. ``drain`` waits
+until all of them arrived or nothing arrives any more (a backlog of the
+server under test).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import resource
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ..channels_anchor.server import ChannelsServer
+from ..clients import ClientProcess
+from ..config import PROJECT_DIR, BenchConfig
+from ..cpu import CpuMeter
+from ..progress import Progress
+from ..server import BenchServer
+from ..spread import PREFIX
+from .fanout import HISTORY, SERVER_ENV
+
+
+class OneShot:
+    """A publisher process: set up, ``ready``, wait for ``go`` on stdin, run, print its result."""
+
+    def __init__(self, argv: list[str], log: Path, env: dict | None = None) -> None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as f:
+            f.write(f"--- {' '.join(argv[:3])}\n".encode())
+            f.flush()
+            self.proc = subprocess.Popen(
+                argv,
+                cwd=PROJECT_DIR,
+                env=dict(os.environ, PYTHONPATH=str(PROJECT_DIR), PYTHONUNBUFFERED="1", **(env or {})),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=f,
+                start_new_session=True,
+            )
+        self.log = log
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, name="oneshot-stdout", daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _line(self, timeout: float, progress: Progress | None) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=0.2)
+                break
+            except queue.Empty:
+                if progress is not None:
+                    progress.draw()
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"publisher: no answer within {timeout:.0f} s; log {self.log}") from None
+        if line is None:
+            self.proc.wait(5)
+            tail = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
+            raise RuntimeError(f"publisher exited ({self.proc.returncode}); log {self.log}:\n{tail}")
+        return json.loads(line)
+
+    def wait_ready(self, timeout: float = 60, progress: Progress | None = None) -> OneShot:
+        event = self._line(timeout, progress)
+        if event.get("event") != "ready":
+            raise RuntimeError(f"publisher: expected ready, got {event}")
+        return self
+
+    def go(self) -> None:
+        self.proc.stdin.write(b"go\n")
+        self.proc.stdin.flush()
+
+    def result(self, timeout: float = 120, progress: Progress | None = None) -> dict:
+        """The result line; the process stays alive (its CPU still readable) until :meth:`close`."""
+        return self._line(timeout, progress)
+
+    def close(self) -> None:
+        """EOF on stdin (its way out after the result), then KILL if it lingers: only this pid."""
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def redis_publisher(redis_url: str, rate: float, seconds: float, first: int, channels: int, log: Path) -> OneShot:
+    """``offload.publish()``'s Redis path (EVALSHA of publish.lua), ``rate``/s round robin over ``channels``."""
+    config = {
+        "redis_url": redis_url,
+        "channels": channels,
+        "channel_prefix": PREFIX,
+        "rate": rate,
+        "seconds": seconds,
+        "first_seq": first,
+        "wait_go": True,
+        **HISTORY,
+    }
+    return OneShot([sys.executable, "-m", "bench.redis_publisher", json.dumps(config)], log)
+
+
+def offload_publisher(
+    redis_url: str, var_dir: Path, mode: str, concurrency: int, seconds: float, first: int, channels: int, log: Path
+) -> OneShot:
+    """``offload.publish()`` from a Django process, closed loop (``bench/offload_publisher.py``)."""
+    var_dir.mkdir(parents=True, exist_ok=True)
+    config = {
+        "redis_url": redis_url,
+        "var_dir": str(var_dir),
+        "mode": mode,
+        "concurrency": concurrency,
+        "seconds": seconds,
+        "first_seq": first,
+        "channels": channels,
+        "channel_prefix": PREFIX,
+    }
+    return OneShot([sys.executable, "-m", "bench.offload_publisher", json.dumps(config)], log)
+
+
+def channels_publisher(anchor: ChannelsServer, seconds: float, first: int, channels: int, log: Path, **how) -> OneShot:
+    """``group_send`` from a process of the channels venv: ``concurrency=N`` (closed loop) or ``rate=R``."""
+    config = {
+        "redis_url": anchor.redis_url,
+        "layer": anchor.layer,
+        "prefix": anchor.prefix,
+        "seconds": seconds,
+        "first_seq": first,
+        "channels": channels,
+        "channel_prefix": PREFIX,
+        **how,
+    }
+    return OneShot([str(anchor.python), "-m", "bench.channels_anchor.publisher", json.dumps(config)], log)
+
+
+def subscribers(
+    cfg: BenchConfig, name: str, host: str, port: int, n: int, channels: int, logs: Path, **extra
+) -> ClientProcess:
+    config = {
+        "host": host,
+        "port": port,
+        "subscribers": n,
+        "channels": channels,
+        "channel_prefix": PREFIX,
+        "connect_concurrency": 200,
+        "connect_timeout": 10.0,
+        "deadline_s": 900,
+        **extra,
+    }
+    return ClientProcess(cfg.client_python, "manychannels", config, logs / f"{name}-subscribers.log")
+
+
+def http_publisher(
+    cfg: BenchConfig, name: str, host: str, port: int, api_key: str, channels: int, logs: Path
+) -> ClientProcess:
+    config = {
+        "host": host,
+        "port": port,
+        "api_key": api_key,
+        "channels": channels,
+        "channel_prefix": PREFIX,
+        "deadline_s": 900,
+    }
+    return ClientProcess(cfg.client_python, "httppub", config, logs / f"{name}-httppub.log")
+
+
+def measure(
+    subs: ClientProcess,
+    meter: CpuMeter,
+    name: str,
+    start: Callable[[], None],
+    result: Callable[[], dict],
+    progress: Progress,
+) -> dict:
+    """One publisher run inside a subscribers' window; the window's figures are filled in by ``finish``."""
+    subs.send("open", name=name)
+    subs.wait("window_open", 30, lambda _: progress.draw())
+    before = meter.snapshot()
+    start()
+    res = result()
+    after = meter.snapshot()
+    subs.send("close", name=name)
+    closed = subs.wait("window_closed", 120, lambda _: progress.draw())
+    subs.send("expect", name=name, first=res["first"], count=res["count"], failed=res.get("failed") or [])
+    return {"cpu": CpuMeter.delta(before, after), "publisher": res, "open_sockets": closed["open_sockets"]}
+
+
+def run_http(client: ClientProcess, progress: Progress, timeout: float, **cmd) -> tuple[Callable, Callable]:
+    """``start``/``result`` for :func:`measure` of an ``httppub`` run (``name``, ``seconds``, ``first``, ...)."""
+
+    def start() -> None:
+        client.send("run", **cmd)
+        client.wait("started", 30, lambda _: progress.draw())
+
+    def result() -> dict:
+        return client.wait("result", timeout, lambda _: progress.draw())
+
+    return start, result
+
+
+def drain(subs: ClientProcess, progress: Progress, limit: float, quiet: float = 2.0) -> float:
+    """Wait until every expected delivery arrived, or nothing arrived for ``quiet`` s, or ``limit`` s passed.
+
+    Returns the seconds taken. A server working off a backlog may pause for
+    a moment between deliveries: ``quiet`` must outlast such pauses.
+    """
+    started = time.monotonic()
+    last, last_change = -1, started
+    while (now := time.monotonic()) - started < limit:
+        subs.send("ping")
+        pong = subs.wait("pong", max(30.0, limit), lambda _: progress.draw())
+        if pong["arrivals"] >= pong["expected"]:
+            break
+        if pong["arrivals"] != last:
+            last, last_change = pong["arrivals"], now
+        elif now - last_change >= quiet:
+            break
+        time.sleep(0.25)
+    return round(time.monotonic() - started, 2)
+
+
+def finish(subs: ClientProcess, windows: dict[str, dict], timeout: float = 180) -> dict:
+    """Stop the subscribers and merge their per-window figures into ``windows``; the summary."""
+    subs.send("stop")
+    summary = subs.wait("summary", timeout)
+    for name, w in windows.items():
+        w.update(summary["windows"].get(name, {}))
+        arrived = w.get("broadcast", {}).get("arrived_in_window")
+        used = w["cpu"]["groups"]["server"]["cpu_s"]
+        w["server_us_per_delivery"] = round(used / arrived * 1e6, 3) if arrived else None
+    return summary
+
+
+def redis_url_of(server: BenchServer) -> str:
+    return f"unix://{server.var_dir / 'redis.sock'}"
+
+
+def raise_nofile() -> list[int]:
+    """Soft RLIMIT_NOFILE to the hard limit (servers and clients inherit it); the old pair."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return [soft, hard]
+
+
+def start_server(work: Path, name: str) -> BenchServer:
+    return BenchServer(work / f"var-{name}", dict(SERVER_ENV)).start()
