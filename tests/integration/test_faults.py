@@ -101,14 +101,24 @@ def test_shutdown_tells_clients_1001(stack):
     server.proc.wait(30)
 
 
-def test_an_endpoint_failure_closes_only_that_socket_with_1011(offload_server):
+def test_an_endpoint_failure_closes_only_that_socket_with_1011(tmp_path):
     """Corrupt history in Redis (an entry without its ``d`` field) makes the
     resume of one socket raise inside the endpoint: that socket is closed with
     1011 (internal error), the worker survives and its other sockets keep
     receiving."""
+    from offload.testing import LiveServer
+
+    # its own server: the traceback it causes must not reach the shared server's log
+    server = LiveServer(tmp_path).prepare().start()
+    try:
+        _endpoint_failure_closes_with_1011(server)
+    finally:
+        server.stop()
+
+
+def _endpoint_failure_closes_with_1011(server) -> None:
     from offload.redis_client import history_key
 
-    server = offload_server
     channel = f"public:corrupt-{os.getpid()}-{time.monotonic_ns()}"
     healthy = server.websocket(f"/ws/?channel={channel}")
     assert recv(healthy)["type"] == "subscribed"
