@@ -33,6 +33,20 @@ def table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def verdict_table(verdict: dict, first: str = "target", number: str = ",") -> str:
+    """The targets table of a scenario's ``verdict`` ({name: {value, op, target, met}})."""
+    rows = []
+    for name, v in verdict.items():
+        state = "not measured" if v["met"] is None else ("met" if v["met"] else "**MISSED**")
+        rows.append([name, cell(v["value"]), f"{v['op']} {v['target']:{number}}", state])
+    return table([first, "measured", "target", "state"], rows)
+
+
+def warning_lines(warnings: list[str] | None) -> list[str]:
+    """The "Warnings" paragraph closing a scenario's Markdown (nothing when there are none)."""
+    return ["", "**Warnings**:", ""] + [f"* {x}" for x in warnings] if warnings else []
+
+
 def machine() -> dict:
     """Where the figures come from: CPUs, load, the commit under test."""
     try:

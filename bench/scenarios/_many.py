@@ -264,6 +264,19 @@ def finish(subs: ClientProcess, windows: dict[str, dict], timeout: float = 180) 
     return summary
 
 
+def meter(server: Callable[[], list[int]], redis: Callable[[], list[int]], procs: dict) -> CpuMeter:
+    """CPU groups of a many-socket run; ``procs`` holds the current ``subs``/``pub`` client processes."""
+    return CpuMeter(
+        {
+            "server": server,
+            "Redis": redis,
+            "clients": lambda: [procs["subs"].pid] if "subs" in procs else [],
+            "publisher": lambda: [procs["pub"].pid] if "pub" in procs else [],
+            "orchestrator": lambda: [os.getpid()],
+        }
+    )
+
+
 def redis_url_of(server: BenchServer) -> str:
     return f"unix://{server.var_dir / 'redis.sock'}"
 

@@ -42,7 +42,7 @@ from ..clients import ClientProcess
 from ..config import BenchConfig
 from ..cpu import CpuMeter
 from ..progress import Progress
-from ..report import cell, table
+from ..report import cell, table, verdict_table, warning_lines
 from ..server import BenchServer
 from ..stats import median_merge, ratio
 from .fanout import SERVER_ENV, rss_kib
@@ -482,10 +482,6 @@ def markdown(results: dict) -> str:
             ]
         )
     sta = s.get("stalled", {}).get("stalled", {})
-    verdict_rows = []
-    for name, v in results["verdict"].items():
-        state = "not measured" if v["met"] is None else ("met" if v["met"] else "**MISSED**")
-        verdict_rows.append([name, cell(v["value"]), f"{v['op']} {v['target']:g}", state])
     lines = [
         f"## Slow-consumer benchmark, {results['started']}",
         "",
@@ -546,9 +542,8 @@ def markdown(results: dict) -> str:
             f"{cell(s.get('rss_drift_mib'))} MiB above the first one's.",
             "",
         ]
-    lines += [table(["target", "measured", "target", "state"], verdict_rows)]
-    if results.get("warnings"):
-        lines += ["", "**Warnings**:", ""] + [f"* {x}" for x in results["warnings"]]
+    lines += [verdict_table(results["verdict"], number="g")]
+    lines += warning_lines(results.get("warnings"))
     return "\n".join(lines) + "\n"
 
 

@@ -36,7 +36,7 @@ from ..clients import ClientProcess
 from ..config import PROJECT_DIR, BenchConfig
 from ..cpu import CpuMeter
 from ..progress import Progress
-from ..report import cell, table
+from ..report import cell, table, verdict_table, warning_lines
 from ..server import BenchServer
 
 NAME = "fanout"
@@ -630,11 +630,6 @@ def markdown(results: dict) -> str:
                 [a["label"], f"{k['small']:,}", cell(a["idle_rss"]["per_socket_kib"]), cell(a["connect_s"])]
             )
 
-    verdict_rows = []
-    for name, v in results["verdict"].items():
-        state = "not measured" if v["met"] is None else ("met" if v["met"] else "**MISSED**")
-        verdict_rows.append([name, cell(v["value"]), f"{v['op']} {v['target']:,}", state])
-
     lines = [
         f"## Fan-out benchmark, {results['started']}",
         "",
@@ -665,9 +660,8 @@ def markdown(results: dict) -> str:
             f"kernel backlog limits (old, new): {ours.get('backlog_sysctls') or 'unchanged (not root)'}.",
             "",
         ]
-    lines += [table(["target (one worker)", "measured", "target", "state"], verdict_rows)]
-    if results.get("warnings"):
-        lines += ["", "**Warnings**:", ""] + [f"* {x}" for x in results["warnings"]]
+    lines += [verdict_table(results["verdict"], "target (one worker)")]
+    lines += warning_lines(results.get("warnings"))
     return "\n".join(lines) + "\n"
 
 

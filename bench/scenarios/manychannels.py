@@ -35,9 +35,8 @@ from pathlib import Path
 from ..channels_anchor.server import ChannelsServer
 from ..clients import ClientProcess
 from ..config import BenchConfig
-from ..cpu import CpuMeter
 from ..progress import Progress
-from ..report import cell, table
+from ..report import cell, table, verdict_table, warning_lines
 from . import _many
 from .fanout import rss_kib
 
@@ -119,15 +118,7 @@ def run_ours(cfg: BenchConfig, k: dict, work: Path, logs: Path, progress: Progre
     redis_url = _many.redis_url_of(server)
     worker = server.pids("worker")[0]
     procs: dict[str, object] = {}
-    meter = CpuMeter(
-        {
-            "server": lambda: [worker],
-            "Redis": lambda: server.pids("redis"),
-            "clients": lambda: [procs["subs"].pid] if "subs" in procs else [],
-            "publisher": lambda: [procs["pub"].pid] if "pub" in procs else [],
-            "orchestrator": lambda: [os.getpid()],
-        }
-    )
+    meter = _many.meter(lambda: [worker], lambda: server.pids("redis"), procs)
     out: dict = {"label": "ours (one uWSGI worker)"}
     rate = _total_rate(k)
     try:
@@ -186,15 +177,7 @@ def run_anchor(cfg: BenchConfig, k: dict, combo: str, redis_url: str, logs: Path
     progress.step(f"{label} starting")
     anchor.start()
     procs: dict[str, object] = {}
-    meter = CpuMeter(
-        {
-            "server": lambda: [anchor.pid] if anchor.pid else [],
-            "Redis": lambda: _REDIS_PIDS,
-            "clients": lambda: [procs["subs"].pid] if "subs" in procs else [],
-            "publisher": lambda: [procs["pub"].pid] if "pub" in procs else [],
-            "orchestrator": lambda: [os.getpid()],
-        }
-    )
+    meter = _many.meter(lambda: [anchor.pid] if anchor.pid else [], lambda: _REDIS_PIDS, procs)
     out: dict = {"label": anchor.label}
     rate = _total_rate(k)
     n = k["anchor_subscribers"]
@@ -402,10 +385,6 @@ def markdown(results: dict) -> str:
                     str(a["connect_errors"] or "none"),
                 ]
             )
-    verdict_rows = []
-    for name, v in results["verdict"].items():
-        state = "not measured" if v["met"] is None else ("met" if v["met"] else "**MISSED**")
-        verdict_rows.append([name, cell(v["value"]), f"{v['op']} {v['target']:,}", state])
     lines = [
         f"## Many channels, {results['started']}",
         "",
@@ -435,9 +414,8 @@ def markdown(results: dict) -> str:
             "",
         ]
     lines += [f"uWSGI after connecting: {ours.get('counters')}.", ""]
-    lines += [table(["target (one worker)", "measured", "target", "state"], verdict_rows)]
-    if results.get("warnings"):
-        lines += ["", "**Warnings**:", ""] + [f"* {x}" for x in results["warnings"]]
+    lines += [verdict_table(results["verdict"], "target (one worker)")]
+    lines += warning_lines(results.get("warnings"))
     return "\n".join(lines) + "\n"
 
 

@@ -23,7 +23,7 @@ from ..clients import ClientProcess
 from ..config import BenchConfig
 from ..cpu import CpuMeter
 from ..progress import Progress
-from ..report import cell, table
+from ..report import cell, table, warning_lines
 from ..server import BenchServer, make_file
 from ..stats import median_merge, ratio
 
@@ -334,8 +334,7 @@ def markdown(results: dict) -> str:
             f"view p99 {cell(r['view_p99'], suffix='x')} of idle: {state} "
             f"(each run, broadcast / view p99: {per_run[mode]})"
         )
-    if results.get("warnings"):
-        lines += ["", "**Warnings**:", ""] + [f"* {w}" for w in results["warnings"]]
+    lines += warning_lines(results.get("warnings"))
     return "\n".join(lines) + "\n"
 
 

@@ -34,9 +34,8 @@ from pathlib import Path
 
 from ..channels_anchor.server import ChannelsServer
 from ..config import BenchConfig
-from ..cpu import CpuMeter
 from ..progress import Progress
-from ..report import cell, table
+from ..report import cell, table, warning_lines
 from . import _many
 
 NAME = "publish"
@@ -86,15 +85,7 @@ def run_ours(cfg: BenchConfig, k: dict, work: Path, logs: Path, progress: Progre
     redis_url = _many.redis_url_of(server)
     worker = server.pids("worker")[0]
     procs: dict[str, object] = {}
-    meter = CpuMeter(
-        {
-            "server": lambda: [worker],
-            "Redis": lambda: server.pids("redis"),
-            "clients": lambda: [procs["subs"].pid] if "subs" in procs else [],
-            "publisher": lambda: [procs["pub"].pid] if "pub" in procs else [],
-            "orchestrator": lambda: [os.getpid()],
-        }
-    )
+    meter = _many.meter(lambda: [worker], lambda: server.pids("redis"), procs)
     out: dict = {"label": "ours (one uWSGI worker)"}
     n, seconds = k["concurrency"], k["seconds"]
     try:
@@ -156,15 +147,7 @@ def run_anchor(cfg: BenchConfig, k: dict, combo: str, server, logs: Path, progre
     progress.step(f"{label} starting")
     anchor.start()
     procs: dict[str, object] = {}
-    meter = CpuMeter(
-        {
-            "server": lambda: [anchor.pid] if anchor.pid else [],
-            "Redis": lambda: server.pids("redis"),
-            "clients": lambda: [procs["subs"].pid] if "subs" in procs else [],
-            "publisher": lambda: [procs["pub"].pid] if "pub" in procs else [],
-            "orchestrator": lambda: [os.getpid()],
-        }
-    )
+    meter = _many.meter(lambda: [anchor.pid] if anchor.pid else [], lambda: server.pids("redis"), procs)
     out: dict = {"label": anchor.label}
     n, seconds = k["concurrency"], k["seconds"]
     try:
@@ -355,8 +338,7 @@ def markdown(results: dict) -> str:
             f"{cell(c['deliveries_ratio'], suffix='x')}."
         )
         lines.append("")
-    if results.get("warnings"):
-        lines += ["**Warnings**:", ""] + [f"* {x}" for x in results["warnings"]]
+    lines += warning_lines(results.get("warnings"))
     return "\n".join(lines) + "\n"
 
 
