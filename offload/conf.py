@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings as django_settings
+from django.core.signals import setting_changed
 
 #: Namespace used when a project declares none: anything in it is public,
 #: server-published only, with a small history.
@@ -54,6 +55,12 @@ DEFAULTS: dict[str, Any] = {
     # Seconds the upgrade may take on our side (user lookup, limits) before 503.
     # Reading the request headers is bounded by uWSGI's socket-timeout.
     "OFFLOAD_HANDSHAKE_TIMEOUT": 10.0,
+    # Allocations between young-generation garbage collections (Python's
+    # default is 700), set when the WSGI application loads; 0 keeps Python's.
+    # Thousands of sockets are hundreds of thousands of long-lived objects:
+    # with the default, a connect storm ran a full collection at every 25 %
+    # growth (pauses up to 260 ms each). See docs/performance.md.
+    "OFFLOAD_GC_THRESHOLD": 10_000,
     # Channels one connection may subscribe to.
     "OFFLOAD_MAX_SUBSCRIPTIONS": 100,
     # Messages queued for one client before it is closed as a slow consumer.
@@ -87,9 +94,31 @@ class Namespace:
     history_ttl: int
 
 
+_values: dict[str, Any] = {}
+
+
 def get(name: str) -> Any:
-    """Return setting ``name`` from Django settings, or its default."""
-    return getattr(django_settings, name, DEFAULTS[name])
+    """Return setting ``name`` from Django settings, or its default.
+
+    Read once, then kept: a handshake reads about fifteen settings, and each
+    read of a setting a project leaves at its default went through
+    ``LazySettings`` and a caught ``AttributeError`` (measured: a sixth of a
+    handshake's Python time in a connect storm). :func:`reset` forgets them.
+    """
+    try:
+        return _values[name]
+    except KeyError:
+        value = _values[name] = getattr(django_settings, name, DEFAULTS[name])
+        return value
+
+
+def reset(**_signal_kwargs: Any) -> None:
+    """Forget the values read so far: call it after changing settings at run
+    time (tests). ``override_settings`` triggers it through ``setting_changed``."""
+    _values.clear()
+
+
+setting_changed.connect(reset, dispatch_uid="offload.conf.reset")
 
 
 def namespaces() -> dict[str, Namespace]:

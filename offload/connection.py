@@ -36,14 +36,18 @@ Lifecycle::
 
 from __future__ import annotations
 
+import _socket
 import enum
 import errno
 import logging
 import os
+import random
 import signal
 import socket
 import time
 from collections import deque
+from collections.abc import Iterable
+from typing import TypeVar
 
 import gevent
 import gevent.event
@@ -68,7 +72,9 @@ from .frames import (
 from .limits import ConnectionSlots, TokenBucket
 from .policies import Identity
 
-__all__ = ["Endpoint", "WebSocket", "close_all", "open_connections"]
+__all__ = ["Endpoint", "WebSocket", "close_all", "open_connections", "write_directly"]
+
+T = TypeVar("T")
 
 log = logging.getLogger("offload.connection")
 
@@ -91,7 +97,7 @@ def _close_now(fd: int) -> None:
 
 def _shutdown_write(fd: int) -> None:
     """Send FIN (no more data from us), keeping the fd open for reading."""
-    sock = socket.socket(fileno=fd)
+    sock = _socket.socket(fileno=fd)
     try:
         sock.shutdown(socket.SHUT_WR)
     except OSError:
@@ -109,6 +115,37 @@ def close_all(code: int = CLOSE_RESTART, reason: str = "server restart") -> None
     """Send every websocket of this process a close frame now (reload, shutdown)."""
     for ws in list(_open):
         ws.close(code, reason)
+
+
+def write_directly(targets: Iterable[tuple[T, WebSocket | None]], frames: bytes) -> list[T]:
+    """Write ``frames`` now to every target socket that can take them in order.
+
+    The fan-out hot path (the hub, one message to thousands of sockets): one
+    ``os.write`` per socket and nothing else, no call into the subscriber.
+    ``targets`` pairs each subscriber with its socket, or with None when the
+    subscriber must see every message itself. Returns the subscribers the
+    caller must deliver to the ordinary way: those without a socket, and those
+    whose socket is closing or has bytes queued (writing past a queue would
+    reorder the stream). Whatever the kernel does not take is queued as by
+    :meth:`WebSocket.send_frame`.
+    """
+    write = os.write
+    size = len(frames)
+    others: list[T] = []
+    for subscriber, ws in targets:
+        if ws is None or ws.state or ws._out:  # State.OPEN is 0
+            others.append(subscriber)
+            continue
+        try:
+            written = write(ws.fd, frames)
+        except BlockingIOError:
+            written = 0
+        except OSError:
+            ws._broken()
+            continue
+        if written != size:
+            ws._queue_unsent(frames, written)
+    return others
 
 
 class State(enum.IntEnum):
@@ -220,12 +257,10 @@ class WebSocket:
             except OSError:
                 self._broken()
                 return
-            if written == len(data):
-                return
-            data = memoryview(data)[written:]
-            self._stuck_since = time.monotonic()
-            self._write_watcher.start(self._on_writable)
-        elif len(out) >= self._max_queued and self.state is State.OPEN:
+            if written != len(data):
+                self._queue_unsent(data, written)
+            return
+        if len(out) >= self._max_queued and self.state is State.OPEN:
             # The client does not read. Keep the frame being written (it may
             # be half sent), drop the rest, never slow the others down.
             head = out.popleft()
@@ -235,6 +270,13 @@ class WebSocket:
             self.close(CLOSE_POLICY, "slow consumer")
             return
         out.append(data)
+
+    def _queue_unsent(self, data: bytes | memoryview, written: int) -> None:
+        """The kernel took ``written`` bytes of ``data`` (the queue being empty):
+        keep the rest and flush it when the socket drains."""
+        self._out.append(memoryview(data)[written:])
+        self._stuck_since = time.monotonic()
+        self._write_watcher.start(self._on_writable)
 
     def _on_writable(self) -> None:
         """Flush queued bytes (runs in the event loop when the socket drains)."""
@@ -274,7 +316,9 @@ class WebSocket:
         rather than open sockets. Call it before any data is exchanged.
         """
         self._write_watcher.stop()
-        sock = socket.socket(fileno=os.dup(self.fd))
+        # The plain C socket type: gevent's cooperative class would set up
+        # watchers this fd never uses (it is only borrowed for setsockopt).
+        sock = _socket.socket(fileno=os.dup(self.fd))
         # Frames go out as they are written (no Nagle delay behind a small pong).
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.fd = sock.detach()
@@ -290,7 +334,9 @@ class WebSocket:
         _open.add(self)
         now = time.monotonic()
         self._last_heard = now
-        self._next_ping = now + self._ping_interval
+        # The first ping comes after a random 0.5-1 interval: sockets that
+        # connected together (a storm, a reload) do not all ping together.
+        self._next_ping = now + self._ping_interval * random.uniform(0.5, 1.0)
         self._ping_sent: float | None = None
         try:
             endpoint.on_open()

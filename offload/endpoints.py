@@ -8,7 +8,6 @@ history and live messages join with no gap and no duplicate.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -25,8 +24,10 @@ from .policies import check_publish, check_subscribe
 from .protocol import (
     Ping,
     Publish,
+    StreamId,
     Subscribe,
     Unsubscribe,
+    command_from_object,
     error_text,
     format_stream_id,
     parse_command,
@@ -69,6 +70,7 @@ class ChannelsEndpoint(Endpoint):
         self.cursors: dict[str, ChannelCursor] = {}
         self._pending: dict[str, _Pending] = {}
         self._needs_history: set[str] = set()
+        self._direct: set[str] = set()  # channels the hub writes straight to our socket
         self._retry_at: float | None = None
         self._max_subscriptions = conf.get("OFFLOAD_MAX_SUBSCRIPTIONS")
         self._subscribe_timeout = conf.get("OFFLOAD_SUBSCRIBE_TIMEOUT")
@@ -84,18 +86,36 @@ class ChannelsEndpoint(Endpoint):
     def channel_lost(self, channel: str) -> None:
         cursor = self.cursors.get(channel)
         if cursor is not None:
+            self._position(channel)
             cursor.resync()
+        self._direct.discard(channel)
 
     def deliver(self, channel: str, entries: list[Entry], frames: bytes) -> None:
         cursor = self.cursors.get(channel)
         if cursor is None:
             return
         admitted = cursor.live_many(entries)
-        if admitted is None:  # the hot path: one write of the pre-joined frames
+        if admitted is None:  # plain live delivery: one write of the pre-joined frames
             self.ws.send_frame(frames)
+            if channel not in self._direct:  # the hub has caught up with us: let it write directly
+                self._write_directly(channel)
             return
         for entry in admitted:
             self.ws.send_frame(entry[2])
+
+    def _write_directly(self, channel: str) -> None:
+        self._direct.add(channel)
+        self.hub.write_directly_to(self, channel, self.ws)
+
+    def _position(self, channel: str) -> StreamId | None:
+        """The id of the newest message sent on ``channel`` (brings the cursor
+        up to date with what the hub wrote directly)."""
+        cursor = self.cursors[channel]
+        if channel in self._direct:
+            fanned = self.hub.last_fanned_out(channel)
+            if fanned is not None and (cursor.last is None or fanned > cursor.last):
+                cursor.last = fanned
+        return cursor.last
 
     # -- websocket hooks (connection greenlet) ----------------------------------
 
@@ -144,8 +164,10 @@ class ChannelsEndpoint(Endpoint):
         try:
             if isinstance(raw, dict):  # from the query string
                 channel = raw["channel"]
-                raw = json.dumps({k: v for k, v in raw.items() if v is not None})
-            command = parse_command(raw, max_data_bytes=self._max_bytes)
+                obj = {k: v for k, v in raw.items() if v is not None}
+                command = command_from_object(obj, max_data_bytes=self._max_bytes)
+            else:
+                command = parse_command(raw, max_data_bytes=self._max_bytes)
             ref = command.ref
             channel = getattr(command, "channel", None)
             handler = self._handlers[type(command)]
@@ -161,9 +183,9 @@ class ChannelsEndpoint(Endpoint):
         channel = command.channel
         check_subscribe(self.ws.identity, channel, run_blocking)
         if channel in self.cursors:
-            cursor = self.cursors[channel]
             if channel not in self._pending:
-                last = None if cursor.last is None else format_stream_id(cursor.last)
+                position = self._position(channel)
+                last = None if position is None else format_stream_id(position)
                 self.ws.send_text(reply("subscribed", command.ref, channel=channel, last_id=last, recovered=True))
             return
         if len(self.cursors) >= self._max_subscriptions:
@@ -195,6 +217,7 @@ class ChannelsEndpoint(Endpoint):
         self.cursors.pop(channel, None)
         self._pending.pop(channel, None)
         self._needs_history.discard(channel)
+        self._direct.discard(channel)
         self.hub.unsubscribe(self, channel)
 
     def _sync(self, channel: str) -> None:
@@ -226,3 +249,9 @@ class ChannelsEndpoint(Endpoint):
             self.ws.send_text(reply("subscribed", None, channel=channel, last_id=None, recovered=False))
         for entry in cursor.history(entries, tip):
             self.ws.send_frame(entry[2])
+        # Live from here on. Once every id the hub will fan out is newer than
+        # what we sent, the hub may write to our socket itself; otherwise the
+        # first plain live delivery switches (see deliver).
+        fanned = self.hub.last_fanned_out(channel)
+        if cursor.last is None or (fanned is not None and fanned >= cursor.last):
+            self._write_directly(channel)

@@ -20,6 +20,15 @@ failure the hub reconnects with backoff and resubscribes everything.
 Acks: Redis answers every SUBSCRIBE/UNSUBSCRIBE in order. A channel is ready
 when all commands sent for it are acknowledged and the last one was SUBSCRIBE.
 
+Direct writes: a subscriber whose stream is plain live delivery (no history
+to merge, nothing to filter) hands the hub its socket
+(:meth:`Hub.write_directly_to`). The hub then writes each message's frames
+straight to that socket (:func:`offload.connection.write_directly`) without
+calling the subscriber; whoever is closing, has bytes queued or never handed
+a socket over gets :meth:`Subscriber.deliver` instead. Such a subscriber's
+position is the newest id the hub fanned out (:meth:`Hub.last_fanned_out`):
+it must ask for it before it needs its own position (resync, replies).
+
 Newest ids: while a channel is ready, every new message passes through the
 hub, so the newest id it saw (or read once from the history stream) stays
 current. A subscription "from now" takes it from :meth:`Hub.newest_id`: a
@@ -32,16 +41,20 @@ import json
 import logging
 import os
 import time
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import gevent
 import gevent.event
 
 from . import conf
+from .connection import write_directly
 from .cursor import Entry, make_entry
 from .history import read_tip
 from .protocol import StreamId
 from .redis_client import REDIS_ERRORS, channel_of, new_client, pubsub_channel
+
+if TYPE_CHECKING:
+    from .connection import WebSocket
 
 __all__ = ["Hub", "Subscriber", "get_hub"]
 
@@ -71,7 +84,9 @@ class Hub:
 
     def __init__(self, worker_id: int = 0) -> None:
         self.worker_id = worker_id
-        self._local: dict[str, set[Subscriber]] = {}
+        # channel -> {subscriber: its socket for direct writes, or None}
+        self._local: dict[str, dict[Subscriber, WebSocket | None]] = {}
+        self._last_fanned: dict[str, StreamId] = {}
         self._channel_json: dict[str, bytes] = {}
         self._sent_subscribe: set[str] = set()
         self._pending_acks: dict[str, int] = {}
@@ -94,10 +109,10 @@ class Hub:
         """Register local interest; ``channel_ready`` follows (maybe at once)."""
         subscribers = self._local.get(channel)
         if subscribers is None:
-            subscribers = self._local[channel] = set()
+            subscribers = self._local[channel] = {}
             self._channel_json[channel] = json.dumps(channel).encode()
             self._wake.set()
-        subscribers.add(subscriber)
+        subscribers.setdefault(subscriber, None)
         if channel in self._ready:
             subscriber.channel_ready(channel)
 
@@ -105,11 +120,30 @@ class Hub:
         subscribers = self._local.get(channel)
         if subscribers is None:
             return
-        subscribers.discard(subscriber)
+        subscribers.pop(subscriber, None)
         if not subscribers:
             del self._local[channel]
             self._channel_json.pop(channel, None)
+            self._last_fanned.pop(channel, None)
             self._wake.set()
+
+    def write_directly_to(self, subscriber: Subscriber, channel: str, ws: WebSocket) -> None:
+        """Write ``channel``'s messages straight to ``ws`` instead of calling
+        ``subscriber.deliver`` (while ``ws`` is open and has nothing queued).
+
+        Only for a subscriber that would send every later message as it is:
+        its channel is ready, its history merged, and every id the hub will
+        fan out from now on is newer than what it sent. It stops at
+        ``channel_lost`` and at :meth:`unsubscribe`.
+        """
+        subscribers = self._local.get(channel)
+        if subscribers is not None and subscriber in subscribers:
+            subscribers[subscriber] = ws
+
+    def last_fanned_out(self, channel: str) -> StreamId | None:
+        """The newest id of ``channel`` the hub handed to its local subscribers
+        (None: none since the channel got its first local subscriber)."""
+        return self._last_fanned.get(channel)
 
     @property
     def channels(self) -> int:
@@ -193,7 +227,10 @@ class Hub:
         if was_connected:
             self.reconnects += 1
         for channel in lost:
-            for subscriber in list(self._local.get(channel, ())):
+            subscribers = self._local.get(channel, {})
+            for subscriber in subscribers:  # no direct writes until re-synchronised
+                subscribers[subscriber] = None
+            for subscriber in list(subscribers):
                 subscriber.channel_lost(channel)
 
     def _serve(self) -> None:
@@ -290,12 +327,16 @@ class Hub:
         for payload in payloads:
             message_id, _, data = payload.partition(b" ")
             entries.append(make_entry(channel_json, message_id, data))
+        newest = entries[-1][0]
+        self._last_fanned[channel] = newest
         if channel in self._ready:
-            self._newest[channel] = entries[-1][0]
+            self._newest[channel] = newest
         frames = entries[0][2] if len(entries) == 1 else b"".join([entry[2] for entry in entries])
-        for subscriber in list(subscribers):
+        count = len(subscribers)
+        # No copy of the dict: write_directly never (un)subscribes anyone.
+        for subscriber in write_directly(subscribers.items(), frames):
             subscriber.deliver(channel, entries, frames)
-        self.delivered += len(subscribers) * len(entries)
+        self.delivered += count * len(entries)
 
     # -- stats ----------------------------------------------------------------
 

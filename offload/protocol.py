@@ -25,6 +25,7 @@ __all__ = [
     "StreamId",
     "Subscribe",
     "Unsubscribe",
+    "command_from_object",
     "error_text",
     "message_text",
     "parse_command",
@@ -129,6 +130,12 @@ def parse_command(text: str, *, max_data_bytes: int | None = None) -> Command:
         obj = json.loads(text)
     except (ValueError, RecursionError):
         raise ProtocolError("message is not valid JSON", code="bad_json") from None
+    return command_from_object(obj, max_data_bytes=max_data_bytes)
+
+
+def command_from_object(obj: Any, *, max_data_bytes: int | None = None) -> Command:
+    """Like :func:`parse_command` for a message already decoded from JSON
+    (the subscriptions of a websocket URL's query string)."""
     if not isinstance(obj, dict):
         raise ProtocolError("message must be a JSON object")
     ref = _ref(obj)

@@ -157,7 +157,14 @@ OFFLOAD_INLINE = _env_bool("OFFLOAD_INLINE")
 OFFLOAD_WEBSOCKET_MIDDLEWARE = _env_bool("OFFLOAD_WEBSOCKET_MIDDLEWARE")
 # The demo's slow upstream (app/slow_upstream.py; `make slow-upstream` runs it).
 SLOW_UPSTREAM_URL = os.environ.get("SLOW_UPSTREAM_URL", "http://127.0.0.1:8001")
-for _name in ("PING_INTERVAL", "PING_TIMEOUT", "STATS_INTERVAL", "MAX_MESSAGES_PER_SECOND", "HANDSHAKE_TIMEOUT"):
+for _name in (
+    "PING_INTERVAL",
+    "PING_TIMEOUT",
+    "STATS_INTERVAL",
+    "MAX_MESSAGES_PER_SECOND",
+    "HANDSHAKE_TIMEOUT",
+    "REDIS_TIMEOUT",
+):
     if f"OFFLOAD_{_name}" in os.environ:
         globals()[f"OFFLOAD_{_name}"] = float(os.environ[f"OFFLOAD_{_name}"])
 for _name in (
@@ -166,6 +173,7 @@ for _name in (
     "MAX_QUEUED_MESSAGES",
     "MESSAGE_BURST",
     "MAX_CONNECTIONS_PER_IP",
+    "GC_THRESHOLD",
 ):
     if f"OFFLOAD_{_name}" in os.environ:
         globals()[f"OFFLOAD_{_name}"] = int(os.environ[f"OFFLOAD_{_name}"])

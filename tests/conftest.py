@@ -63,8 +63,11 @@ class _SettingsOverride:
     def __setattr__(self, name, value):
         from django.conf import settings
 
+        from offload import conf
+
         self._saved.setdefault(name, getattr(settings, name, _MISSING))
         setattr(settings, name, value)
+        conf.reset()
 
     def restore(self) -> None:
         from django.conf import settings
@@ -74,6 +77,9 @@ class _SettingsOverride:
                 delattr(settings, name)
             else:
                 setattr(settings, name, value)
+        from offload import conf
+
+        conf.reset()
 
 
 @pytest.fixture

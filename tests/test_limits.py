@@ -41,3 +41,29 @@ def test_slots_fail_open_when_redis_is_down(settings, tmp_path):
         assert ConnectionSlots("10.0.0.4", limit=0, stale_after=60).acquire()
     finally:
         redis_client.reset()
+
+
+def test_a_storm_of_acquires_is_one_script_call_per_ip_in_order(redis_client):
+    """Sockets that ask together share one round trip, folded per IP: the
+    first ``limit`` of an IP get a slot, the rest are refused, and another
+    IP in the same batch is counted on its own."""
+    import gevent
+
+    first = [ConnectionSlots("10.0.1.1", limit=5, stale_after=60) for _ in range(20)]
+    second = [ConnectionSlots("10.0.1.2", limit=50, stale_after=60) for _ in range(10)]
+    redis_client.config_resetstat()
+    jobs = [gevent.spawn(s.acquire) for s in first + second]
+    gevent.joinall(jobs, raise_error=True)
+    assert [job.value for job in jobs] == [True] * 5 + [False] * 15 + [True] * 10
+    assert redis_client.info("commandstats")["cmdstat_evalsha"]["calls"] == 2
+    assert redis_client.zcard("offload:ip:10.0.1.1") == 5
+
+    # Releases and heartbeats of one batch fold too, and a slot given back in
+    # the batch is free for an acquire in it, even one asked for before.
+    late = ConnectionSlots("10.0.1.1", limit=5, stale_after=60)
+    held = first[:5]
+    jobs = [gevent.spawn(late.acquire)]  # asked before the releases below, in the same batch
+    jobs += [gevent.spawn(s.release) for s in held[:2]] + [gevent.spawn(s.refresh) for s in held[2:]]
+    gevent.joinall(jobs, raise_error=True)
+    assert jobs[0].value is True
+    assert redis_client.zcard("offload:ip:10.0.1.1") == 4

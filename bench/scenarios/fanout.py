@@ -306,12 +306,16 @@ def run_ours(cfg: BenchConfig, k: dict, work: Path, logs: Path, progress: Progre
             )
             for i, n in enumerate((half, k["storm"] - half))
         ]
+        before = meter.snapshot()
         readies = [c.wait("ready", 120, lambda _: progress.draw()) for c in clients]
+        cpu = meter.delta(before, meter.snapshot())
         out["storm"] = {
             "sockets": k["storm"],
             "connect_s": max(r["connect_s"] for r in readies),
             "retries": {k2: v for r in readies for k2, v in r["connect_errors"].items()},
             "counters": server.counters(),
+            "cpu": cpu,  # from the start signal to the last "ready" (clients' imports excluded)
+            "server_ms_per_connect": round(1000 * cpu["groups"]["server"]["cpu_s"] / k["storm"], 3),
         }
         time.sleep(2)
         rss1 = rss_kib(worker)
@@ -590,6 +594,15 @@ HEAD = [
 ]
 
 
+def _storm_cpu(storm: dict) -> str:
+    groups = storm.get("cpu", {}).get("groups", {})
+    return ", ".join(
+        f"{name} {g['cpu_s']:g} s ({_kernel_pct(g) or 0:g} % kernel)"
+        for name, g in groups.items()
+        if name in ("server", "clients", "Redis")
+    )
+
+
 def markdown(results: dict) -> str:
     k, ours, anchors, cmp_ = results["knobs"], results["ours"], results["channels"], results["comparison"]
     w = ours["windows"]
@@ -656,7 +669,9 @@ def markdown(results: dict) -> str:
         ]
     if "storm" in ours:
         lines += [
-            f"Connect storm retries: {ours['storm']['retries'] or 'none'}; uWSGI: {ours['storm']['counters']}; "
+            f"Connect storm: server CPU {cell(ours['storm'].get('server_ms_per_connect'))} ms per connect "
+            f"({_storm_cpu(ours['storm'])}); retries: {ours['storm']['retries'] or 'none'}; "
+            f"uWSGI: {ours['storm']['counters']}; "
             f"kernel backlog limits (old, new): {ours.get('backlog_sysctls') or 'unchanged (not root)'}.",
             "",
         ]

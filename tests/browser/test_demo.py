@@ -94,15 +94,17 @@ def test_two_pages_chat_live_and_resume_after_a_server_restart(stack, browser):
     from django.conf import settings
 
     import offload
-    from offload import redis_client
+    from offload import conf, redis_client
 
     saved = settings.OFFLOAD_REDIS_URL
     settings.OFFLOAD_REDIS_URL = redis.url
+    conf.reset()
     redis_client.reset()
     try:
         missed = [offload.publish("room:general", {"user": "system", "text": f"missed {n}"}) for n in range(5)]
     finally:
         settings.OFFLOAD_REDIS_URL = saved
+        conf.reset()
         redis_client.reset()
 
     server.start()

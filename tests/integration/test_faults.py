@@ -149,3 +149,35 @@ def _endpoint_failure_closes_with_1011(server) -> None:
     for ws in (healthy, fresh):
         ws.close()
     redis.close()
+
+
+def test_a_handshake_stuck_on_redis_gets_503_and_says_why(tmp_path):
+    """``OFFLOAD_HANDSHAKE_TIMEOUT`` bounds the slot check: with Redis frozen
+    (SIGSTOP: connected but silent, slower than the handshake timeout) the
+    upgrade is refused with 503 after the timeout, the log names what it waited
+    for, and once Redis answers again upgrades succeed."""
+    import websocket
+
+    redis = RedisServer(tmp_path / "redis").start()
+    env = {"OFFLOAD_HANDSHAKE_TIMEOUT": "1", "OFFLOAD_REDIS_TIMEOUT": "8", "WORKERS": "1"}
+    server = LiveServer(tmp_path / "var", redis_url=redis.url, env=env).prepare().start()
+    try:
+        warm = server.websocket("/ws/?channel=public:frozen")
+        assert recv(warm)["type"] == "subscribed"
+        os.kill(redis.proc.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+                server.websocket("/ws/?channel=public:frozen")
+            waited = time.monotonic() - started
+        finally:
+            os.kill(redis.proc.pid, signal.SIGCONT)
+        assert refused.value.status_code == 503
+        assert 0.9 < waited < 4, f"refused after {waited:.2f} s, the timeout is 1 s"
+        again = server.websocket("/ws/?channel=public:frozen")
+        assert recv(again)["type"] == "subscribed"
+        log = server.log_text()
+        assert "handshake timed out after 1.0 s waiting for a connection slot (Redis)" in log, log[-2000:]
+    finally:
+        server.stop()
+        redis.stop()

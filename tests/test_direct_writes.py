@@ -1,0 +1,225 @@
+"""The fan-out hot path: the hub writes frames straight to sockets.
+
+``write_directly`` over real socket pairs (gevent loop, no uWSGI), and the hub
+switching a subscriber between direct writes and ``deliver`` against a real
+redis-server.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import gevent
+import gevent.socket
+import pytest
+
+import offload
+from offload.connection import State, WebSocket, write_directly
+from offload.hub import Hub
+from offload.policies import ANONYMOUS
+from offload.protocol import parse_stream_id
+
+
+def socket_pair(buffer: int | None = None) -> tuple[WebSocket, socket.socket]:
+    ours, peer = gevent.socket.socketpair()  # the peer reads cooperatively
+    if buffer is not None:
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer)
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
+    ours.setblocking(False)
+    ws = WebSocket(ours.detach(), ANONYMOUS, {})
+    return ws, peer
+
+
+def read_exactly(peer: socket.socket, size: int, timeout: float = 5.0) -> bytes:
+    peer.settimeout(timeout)
+    data = b""
+    while len(data) < size:
+        chunk = peer.recv(size - len(data))
+        assert chunk, "peer closed"
+        data += chunk
+    return data
+
+
+def test_writes_to_open_sockets_and_returns_the_others_in_order():
+    plain, plain_peer = socket_pair()
+    queued, _ = socket_pair()
+    queued._out.append(b"older bytes")
+    closing, _ = socket_pair()
+    closing.state = State.CLOSING
+
+    others = write_directly([("a", plain), ("b", None), ("c", queued), ("d", closing)], b"frame")
+
+    assert others == ["b", "c", "d"]  # the ordinary path for these, in their order
+    assert read_exactly(plain_peer, 5) == b"frame"
+    assert list(queued._out) == [b"older bytes"], "nothing may jump a socket's queue"
+
+
+def test_what_the_kernel_does_not_take_is_queued_and_flushed_in_order():
+    ws, peer = socket_pair(buffer=4096)
+    big = bytes(range(256)) * 2048  # 512 KiB: far more than the socket buffers
+    assert write_directly([("s", ws)], big) == []
+    assert ws.queued == 1, "the unsent rest waits in the socket's queue"
+    ws.send_frame(b"after")  # queued behind the rest, not written past it
+    received = []
+    total = len(big) + 5
+
+    def reader():
+        peer.settimeout(5)
+        got = 0
+        while got < total:
+            chunk = peer.recv(65536)
+            received.append(chunk)
+            got += len(chunk)
+
+    gevent.joinall([gevent.spawn(reader)], timeout=10, raise_error=True)
+    assert b"".join(received) == big + b"after"
+    assert ws.queued == 0
+
+
+def test_a_broken_socket_is_marked_closed():
+    ws, peer = socket_pair()
+    peer.close()
+    assert write_directly([("s", ws)], b"x" * 100_000) == []
+    for _ in range(3):  # the first write may still be accepted into the buffer
+        write_directly([("s", ws)], b"x" * 100_000)
+    assert ws.state is State.CLOSED
+
+
+class Recorder:
+    def __init__(self):
+        self.ready, self.lost, self.messages = [], [], []
+
+    def channel_ready(self, channel):
+        self.ready.append(channel)
+
+    def channel_lost(self, channel):
+        self.lost.append(channel)
+
+    def deliver(self, channel, entries, frames):
+        self.messages.extend(entry[0] for entry in entries)
+
+
+def wait_until(predicate, timeout=5.0):
+    with gevent.Timeout(timeout, AssertionError("condition not reached")):
+        while not predicate():
+            gevent.sleep(0.01)
+
+
+@pytest.fixture
+def hub(redis_client, settings):
+    settings.OFFLOAD_STATS_INTERVAL = 0
+    hub = Hub(worker_id=1)
+    wait_until(lambda: hub.connected)
+    yield hub
+    hub._greenlet.kill()
+    hub._disconnect()
+
+
+def test_hub_writes_directly_until_the_channel_is_lost(hub, redis_client):
+    channel = "public:direct"
+    direct, other = Recorder(), Recorder()
+    ws, peer = socket_pair()
+    hub.subscribe(direct, channel)
+    hub.subscribe(other, channel)
+    wait_until(lambda: direct.ready and other.ready)
+    hub.write_directly_to(direct, channel, ws)
+
+    first = offload.publish(channel, {"n": 1})
+    wait_until(lambda: other.messages)
+    frame = read_exactly(peer, 2)
+    text = read_exactly(peer, frame[1])
+    assert frame[0] == 0x81 and first.encode() in text
+    assert direct.messages == [], "the direct subscriber is not called"
+    assert other.messages == [parse_stream_id(first)]
+    assert hub.last_fanned_out(channel) == parse_stream_id(first)
+    assert hub.delivered == 2
+
+    ws._out.append(b"pending")  # bytes queued: the subscriber is called instead
+    second = offload.publish(channel, {"n": 2})
+    wait_until(lambda: direct.messages)
+    assert direct.messages == [parse_stream_id(second)]
+    ws._out.clear()
+
+    for client in redis_client.client_list(_type="pubsub"):  # the hub loses Redis
+        redis_client.client_kill_filter(_id=client["id"])
+    wait_until(lambda: direct.lost == [channel] and len(direct.ready) == 2)
+    third = offload.publish(channel, {"n": 3})
+    wait_until(lambda: len(direct.messages) == 2)
+    assert direct.messages[-1] == parse_stream_id(third), "after a loss the subscriber must re-sync itself"
+
+    hub.unsubscribe(direct, channel)
+    hub.unsubscribe(other, channel)
+    assert hub.last_fanned_out(channel) is None
+
+
+class HubStub:
+    """The hub as the endpoint sees it (the narrow interface), with a settable fan-out position."""
+
+    def __init__(self):
+        self.fanned = None
+        self.direct = []
+
+    def subscribe(self, subscriber, channel):
+        pass
+
+    def unsubscribe(self, subscriber, channel):
+        pass
+
+    def write_directly_to(self, subscriber, channel, ws):
+        self.direct.append(channel)
+
+    def last_fanned_out(self, channel):
+        return self.fanned
+
+    def newest_id(self, channel):
+        from offload.history import read_tip
+
+        return read_tip(channel)
+
+
+def live_entry(channel: str, message_id: str):
+    from offload.cursor import make_entry
+
+    return make_entry(f'"{channel}"'.encode(), message_id.encode(), b"0")
+
+
+def test_endpoint_hands_its_socket_over_only_once_the_hub_is_past_its_position(redis_client, monkeypatch):
+    """A resume that read history up to id N must not go direct while the hub
+    may still fan out ids <= N (they were in Redis' pipe during the read): the
+    cursor filters those; the first newer one switches it to direct writes.
+    Its position then follows the hub (resync, repeated subscribe)."""
+    import json
+
+    from offload import endpoints
+
+    hub = HubStub()
+    monkeypatch.setattr(endpoints, "get_hub", lambda worker_id=0: hub)  # not the process's real hub
+    channel = f"public:handover-{id(redis_client)}"
+    ids = [offload.publish(channel, n) for n in range(3)]
+    ws, peer = socket_pair()
+    endpoint = endpoints.ChannelsEndpoint(ws)
+    endpoint.on_text(json.dumps({"type": "subscribe", "channel": channel, "since": ids[0]}))
+    endpoint.channel_ready(channel)
+    endpoint.on_wake()  # history: ids[1], ids[2]
+    assert hub.direct == [], "the hub has not fanned out anything yet: it may still carry old ids"
+
+    endpoint.deliver(channel, [live_entry(channel, ids[2])], live_entry(channel, ids[2])[2])
+    assert endpoint.cursors[channel].duplicates == 1 and hub.direct == []
+    newer = offload.publish(channel, 3)
+    endpoint.deliver(channel, [live_entry(channel, newer)], live_entry(channel, newer)[2])
+    assert hub.direct == [channel]
+
+    hub.fanned = parse_stream_id(newer)[0], parse_stream_id(newer)[1] + 5  # written directly meanwhile
+    endpoint.channel_lost(channel)
+    assert endpoint.cursors[channel].last == hub.fanned, "a re-sync must start after what the hub wrote"
+    assert channel not in endpoint._direct
+
+    peer.settimeout(5)
+    received = b""
+    while received.count(b'"type":"message"') < 3:
+        received += peer.recv(65536)
+    assert [json.loads(m[m.index(b"{") :])["id"] for m in received.split(b"\x81")[1:] if b'"message"' in m] == [
+        ids[1],
+        ids[2],
+        newer,
+    ]
