@@ -52,6 +52,10 @@ DEFAULTS: dict[str, Any] = {
     # storm costs a fraction of the CPU); the Host header, the Origin, the
     # session user and the limits are still checked (docs/security.md).
     "OFFLOAD_WEBSOCKET_MIDDLEWARE": False,
+    # Run POST /api/publish/<channel> through Django's middleware stack and
+    # request signals. False (default): offload.wsgi calls the view directly
+    # (bearer key, no session or CSRF), checking the Host header.
+    "OFFLOAD_API_MIDDLEWARE": False,
     # Seconds the upgrade may take on our side (user lookup, limits) before 503.
     # Reading the request headers is bounded by uWSGI's socket-timeout.
     "OFFLOAD_HANDSHAKE_TIMEOUT": 10.0,

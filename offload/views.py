@@ -199,6 +199,9 @@ def api_publish(request: HttpRequest, channel: str) -> JsonResponse:
     return JsonResponse({"id": message_id})
 
 
+api_publish.offload_api = True  # offload.wsgi calls it without the middleware stack (OFFLOAD_API_MIDDLEWARE)
+
+
 def healthz(request: HttpRequest) -> JsonResponse:
     """Liveness plus Redis reachability (503 when Redis is down)."""
     try:

@@ -155,6 +155,8 @@ OFFLOAD_FILES_ROOT = FILES_ROOT
 OFFLOAD_INLINE = _env_bool("OFFLOAD_INLINE")
 # Websocket handshakes through MIDDLEWARE too (slower; see docs/settings.md).
 OFFLOAD_WEBSOCKET_MIDDLEWARE = _env_bool("OFFLOAD_WEBSOCKET_MIDDLEWARE")
+# The publish API through MIDDLEWARE and request signals too (slower; see docs/settings.md).
+OFFLOAD_API_MIDDLEWARE = _env_bool("OFFLOAD_API_MIDDLEWARE")
 # The demo's slow upstream (app/slow_upstream.py; `make slow-upstream` runs it).
 SLOW_UPSTREAM_URL = os.environ.get("SLOW_UPSTREAM_URL", "http://127.0.0.1:8001")
 for _name in (

@@ -1,10 +1,11 @@
-"""The websocket upgrade path: direct (default) or through Django's middleware.
+"""The direct paths of offload.wsgi: websocket upgrades and the publish API.
 
 By default offload.wsgi answers a websocket upgrade without running
 MIDDLEWARE (like Django Channels), and still checks the Host header, the
 Origin and the session user; ``OFFLOAD_WEBSOCKET_MIDDLEWARE=1`` runs the whole
-stack. Which path ran is visible in the response headers that middleware
-adds (XFrameOptionsMiddleware's ``X-Frame-Options``).
+stack. The publish API (bearer key, no session) is called directly too unless
+``OFFLOAD_API_MIDDLEWARE=1``. Which path ran is visible in the response
+headers that middleware adds (XFrameOptionsMiddleware's ``X-Frame-Options``).
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def handshake(port: int, path: str = "/ws/", host: str | None = None, origin: st
 
 @pytest.fixture(scope="module")
 def middleware_server(tmp_path_factory):
-    server = LiveServer(tmp_path_factory.mktemp("mw"), env={"OFFLOAD_WEBSOCKET_MIDDLEWARE": "1"}).prepare().start()
+    env = {"OFFLOAD_WEBSOCKET_MIDDLEWARE": "1", "OFFLOAD_API_MIDDLEWARE": "1"}
+    server = LiveServer(tmp_path_factory.mktemp("mw"), env=env).prepare().start()
     yield server
     server.stop()
 
@@ -101,3 +103,52 @@ def test_an_upgrade_to_a_url_that_is_not_a_websocket_view_is_an_ordinary_request
     assert status == 404
     status, headers = handshake(offload_server.port, path="/accounts/login/")
     assert status == 200 and headers["x-frame-options"] == "DENY"
+
+
+def api_post(server, channel: str, body: str, key: str | None = None, host: str | None = None):
+    import http.client
+
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key or server.api_key}"}
+    if host:
+        headers["Host"] = host
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        conn.request("POST", f"/api/publish/{channel}", body, headers)
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def test_the_publish_api_skips_the_middleware_stack_by_default(offload_server):
+    channel = f"public:direct-api-{os.getpid()}"
+    ws = offload_server.websocket(f"/ws/?channel={channel}")
+    assert json.loads(ws.recv())["type"] == "subscribed"
+    status, headers, body = api_post(offload_server, channel, '{"n": 1}')
+    assert status == 200 and "x-frame-options" not in headers  # no middleware ran
+    assert headers["x-content-type-options"] == "nosniff"
+    assert json.loads(ws.recv())["id"] == json.loads(body)["id"]
+    ws.close()
+    # Its refusals are the view's own, with the same header.
+    status, headers, body = api_post(offload_server, channel, '{"n": 1}', key="wrong")
+    assert status == 401 and json.loads(body)["error"] == "unauthorized"
+    assert headers["x-content-type-options"] == "nosniff" and headers["www-authenticate"] == "Bearer"
+    status, _, body = api_post(offload_server, channel, "{not json")
+    assert status == 400 and json.loads(body)["error"] == "bad_json"
+    # Other methods still go through Django (require_POST).
+    status, headers, _ = offload_server.http().request("GET", f"/api/publish/{channel}")
+    assert status == 405 and headers["X-Frame-Options"] == "DENY"
+
+
+def test_the_direct_publish_api_checks_the_host(offload_server):
+    status, headers, body = api_post(offload_server, "public:x", '{"n": 1}', host="evil.example")
+    assert status == 400 and json.loads(body)["error"] == "bad_request"
+    assert headers["x-content-type-options"] == "nosniff"
+    assert "Invalid HTTP_HOST header" in offload_server.log_text()
+
+
+def test_the_publish_api_runs_the_middleware_stack_when_asked(middleware_server):
+    channel = f"public:mw-api-{os.getpid()}"
+    status, headers, body = api_post(middleware_server, channel, '{"n": 1}')
+    assert status == 200 and json.loads(body)["id"]
+    assert headers["x-frame-options"] == "DENY" and headers["x-content-type-options"] == "nosniff"
