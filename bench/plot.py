@@ -154,9 +154,9 @@ def draw_fanout(results: dict, path: str) -> None:
         drawn = ax.bar(range(len(bars)), values, color=[b[3] for b in bars])
         ax.bar_label(drawn, labels=[f"{v:,.0f}" if v >= 10 else f"{v:.2f}" for v in values], fontsize=7)
         ax.set_xticks(range(len(bars)), names, rotation=35, ha="right", fontsize=8)
-        ax.set_yscale("log")
         positive = [v for v in values if v > 0]
-        if positive:
+        if positive:  # a run without saturation steps has nothing to scale
+            ax.set_yscale("log")
             ax.set_ylim(min(positive) / 3, max(positive) * 2)
         ax.set_ylabel(ylabel)
         ax.set_title(title)
