@@ -594,6 +594,30 @@ HEAD = [
 ]
 
 
+def cpu_floors(results: dict) -> dict:
+    """What the 2-core box allows at best, from the CPU the run measured.
+
+    Server and load client share the machine's CPUs: a broadcast to every
+    socket cannot complete before (server + client CPU it needs) / CPUs, and
+    a connect storm cannot end before (server + client CPU of the storm) /
+    CPUs, however the work is scheduled. A measured figure near its floor is
+    bound by the box, not by a wait in the server.
+    """
+    ours = results["ours"]
+    cpus = results["machine"]["cpus"]
+    out = {}
+    w = ours["windows"].get("fanout_storm")
+    if w and w["broadcast"].get("publishes_ok"):
+        g = w["cpu"]["groups"]
+        per_broadcast = (g["server"]["cpu_s"] + g["clients"]["cpu_s"]) / w["broadcast"]["publishes_ok"]
+        out["broadcast_10k_ms"] = round(1000 * per_broadcast / cpus, 1)
+    storm = ours.get("storm", {})
+    if storm.get("cpu"):
+        g = storm["cpu"]["groups"]
+        out["storm_s"] = round((g["server"]["cpu_s"] + g["clients"]["cpu_s"] + g["Redis"]["cpu_s"]) / cpus, 2)
+    return out
+
+
 def _storm_cpu(storm: dict) -> str:
     groups = storm.get("cpu", {}).get("groups", {})
     return ", ".join(
@@ -673,6 +697,16 @@ def markdown(results: dict) -> str:
             f"({_storm_cpu(ours['storm'])}); retries: {ours['storm']['retries'] or 'none'}; "
             f"uWSGI: {ours['storm']['counters']}; "
             f"kernel backlog limits (old, new): {ours.get('backlog_sysctls') or 'unchanged (not root)'}.",
+            "",
+        ]
+    floors = cpu_floors(results)
+    if floors:
+        lines += [
+            f"**CPU floors of this box** (server and clients share its {results['machine']['cpus']} CPUs; "
+            f"`cpu_floors`): one broadcast to all {k['storm']:,} sockets needs "
+            f"{cell(floors.get('broadcast_10k_ms'))} ms of the machine (server + client CPU per broadcast / CPUs; "
+            f"measured p99 {cell(w.get('fanout_storm', {}).get('broadcast', {}).get('p99'))} ms); the connect "
+            f"storm {cell(floors.get('storm_s'))} s (measured {cell(ours.get('storm', {}).get('connect_s'))} s).",
             "",
         ]
     lines += [verdict_table(results["verdict"], "target (one worker)")]
