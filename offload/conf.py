@@ -116,10 +116,22 @@ def get(name: str) -> Any:
         return value
 
 
+_caches: list[dict] = [_values]
+
+
+def cache() -> dict:
+    """A dict for values derived from settings (e.g. which Origins are
+    allowed), emptied by :func:`reset` with the settings themselves."""
+    derived: dict = {}
+    _caches.append(derived)
+    return derived
+
+
 def reset(**_signal_kwargs: Any) -> None:
     """Forget the values read so far: call it after changing settings at run
     time (tests). ``override_settings`` triggers it through ``setting_changed``."""
-    _values.clear()
+    for values in _caches:
+        values.clear()
 
 
 setting_changed.connect(reset, dispatch_uid="offload.conf.reset")

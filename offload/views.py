@@ -49,6 +49,11 @@ log = logging.getLogger("offload.views")
 UPGRADED = "offload.upgraded"
 #: environ key set by offload.wsgi: it will run the socket after Django returns.
 DEFERRED_RUN = "offload.deferred_run"
+#: environ key set by offload.wsgi's direct path: the view's response is not used.
+DIRECT = "offload.direct"
+_SWITCHED = HttpResponse(status=101)  # what a direct upgrade returns (never sent, never changed)
+_ORIGIN_CACHE_SIZE = 256  # distinct Origin headers remembered (a site sees a handful)
+_origins: dict[str, bool] = conf.cache()  # Origin -> allowed, forgotten when settings change
 
 
 def origin_allowed(origin: str | None) -> bool:
@@ -61,6 +66,15 @@ def origin_allowed(origin: str | None) -> bool:
     """
     if origin is None:
         return True
+    known = _origins.get(origin)
+    if known is None:
+        if len(_origins) >= _ORIGIN_CACHE_SIZE:
+            _origins.clear()
+        known = _origins[origin] = _origin_allowed(origin)
+    return known
+
+
+def _origin_allowed(origin: str) -> bool:
     allowed = conf.get("OFFLOAD_ALLOWED_ORIGINS")
     if allowed is not None:
         return "*" in allowed or origin in allowed
@@ -153,7 +167,7 @@ def websocket_view(endpoint_class: type[Endpoint]):
             env[DEFERRED_RUN] = (ws, endpoint_class(ws))
         else:
             ws.run(endpoint_class(ws))
-        return HttpResponse(status=101)
+        return _SWITCHED if env.get(DIRECT) else HttpResponse(status=101)
 
     view.csrf_exempt = True
     view.offload_websocket = endpoint_class  # lets offload.wsgi upgrade without the middleware stack

@@ -48,13 +48,14 @@ from django.http import HttpResponse, HttpResponseBadRequest, HttpResponseServer
 from django.urls import Resolver404, ResolverMatch, get_resolver
 
 from . import conf
-from .views import DEFERRED_RUN, UPGRADED
+from .views import DEFERRED_RUN, DIRECT, UPGRADED
 
 __all__ = ["OffloadWSGIHandler", "get_wsgi_application", "tune_gc"]
 
 log = logging.getLogger("offload.wsgi")
 
 _ROUTE_CACHE_SIZE = 256  # distinct upgrade paths remembered (a site has a handful)
+_DRAIN_LIMIT = 1 << 20  # bytes of a refused request's body read before answering
 
 
 def _discard(data: bytes) -> None:
@@ -65,6 +66,7 @@ class OffloadWSGIHandler(WSGIHandler):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._routes: dict[str, ResolverMatch | None] = {}
+        self._hosts: dict[tuple, bool] = conf.cache()  # Host headers that passed ALLOWED_HOSTS
 
     def __call__(self, environ, start_response):
         if environ.get("HTTP_UPGRADE", "").lower() == "websocket":
@@ -114,8 +116,9 @@ class OffloadWSGIHandler(WSGIHandler):
     def _upgrade_directly(self, request: WSGIRequest, match: ResolverMatch, start_response):
         environ = request.environ
         environ[DEFERRED_RUN] = False
+        environ[DIRECT] = True
         try:
-            request.get_host()  # ALLOWED_HOSTS, as CommonMiddleware would check it
+            self._check_host(request)
             request.resolver_match = match
             response = match.func(request, *match.args, **match.kwargs)
         except DisallowedHost as exc:
@@ -131,9 +134,24 @@ class OffloadWSGIHandler(WSGIHandler):
             return []
         return _send(response, start_response)
 
+    def _check_host(self, request: WSGIRequest) -> None:
+        """``request.get_host()`` (ALLOWED_HOSTS, as CommonMiddleware would
+        check it), remembered per Host header.
+
+        Raises:
+            DisallowedHost: the host is not allowed.
+        """
+        env = request.environ
+        key = (env.get("HTTP_HOST"), env.get("HTTP_X_FORWARDED_HOST"), env.get("SERVER_NAME"), env.get("SERVER_PORT"))
+        if key not in self._hosts:
+            request.get_host()  # raises: nothing remembered
+            if len(self._hosts) >= _ROUTE_CACHE_SIZE:
+                self._hosts.clear()
+            self._hosts[key] = True
+
     def _call_api_directly(self, request: WSGIRequest, match: ResolverMatch, start_response) -> list[bytes]:
         try:
-            request.get_host()  # ALLOWED_HOSTS, as CommonMiddleware would check it
+            self._check_host(request)
             request.resolver_match = match
             response = match.func(request, *match.args, **match.kwargs)
         except DisallowedHost as exc:
@@ -143,6 +161,8 @@ class OffloadWSGIHandler(WSGIHandler):
             log.exception("API request failed: %s", request.path)
             response = JsonResponse({"error": "internal", "reason": "internal error"}, status=500)
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        if response.status_code >= 400:
+            _drain_body(request)
         return _send(response, start_response)
 
     @staticmethod
@@ -153,6 +173,28 @@ class OffloadWSGIHandler(WSGIHandler):
         ws.detach()
         gevent.spawn(ws.run, endpoint)
         return []
+
+
+def _drain_body(request: WSGIRequest) -> None:
+    """Read (and drop) the rest of a refused request's body, up to a bound.
+
+    A refusal (413: body too large, 401...) is answered before the body was
+    read. Closing the connection with unread bytes makes the kernel send a
+    reset, which can destroy our response in the client's buffers before the
+    client, still busy sending, reads it. A body over ``_DRAIN_LIMIT`` is
+    not read: such a client gets the reset.
+    """
+    try:
+        length = int(request.environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        return
+    if not 0 < length <= _DRAIN_LIMIT:
+        return
+    try:
+        while request.read(65536):
+            pass
+    except OSError:  # the client went away (Django's UnreadablePostError is one)
+        pass
 
 
 def _send(response: HttpResponse, start_response) -> list[bytes]:

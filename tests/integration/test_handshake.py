@@ -152,3 +152,12 @@ def test_the_publish_api_runs_the_middleware_stack_when_asked(middleware_server)
     status, headers, body = api_post(middleware_server, channel, '{"n": 1}')
     assert status == 200 and json.loads(body)["id"]
     assert headers["x-frame-options"] == "DENY" and headers["x-content-type-options"] == "nosniff"
+
+
+def test_a_refused_body_is_drained_so_the_client_reads_the_refusal(offload_server):
+    """413 is answered before the body is read; the direct path then reads the
+    rest (up to 1 MiB) instead of closing on unread bytes, whose reset could
+    destroy the answer before a client still sending reads it."""
+    for _ in range(3):
+        status, headers, body = api_post(offload_server, "public:x", json.dumps("x" * 1_000_000))
+        assert status == 413 and json.loads(body)["error"] == "message_too_large"
