@@ -159,5 +159,5 @@ def test_a_refused_body_is_drained_so_the_client_reads_the_refusal(offload_serve
     rest (up to 1 MiB) instead of closing on unread bytes, whose reset could
     destroy the answer before a client still sending reads it."""
     for _ in range(3):
-        status, headers, body = api_post(offload_server, "public:x", json.dumps("x" * 1_000_000))
+        status, _, body = api_post(offload_server, "public:x", json.dumps("x" * 1_000_000))
         assert status == 413 and json.loads(body)["error"] == "message_too_large"
