@@ -58,6 +58,16 @@ _ROUTE_CACHE_SIZE = 256  # distinct upgrade paths remembered (a site has a handf
 _DRAIN_LIMIT = 1 << 20  # bytes of a refused request's body read before answering
 
 
+_WEBSOCKET_REFUSALS = {
+    400: lambda: HttpResponseBadRequest("invalid Host header\n"),
+    500: lambda: HttpResponseServerError("internal error\n"),
+}
+_API_REFUSALS = {
+    400: lambda: JsonResponse({"error": "bad_request", "reason": "invalid Host header"}, status=400),
+    500: lambda: JsonResponse({"error": "internal", "reason": "internal error"}, status=500),
+}
+
+
 def _discard(data: bytes) -> None:
     """The ``write`` callable returned for upgraded requests."""
 
@@ -117,16 +127,7 @@ class OffloadWSGIHandler(WSGIHandler):
         environ = request.environ
         environ[DEFERRED_RUN] = False
         environ[DIRECT] = True
-        try:
-            self._check_host(request)
-            request.resolver_match = match
-            response = match.func(request, *match.args, **match.kwargs)
-        except DisallowedHost as exc:
-            log.warning("websocket refused: %s", exc)
-            response = HttpResponseBadRequest("invalid Host header\n")
-        except Exception:
-            log.exception("websocket handshake failed: %s", request.path)
-            response = HttpResponseServerError("internal error\n")
+        response = self._call_view(request, match, "websocket handshake", _WEBSOCKET_REFUSALS)
         deferred = environ.pop(DEFERRED_RUN, None)
         if deferred:
             return self._run_detached(deferred)
@@ -149,17 +150,23 @@ class OffloadWSGIHandler(WSGIHandler):
                 self._hosts.clear()
             self._hosts[key] = True
 
-    def _call_api_directly(self, request: WSGIRequest, match: ResolverMatch, start_response) -> list[bytes]:
+    def _call_view(self, request: WSGIRequest, match: ResolverMatch, what: str, refusals: dict) -> HttpResponse:
+        """Call the matched view as Django would behind its middleware, the
+        Host checked; a disallowed Host or an exception becomes the refusal
+        ``refusals[400]()`` or ``refusals[500]()``."""
         try:
             self._check_host(request)
             request.resolver_match = match
-            response = match.func(request, *match.args, **match.kwargs)
+            return match.func(request, *match.args, **match.kwargs)
         except DisallowedHost as exc:
-            log.warning("API request refused: %s", exc)
-            response = JsonResponse({"error": "bad_request", "reason": "invalid Host header"}, status=400)
+            log.warning("%s refused: %s", what, exc)
+            return refusals[400]()
         except Exception:
-            log.exception("API request failed: %s", request.path)
-            response = JsonResponse({"error": "internal", "reason": "internal error"}, status=500)
+            log.exception("%s failed: %s", what, request.path)
+            return refusals[500]()
+
+    def _call_api_directly(self, request: WSGIRequest, match: ResolverMatch, start_response) -> list[bytes]:
+        response = self._call_view(request, match, "API request", _API_REFUSALS)
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         if response.status_code >= 400:
             _drain_body(request)

@@ -1,8 +1,8 @@
 """The fan-out hot path: the hub writes frames straight to sockets.
 
-``write_directly`` over real socket pairs (gevent loop, no uWSGI), and the hub
-switching a subscriber between direct writes and ``deliver`` against a real
-redis-server.
+``write_directly`` over real socket pairs (gevent loop, no uWSGI), and when
+an endpoint hands its socket to the hub (a fake hub: the narrow interface).
+The hub's side, against a real redis-server, is in tests/test_hub.py.
 """
 
 from __future__ import annotations
@@ -11,11 +11,9 @@ import socket
 
 import gevent
 import gevent.socket
-import pytest
 
 import offload
 from offload.connection import State, WebSocket, write_directly
-from offload.hub import Hub
 from offload.policies import ANONYMOUS
 from offload.protocol import parse_stream_id
 
@@ -83,73 +81,6 @@ def test_a_broken_socket_is_marked_closed():
     for _ in range(3):  # the first write may still be accepted into the buffer
         write_directly([("s", ws)], b"x" * 100_000)
     assert ws.state is State.CLOSED
-
-
-class Recorder:
-    def __init__(self):
-        self.ready, self.lost, self.messages = [], [], []
-
-    def channel_ready(self, channel):
-        self.ready.append(channel)
-
-    def channel_lost(self, channel):
-        self.lost.append(channel)
-
-    def deliver(self, channel, entries, frames):
-        self.messages.extend(entry[0] for entry in entries)
-
-
-def wait_until(predicate, timeout=5.0):
-    with gevent.Timeout(timeout, AssertionError("condition not reached")):
-        while not predicate():
-            gevent.sleep(0.01)
-
-
-@pytest.fixture
-def hub(redis_client, settings):
-    settings.OFFLOAD_STATS_INTERVAL = 0
-    hub = Hub(worker_id=1)
-    wait_until(lambda: hub.connected)
-    yield hub
-    hub._greenlet.kill()
-    hub._disconnect()
-
-
-def test_hub_writes_directly_until_the_channel_is_lost(hub, redis_client):
-    channel = "public:direct"
-    direct, other = Recorder(), Recorder()
-    ws, peer = socket_pair()
-    hub.subscribe(direct, channel)
-    hub.subscribe(other, channel)
-    wait_until(lambda: direct.ready and other.ready)
-    hub.write_directly_to(direct, channel, ws)
-
-    first = offload.publish(channel, {"n": 1})
-    wait_until(lambda: other.messages)
-    frame = read_exactly(peer, 2)
-    text = read_exactly(peer, frame[1])
-    assert frame[0] == 0x81 and first.encode() in text
-    assert direct.messages == [], "the direct subscriber is not called"
-    assert other.messages == [parse_stream_id(first)]
-    assert hub.last_fanned_out(channel) == parse_stream_id(first)
-    assert hub.delivered == 2
-
-    ws._out.append(b"pending")  # bytes queued: the subscriber is called instead
-    second = offload.publish(channel, {"n": 2})
-    wait_until(lambda: direct.messages)
-    assert direct.messages == [parse_stream_id(second)]
-    ws._out.clear()
-
-    for client in redis_client.client_list(_type="pubsub"):  # the hub loses Redis
-        redis_client.client_kill_filter(_id=client["id"])
-    wait_until(lambda: direct.lost == [channel] and len(direct.ready) == 2)
-    third = offload.publish(channel, {"n": 3})
-    wait_until(lambda: len(direct.messages) == 2)
-    assert direct.messages[-1] == parse_stream_id(third), "after a loss the subscriber must re-sync itself"
-
-    hub.unsubscribe(direct, channel)
-    hub.unsubscribe(other, channel)
-    assert hub.last_fanned_out(channel) is None
 
 
 class HubStub:

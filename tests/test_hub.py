@@ -9,6 +9,8 @@ import pytest
 
 import offload
 from offload.hub import Hub
+from offload.protocol import parse_stream_id
+from tests.test_direct_writes import read_exactly, socket_pair
 
 
 class Recorder:
@@ -148,3 +150,40 @@ def test_newest_ids_are_forgotten_when_the_redis_link_is_lost(hub):
     assert "public:gone" in hub._newest
     hub._disconnect()  # what the hub greenlet does when Redis fails
     assert subscriber.lost == ["public:gone"] and hub._newest == {}
+
+
+def test_hub_writes_directly_until_the_channel_is_lost(hub, redis_client):
+    channel = "public:direct"
+    direct, other = Recorder(), Recorder()
+    ws, peer = socket_pair()
+    hub.subscribe(direct, channel)
+    hub.subscribe(other, channel)
+    wait_until(lambda: direct.ready and other.ready)
+    hub.write_directly_to(direct, channel, ws)
+
+    first = offload.publish(channel, {"n": 1})
+    wait_until(lambda: other.messages)
+    frame = read_exactly(peer, 2)
+    text = read_exactly(peer, frame[1])
+    assert frame[0] == 0x81 and first.encode() in text
+    assert direct.messages == [], "the direct subscriber is not called"
+    assert [entry[0] for _, entry in other.messages] == [parse_stream_id(first)]
+    assert hub.last_fanned_out(channel) == parse_stream_id(first)
+    assert hub.delivered == 2
+
+    ws._out.append(b"pending")  # bytes queued: the subscriber is called instead
+    second = offload.publish(channel, {"n": 2})
+    wait_until(lambda: direct.messages)
+    assert [entry[0] for _, entry in direct.messages] == [parse_stream_id(second)]
+    ws._out.clear()
+
+    for client in redis_client.client_list(_type="pubsub"):  # the hub loses Redis
+        redis_client.client_kill_filter(_id=client["id"])
+    wait_until(lambda: direct.lost == [channel] and len(direct.ready) == 2)
+    third = offload.publish(channel, {"n": 3})
+    wait_until(lambda: len(direct.messages) == 2)
+    assert direct.messages[-1][1][0] == parse_stream_id(third), "after a loss the subscriber must re-sync itself"
+
+    hub.unsubscribe(direct, channel)
+    hub.unsubscribe(other, channel)
+    assert hub.last_fanned_out(channel) is None
