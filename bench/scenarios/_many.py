@@ -197,6 +197,37 @@ def http_publisher(
     return ClientProcess(cfg.client_python, "httppub", config, logs / f"{name}-httppub.log")
 
 
+def http_window(
+    cfg: BenchConfig,
+    target: tuple[str, str, int, str],
+    subs: ClientProcess,
+    meter: CpuMeter,
+    procs: dict,
+    progress: Progress,
+    logs: Path,
+    k: dict,
+    name: str,
+    seconds: float,
+    **cmd,
+) -> dict:
+    """A window of publishes through an HTTP API from an ``httppub`` process
+    (``cmd``: ``first`` and ``rate`` or ``streams``), drained afterwards.
+
+    ``target`` is (label, host, port, api_key); ``k`` gives ``channels`` and
+    ``drain``. The publisher process is stopped and closed before the drain.
+    """
+    label, host, port, api_key = target
+    http = procs["pub"] = http_publisher(cfg, label, host, port, api_key, k["channels"], logs)
+    http.wait("ready", 30)
+    start, result = run_http(http, progress, seconds + 60, name=name, seconds=seconds, **cmd)
+    window = measure(subs, meter, name, start, result, progress)
+    http.send("stop")
+    http.close()
+    del procs["pub"]
+    window["drain_s"] = drain(subs, progress, k["drain"])
+    return window
+
+
 def measure(
     subs: ClientProcess,
     meter: CpuMeter,

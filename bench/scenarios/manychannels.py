@@ -141,21 +141,11 @@ def run_ours(cfg: BenchConfig, k: dict, work: Path, logs: Path, progress: Progre
         first = windows["redis"]["publisher"]["first"] + windows["redis"]["publisher"]["count"]
         if k["api_seconds"]:
             progress.step(f"[ours] {k['api_rate']:,.0f} publishes/s through the HTTP API")
-            http = _many.http_publisher(cfg, "ours", server.host, server.port, server.live.api_key, k["channels"], logs)
-            procs["pub"] = http
-            http.wait("ready", 30)
-            start, result = _many.run_http(
-                http,
-                progress,
-                k["api_seconds"] + 60,
-                name="api",
-                seconds=k["api_seconds"],
-                first=first,
-                rate=k["api_rate"],
-            )
-            windows["api"] = _many.measure(subs, meter, "api", start, result, progress)
-            http.send("stop")
-            windows["api"]["drain_s"] = _many.drain(subs, progress, k["drain"])
+            target = ("ours", server.host, server.port, server.live.api_key)
+            windows["api"] = _many.http_window(
+                cfg, target, subs, meter, procs, progress, logs, k, "api", k["api_seconds"],
+                first=first, rate=k["api_rate"],
+            )  # fmt: skip
         progress.step("[ours] collecting")
         summary = _many.finish(subs, windows)
         out["misrouted"] = summary["misrouted"]
@@ -202,21 +192,11 @@ def run_anchor(cfg: BenchConfig, k: dict, combo: str, redis_url: str, logs: Path
         if k["anchor_api"] and k["api_seconds"]:
             first = windows["group_send"]["publisher"]["first"] + windows["group_send"]["publisher"]["count"]
             progress.step(f"{label} {k['api_rate']:,.0f} publishes/s through its HTTP publish view")
-            http = _many.http_publisher(cfg, anchor.name, anchor.host, anchor.port, anchor.api_key, k["channels"], logs)
-            procs["pub"] = http
-            http.wait("ready", 30)
-            start, result = _many.run_http(
-                http,
-                progress,
-                k["api_seconds"] + 60,
-                name="api",
-                seconds=k["api_seconds"],
-                first=first,
-                rate=k["api_rate"],
-            )
-            windows["api"] = _many.measure(subs, meter, "api", start, result, progress)
-            http.send("stop")
-            windows["api"]["drain_s"] = _many.drain(subs, progress, k["drain"])
+            target = (anchor.name, anchor.host, anchor.port, anchor.api_key)
+            windows["api"] = _many.http_window(
+                cfg, target, subs, meter, procs, progress, logs, k, "api", k["api_seconds"],
+                first=first, rate=k["api_rate"],
+            )  # fmt: skip
         progress.step(f"{label} collecting")
         summary = _many.finish(subs, windows)
         out["misrouted"] = summary["misrouted"]

@@ -116,15 +116,10 @@ def run_ours(cfg: BenchConfig, k: dict, work: Path, logs: Path, progress: Progre
             del procs["pub"]
             windows[name]["drain_s"] = _many.drain(subs, progress, k["drain"])
         progress.step(f"[ours] HTTP publish API, {n} closed-loop streams")
-        http = _many.http_publisher(cfg, "ours", server.host, server.port, server.live.api_key, k["channels"], logs)
-        procs["pub"] = http
-        http.wait("ready", 30)
-        start, result = _many.run_http(
-            http, progress, seconds + 60, name="http", seconds=seconds, first=_next_first(windows), streams=n
+        target = ("ours", server.host, server.port, server.live.api_key)
+        windows["http"] = _many.http_window(
+            cfg, target, subs, meter, procs, progress, logs, k, "http", seconds, first=_next_first(windows), streams=n
         )
-        windows["http"] = _many.measure(subs, meter, "http", start, result, progress)
-        http.send("stop")
-        windows["http"]["drain_s"] = _many.drain(subs, progress, k["drain"])
         progress.step("[ours] collecting")
         summary = _many.finish(subs, windows)
         out["misrouted"] = summary["misrouted"]
@@ -157,15 +152,10 @@ def run_anchor(cfg: BenchConfig, k: dict, combo: str, server, logs: Path, progre
         out.update(connected)
         windows: dict[str, dict] = {}
         progress.step(f"{label} HTTP publish view, {n} closed-loop streams")
-        http = _many.http_publisher(cfg, anchor.name, anchor.host, anchor.port, anchor.api_key, k["channels"], logs)
-        procs["pub"] = http
-        http.wait("ready", 30)
-        start, result = _many.run_http(http, progress, seconds + 60, name="http", seconds=seconds, first=0, streams=n)
-        windows["http"] = _many.measure(subs, meter, "http", start, result, progress)
-        http.send("stop")
-        http.close()
-        del procs["pub"]
-        windows["http"]["drain_s"] = _many.drain(subs, progress, k["drain"])
+        target = (anchor.name, anchor.host, anchor.port, anchor.api_key)
+        windows["http"] = _many.http_window(
+            cfg, target, subs, meter, procs, progress, logs, k, "http", seconds, first=0, streams=n
+        )
         progress.step(f"{label} group_send from a process, {n} concurrent callers")
         pub = _many.channels_publisher(
             anchor,
