@@ -30,7 +30,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..channels_anchor.server import ChannelsServer
@@ -195,6 +196,78 @@ def http_publisher(
         "deadline_s": 900,
     }
     return ClientProcess(cfg.client_python, "httppub", config, logs / f"{name}-httppub.log")
+
+
+def start_ours(work: Path, progress: Progress) -> tuple[BenchServer, int, dict, CpuMeter]:
+    """Our server (one worker) with its CPU meter: (server, worker pid, the
+    load processes by role, which the meter follows, meter)."""
+    progress.step("[ours] starting uWSGI (1 worker)")
+    server = start_server(work, "ours")
+    worker = server.pids("worker")[0]
+    procs: dict[str, object] = {}
+    return server, worker, procs, meter(lambda: [worker], lambda: server.pids("redis"), procs)
+
+
+@contextmanager
+def ours_running(server: BenchServer, procs: dict, logs: Path) -> Iterator[None]:
+    """Close the load processes when the block ends; if it failed, stop our
+    server too (otherwise the Channels setups still need its Redis)."""
+    try:
+        yield
+    except BaseException:
+        for p in procs.values():
+            p.close()
+        server.stop(log_copy=logs / "ours-uwsgi.log")
+        raise
+    for p in procs.values():
+        p.close()
+
+
+def run_anchors(
+    server: BenchServer, combos: list[str], run_one: Callable[[str], dict], progress: Progress, logs: Path
+) -> dict[str, dict]:
+    """Each Channels setup in turn, then stop our server (whose Redis they
+    share). One broken setup is recorded as an error and loses nothing else."""
+    anchors: dict[str, dict] = {}
+    try:
+        for combo in combos:
+            try:
+                anchors[combo] = run_one(combo)
+            except Exception as exc:
+                anchors[combo] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+    finally:
+        progress.step("stopping uWSGI")
+        server.stop(log_copy=logs / "ours-uwsgi.log")
+    return anchors
+
+
+def oneshot_window(
+    pub: OneShot,
+    subs: ClientProcess,
+    meter: CpuMeter,
+    procs: dict,
+    progress: Progress,
+    k: dict,
+    name: str,
+    seconds: float,
+) -> dict:
+    """A window of publishes from a one-shot publisher process (Redis,
+    ``offload.publish()``, ``group_send``), drained afterwards (``k["drain"]``).
+    The process is closed before the drain."""
+    procs["pub"] = pub
+    pub.wait_ready(60, progress)
+    window = measure(subs, meter, name, pub.go, lambda: pub.result(seconds + 60, progress), progress)
+    pub.close()
+    del procs["pub"]
+    window["drain_s"] = drain(subs, progress, k["drain"])
+    return window
+
+
+def collect(subs: ClientProcess, windows: dict[str, dict], out: dict, progress: Progress, label: str) -> None:
+    """Fill ``out`` with every window's figures, gathered by the subscribers' process."""
+    progress.step(f"{label} collecting")
+    out["misrouted"] = finish(subs, windows)["misrouted"]
+    out["windows"] = windows
 
 
 def http_window(

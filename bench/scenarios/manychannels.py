@@ -113,15 +113,11 @@ def _connect(
 
 
 def run_ours(cfg: BenchConfig, k: dict, work: Path, logs: Path, progress: Progress):
-    progress.step("[ours] starting uWSGI (1 worker)")
-    server = _many.start_server(work, "ours")
+    server, worker, procs, meter = _many.start_ours(work, progress)
     redis_url = _many.redis_url_of(server)
-    worker = server.pids("worker")[0]
-    procs: dict[str, object] = {}
-    meter = _many.meter(lambda: [worker], lambda: server.pids("redis"), procs)
     out: dict = {"label": "ours (one uWSGI worker)"}
     rate = _total_rate(k)
-    try:
+    with _many.ours_running(server, procs, logs):
         progress.step(f"[ours] connecting {k['subscribers']:,} over {k['channels']:,} channels")
         subs, connected = _connect(cfg, k, "ours", server.host, server.port, worker, k["subscribers"], logs, progress)
         procs["subs"] = subs
@@ -130,14 +126,7 @@ def run_ours(cfg: BenchConfig, k: dict, work: Path, logs: Path, progress: Progre
         windows: dict[str, dict] = {}
         progress.step(f"[ours] {rate:,.0f} publishes/s over {k['channels']:,} channels (Redis publisher)")
         pub = _many.redis_publisher(redis_url, rate, k["seconds"], 0, k["channels"], logs / "ours-publisher.log")
-        procs["pub"] = pub
-        pub.wait_ready(60, progress)
-        windows["redis"] = _many.measure(
-            subs, meter, "redis", pub.go, lambda: pub.result(k["seconds"] + 60, progress), progress
-        )
-        pub.close()
-        del procs["pub"]
-        windows["redis"]["drain_s"] = _many.drain(subs, progress, k["drain"])
+        windows["redis"] = _many.oneshot_window(pub, subs, meter, procs, progress, k, "redis", k["seconds"])
         first = windows["redis"]["publisher"]["first"] + windows["redis"]["publisher"]["count"]
         if k["api_seconds"]:
             progress.step(f"[ours] {k['api_rate']:,.0f} publishes/s through the HTTP API")
@@ -146,17 +135,7 @@ def run_ours(cfg: BenchConfig, k: dict, work: Path, logs: Path, progress: Progre
                 cfg, target, subs, meter, procs, progress, logs, k, "api", k["api_seconds"],
                 first=first, rate=k["api_rate"],
             )  # fmt: skip
-        progress.step("[ours] collecting")
-        summary = _many.finish(subs, windows)
-        out["misrouted"] = summary["misrouted"]
-        out["windows"] = windows
-    except BaseException:
-        for p in procs.values():
-            p.close()
-        server.stop(log_copy=logs / "ours-uwsgi.log")
-        raise
-    for p in procs.values():
-        p.close()
+        _many.collect(subs, windows, out, progress, "[ours]")
     return out, server
 
 
@@ -181,14 +160,7 @@ def run_anchor(cfg: BenchConfig, k: dict, combo: str, redis_url: str, logs: Path
         pub = _many.channels_publisher(
             anchor, k["seconds"], 0, k["channels"], logs / f"channels-{combo}-publisher.log", rate=rate
         )
-        procs["pub"] = pub
-        pub.wait_ready(60, progress)
-        windows["group_send"] = _many.measure(
-            subs, meter, "group_send", pub.go, lambda: pub.result(k["seconds"] + 60, progress), progress
-        )
-        pub.close()
-        del procs["pub"]
-        windows["group_send"]["drain_s"] = _many.drain(subs, progress, k["drain"])
+        windows["group_send"] = _many.oneshot_window(pub, subs, meter, procs, progress, k, "group_send", k["seconds"])
         if k["anchor_api"] and k["api_seconds"]:
             first = windows["group_send"]["publisher"]["first"] + windows["group_send"]["publisher"]["count"]
             progress.step(f"{label} {k['api_rate']:,.0f} publishes/s through its HTTP publish view")
@@ -197,10 +169,7 @@ def run_anchor(cfg: BenchConfig, k: dict, combo: str, redis_url: str, logs: Path
                 cfg, target, subs, meter, procs, progress, logs, k, "api", k["api_seconds"],
                 first=first, rate=k["api_rate"],
             )  # fmt: skip
-        progress.step(f"{label} collecting")
-        summary = _many.finish(subs, windows)
-        out["misrouted"] = summary["misrouted"]
-        out["windows"] = windows
+        _many.collect(subs, windows, out, progress, label)
     finally:
         for p in procs.values():
             p.close()
@@ -217,16 +186,9 @@ def run(cfg: BenchConfig, work: Path, logs: Path, progress: Progress) -> dict:
     ours, server = run_ours(cfg, k, work, logs, progress)
     _REDIS_PIDS[:] = server.pids("redis")
     redis_url = _many.redis_url_of(server)
-    anchors: dict[str, dict] = {}
-    try:
-        for combo in k["anchors"]:
-            try:
-                anchors[combo] = run_anchor(cfg, k, combo, redis_url, logs, progress)
-            except Exception as exc:  # one broken setup must not lose the rest of the run
-                anchors[combo] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
-    finally:
-        progress.step("stopping uWSGI")
-        server.stop(log_copy=logs / "ours-uwsgi.log")
+    anchors = _many.run_anchors(
+        server, k["anchors"], lambda combo: run_anchor(cfg, k, combo, redis_url, logs, progress), progress, logs
+    )
     results = {"scenario": NAME, "knobs": k, "rlimit_nofile": nofile, "ours": ours, "channels": anchors}
     results["comparison"] = compare(results)
     results["verdict"] = verdict(results)

@@ -80,15 +80,11 @@ def _next_first(windows: dict) -> int:
 
 
 def run_ours(cfg: BenchConfig, k: dict, work: Path, logs: Path, progress: Progress):
-    progress.step("[ours] starting uWSGI (1 worker)")
-    server = _many.start_server(work, "ours")
+    server, _, procs, meter = _many.start_ours(work, progress)
     redis_url = _many.redis_url_of(server)
-    worker = server.pids("worker")[0]
-    procs: dict[str, object] = {}
-    meter = _many.meter(lambda: [worker], lambda: server.pids("redis"), procs)
     out: dict = {"label": "ours (one uWSGI worker)"}
     n, seconds = k["concurrency"], k["seconds"]
-    try:
+    with _many.ours_running(server, procs, logs):
         progress.step(f"[ours] connecting {k['subscribers']:,} over {k['channels']:,} channels")
         subs, connected = _connect(cfg, k, "ours", server.host, server.port, logs, progress)
         procs["subs"] = subs
@@ -107,30 +103,13 @@ def run_ours(cfg: BenchConfig, k: dict, work: Path, logs: Path, progress: Progre
                 k["channels"],
                 logs / "ours-publisher.log",
             )
-            procs["pub"] = pub
-            pub.wait_ready(60, progress)
-            windows[name] = _many.measure(
-                subs, meter, name, pub.go, lambda pub=pub: pub.result(seconds + 60, progress), progress
-            )
-            pub.close()
-            del procs["pub"]
-            windows[name]["drain_s"] = _many.drain(subs, progress, k["drain"])
+            windows[name] = _many.oneshot_window(pub, subs, meter, procs, progress, k, name, seconds)
         progress.step(f"[ours] HTTP publish API, {n} closed-loop streams")
         target = ("ours", server.host, server.port, server.live.api_key)
         windows["http"] = _many.http_window(
             cfg, target, subs, meter, procs, progress, logs, k, "http", seconds, first=_next_first(windows), streams=n
         )
-        progress.step("[ours] collecting")
-        summary = _many.finish(subs, windows)
-        out["misrouted"] = summary["misrouted"]
-        out["windows"] = windows
-    except BaseException:
-        for p in procs.values():
-            p.close()
-        server.stop(log_copy=logs / "ours-uwsgi.log")
-        raise
-    for p in procs.values():
-        p.close()
+        _many.collect(subs, windows, out, progress, "[ours]")
     return out, server
 
 
@@ -165,16 +144,8 @@ def run_anchor(cfg: BenchConfig, k: dict, combo: str, server, logs: Path, progre
             logs / f"channels-{combo}-publisher.log",
             concurrency=n,
         )
-        procs["pub"] = pub
-        pub.wait_ready(60, progress)
-        windows["group_send"] = _many.measure(
-            subs, meter, "group_send", pub.go, lambda: pub.result(seconds + 60, progress), progress
-        )
-        windows["group_send"]["drain_s"] = _many.drain(subs, progress, k["drain"])
-        progress.step(f"{label} collecting")
-        summary = _many.finish(subs, windows)
-        out["misrouted"] = summary["misrouted"]
-        out["windows"] = windows
+        windows["group_send"] = _many.oneshot_window(pub, subs, meter, procs, progress, k, "group_send", seconds)
+        _many.collect(subs, windows, out, progress, label)
     finally:
         for p in procs.values():
             p.close()
@@ -186,16 +157,9 @@ def run(cfg: BenchConfig, work: Path, logs: Path, progress: Progress) -> dict:
     nofile = _many.raise_nofile()
     k = knobs(cfg)
     ours, server = run_ours(cfg, k, work, logs, progress)
-    anchors: dict[str, dict] = {}
-    try:
-        for combo in k["anchors"]:
-            try:
-                anchors[combo] = run_anchor(cfg, k, combo, server, logs, progress)
-            except Exception as exc:  # one broken setup must not lose the rest of the run
-                anchors[combo] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
-    finally:
-        progress.step("stopping uWSGI")
-        server.stop(log_copy=logs / "ours-uwsgi.log")
+    anchors = _many.run_anchors(
+        server, k["anchors"], lambda combo: run_anchor(cfg, k, combo, server, logs, progress), progress, logs
+    )
     results = {"scenario": NAME, "knobs": k, "rlimit_nofile": nofile, "ours": ours, "channels": anchors}
     results["comparison"] = compare(results)
     results["verdict"] = {}  # no target in the issue: the figures and ratios are the result
