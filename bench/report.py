@@ -26,6 +26,11 @@ def cell(value, suffix: str = "") -> str:
     return f"{value}{suffix}"
 
 
+def latency_cells(summary: dict) -> list[str]:
+    """p50, p90, p99 and max of a latency summary (``bench.stats``), as cells."""
+    return [cell(summary[q]) for q in ("p50", "p90", "p99", "max")]
+
+
 def table(head: list[str], rows: list[list[str]]) -> str:
     """A GitHub Markdown table (first column left-aligned, the rest right-aligned)."""
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join([":---"] + ["---:"] * (len(head) - 1)) + "|"]

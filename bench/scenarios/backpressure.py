@@ -42,7 +42,7 @@ from ..clients import ClientProcess
 from ..config import BenchConfig
 from ..cpu import CpuMeter
 from ..progress import Progress
-from ..report import cell, table, verdict_table, warning_lines
+from ..report import cell, latency_cells, table, verdict_table, warning_lines
 from ..server import BenchServer
 from ..stats import median_merge, ratio
 from .fanout import SERVER_ENV, rss_kib
@@ -431,10 +431,7 @@ def _row(name: str, w: dict) -> list[str]:
         after = f"{cell(a['min'])} / {cell(a['median'])} / {cell(a['max'])}"
     return [
         name,
-        cell(b["p50"]),
-        cell(b["p90"]),
-        cell(b["p99"]),
-        cell(b["max"]),
+        *latency_cells(b),
         cell(b["deliveries_per_s"]),
         f"{b['lost']} / {b['dup']}",
         cell(w["publish"]["p99"]),

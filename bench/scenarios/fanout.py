@@ -36,7 +36,7 @@ from ..clients import ClientProcess
 from ..config import PROJECT_DIR, BenchConfig
 from ..cpu import CpuMeter
 from ..progress import Progress
-from ..report import cell, table, verdict_table, warning_lines
+from ..report import cell, latency_cells, table, verdict_table, warning_lines
 from ..server import BenchServer
 
 NAME = "fanout"
@@ -558,10 +558,7 @@ def _row(title: str, w: dict, cpu_group: str = "server") -> list[str]:
     b, p, cpu = w["broadcast"], w["publish"], w["cpu"]["groups"]
     return [
         title,
-        cell(b["p50"]),
-        cell(b["p90"]),
-        cell(b["p99"]),
-        cell(b["max"]),
+        *latency_cells(b),
         cell(b["deliveries_per_s"]),
         f"{b['lost']} / {b['dup']}",
         cell(p["p99"]),

@@ -36,7 +36,7 @@ from ..channels_anchor.server import ChannelsServer
 from ..clients import ClientProcess
 from ..config import BenchConfig
 from ..progress import Progress
-from ..report import cell, table, verdict_table, warning_lines
+from ..report import cell, latency_cells, table, verdict_table, warning_lines
 from . import _many
 from .fanout import rss_kib
 
@@ -286,10 +286,7 @@ def _row(title: str, setup: dict, w: dict) -> list[str]:
         f"{setup['sockets']:,} / {setup['channels']:,}",
         cell(round(achieved, 1) if achieved else None),
         cell(b["deliveries_per_s"]),
-        cell(b["p50"]),
-        cell(b["p90"]),
-        cell(b["p99"]),
-        cell(b["max"]),
+        *latency_cells(b),
         f"{b.get('lost', '—')} / {b.get('dup', '—')}",
         f"{b.get('max_lost_per_subscriber', '—')} / {b.get('max_dup_per_subscriber', '—')}",
         cell(cpu["server"]["core_pct"]),

@@ -35,7 +35,7 @@ from pathlib import Path
 from ..channels_anchor.server import ChannelsServer
 from ..config import BenchConfig
 from ..progress import Progress
-from ..report import cell, table, warning_lines
+from ..report import cell, latency_cells, table, warning_lines
 from . import _many
 
 NAME = "publish"
@@ -242,10 +242,7 @@ def _row(title: str, n: int, w: dict) -> list[str]:
         title,
         str(n),
         cell(pub.get("publishes_per_s")),
-        cell(lat["p50"]),
-        cell(lat["p90"]),
-        cell(lat["p99"]),
-        cell(lat["max"]),
+        *latency_cells(lat),
         str(pub["count"] - pub["ok"]),
         cell(b["deliveries_per_s"]),
         cell(b["p50"]),
