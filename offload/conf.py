@@ -45,6 +45,15 @@ DEFAULTS: dict[str, Any] = {
     # refilled at this rate, holding OFFLOAD_MESSAGE_BURST); beyond: close 1008.
     "OFFLOAD_MAX_MESSAGES_PER_SECOND": 50.0,
     "OFFLOAD_MESSAGE_BURST": 100,
+    # Every client frame counts against that bucket: data frames, each
+    # fragment of a message, pings and pongs. Pings and pongs also take from a
+    # smaller bucket of their own (a client answers our pings and may send a
+    # keep-alive now and then): a ping flood is closed within a few frames.
+    "OFFLOAD_MAX_CONTROL_FRAMES_PER_SECOND": 5.0,
+    "OFFLOAD_CONTROL_FRAME_BURST": 10,
+    # Seconds an address whose socket was closed for breaking a rate limit may
+    # not open new websockets (429, before the handshake). 0: no cooldown.
+    "OFFLOAD_ABUSE_COOLDOWN": 10.0,
     # Open websockets per client IP, across all workers (counted in Redis).
     "OFFLOAD_MAX_CONNECTIONS_PER_IP": 200,
     # Run websocket handshakes through Django's whole middleware stack. False
@@ -59,6 +68,12 @@ DEFAULTS: dict[str, Any] = {
     # Seconds the upgrade may take on our side (user lookup, limits) before 503.
     # Reading the request headers is bounded by uWSGI's socket-timeout.
     "OFFLOAD_HANDSHAKE_TIMEOUT": 10.0,
+    # Seconds a client may take to send its whole request headers (slowloris:
+    # uWSGI's socket-timeout bounds each read, not the total). Beyond it the
+    # connection is shut down and its async core freed (offload.watchdog,
+    # docs/security-slowloris.md). 0 or None: no bound. Enforced only under
+    # uWSGI's gevent loop with offload-threads (static files leave the core).
+    "OFFLOAD_HEADER_TIMEOUT": 10.0,
     # Allocations between young-generation garbage collections (Python's
     # default is 700), set when the WSGI application loads; 0 keeps Python's.
     # Thousands of sockets are hundreds of thousands of long-lived objects:
@@ -67,8 +82,16 @@ DEFAULTS: dict[str, Any] = {
     "OFFLOAD_GC_THRESHOLD": 10_000,
     # Channels one connection may subscribe to.
     "OFFLOAD_MAX_SUBSCRIPTIONS": 100,
-    # Messages queued for one client before it is closed as a slow consumer.
-    "OFFLOAD_MAX_QUEUED_MESSAGES": 1000,
+    # Bytes queued for one client (websocket frames, or SSE events) beyond
+    # what its kernel socket buffer took, before it is closed as a slow
+    # consumer (1008). Bytes, not messages: 1,000 queued messages of 64 KiB
+    # were 64 MiB per socket. A history replay waits for the queue to drain
+    # before its next page, so it never trips this limit by itself.
+    "OFFLOAD_MAX_QUEUED_BYTES": 1024 * 1024,
+    # Target size of one page of a history replay (resume with ``since``):
+    # history is read and sent page by page, each after the client took the
+    # previous one, so a replay holds about one page in memory per socket.
+    "OFFLOAD_HISTORY_PAGE_BYTES": 256 * 1024,
     # Seconds between server pings, and how long a peer may stay silent
     # after a ping before it is considered dead.
     "OFFLOAD_PING_INTERVAL": 20.0,
@@ -84,6 +107,15 @@ DEFAULTS: dict[str, Any] = {
     # send_file() refuses paths outside this directory (uwsgi.ini honours
     # X-Sendfile only below it too). None: no check in Python.
     "OFFLOAD_FILES_ROOT": None,
+    # Websocket subprotocols the server speaks, in its order of preference. A
+    # handshake answers with the first one the client offered; with none in
+    # common (or this empty) no Sec-WebSocket-Protocol header is sent (RFC 6455).
+    "OFFLOAD_SUBPROTOCOLS": (),
+    # Seconds a spooler task may run (@task(timeout=...) overrides it). Beyond
+    # it the task is stopped inside the spooler and retried or failed like any
+    # error. Keep it well below uwsgi.ini's spooler-harakiri (600 s), which
+    # kills the whole spooler process instead.
+    "OFFLOAD_TASK_TIMEOUT": 300.0,
 }
 
 

@@ -13,9 +13,15 @@ own greenlet). From then on the connection owns ``uwsgi.connection_fd()``:
   ``os.write`` of complete frame bytes, done by the caller: the hub writes a
   message it framed once to every socket without waking their greenlets.
   Whatever the kernel does not take is queued and flushed by a write watcher
-  when the socket drains; a socket whose queue overflows is a slow consumer
-  and is closed (1008). One writer at a time (gevent is cooperative and a
-  write never yields), so frames never interleave.
+  when the socket drains; a socket whose queue would grow past
+  ``OFFLOAD_MAX_QUEUED_BYTES`` is a slow consumer and is closed (1008). One
+  writer at a time (gevent is cooperative and a write never yields), so
+  frames never interleave.
+* Limits: every client frame (data, each fragment of a message, ping, pong)
+  takes a token from the connection's bucket; a client over its rate is
+  closed with 1008, and one that keeps sending while we close is dropped.
+  One wake-up reads at most ``_READS_PER_WAKE`` chunks, so a flooding socket
+  cannot keep the worker's other sockets waiting.
 
 The greenlet sleeps on one event, set by: the fd became readable (a libev io
 watcher), a close was requested, or the next timer. Each wake-up it drains
@@ -30,6 +36,8 @@ Lifecycle::
     OPEN      protocol error -> close 1002/1007/1009  CLOSED
     OPEN      no pong/data within ping timeout        CLOSED (1011)
     OPEN      outgoing queue over the limit           CLOSING (1008)
+    OPEN      client frames over the rate limit       CLOSING (1008)
+    CLOSING   client frames over the rate limit       CLOSED
     OPEN      queued bytes stuck for the ping timeout CLOSED
     CLOSING   peer close frame, EOF or 2 s timeout    CLOSED
 """
@@ -61,6 +69,7 @@ from .frames import (
     CLOSE_RESTART,
     BinaryReceived,
     CloseReceived,
+    FragmentReceived,
     FrameReader,
     PingReceived,
     PongReceived,
@@ -69,7 +78,7 @@ from .frames import (
     frame_binary,
     frame_text,
 )
-from .limits import ConnectionSlots, TokenBucket
+from .limits import ConnectionSlots, TokenBucket, cooldowns
 from .policies import Identity
 
 __all__ = ["Endpoint", "WebSocket", "close_all", "open_connections", "write_directly"]
@@ -80,6 +89,7 @@ log = logging.getLogger("offload.connection")
 
 _CLOSE_GRACE = 2.0  # seconds to wait for the peer's close frame
 _READ_SIZE = 65536
+_READS_PER_WAKE = 16  # chunks read per wake-up before the other greenlets get a turn
 _open: set[WebSocket] = set()
 
 
@@ -199,7 +209,8 @@ class WebSocket:
         self.close_code: int | None = None
         self._reader = FrameReader(conf.get("OFFLOAD_MAX_MESSAGE_BYTES"))
         self._out: deque[bytes | memoryview] = deque()
-        self._max_queued = conf.get("OFFLOAD_MAX_QUEUED_MESSAGES")
+        self._queued_bytes = 0
+        self._max_queued = conf.get("OFFLOAD_MAX_QUEUED_BYTES")
         self._wake = gevent.event.Event()
         self._ping_interval = conf.get("OFFLOAD_PING_INTERVAL")
         self._ping_timeout = conf.get("OFFLOAD_PING_TIMEOUT")
@@ -207,8 +218,12 @@ class WebSocket:
         self._stuck_since: float | None = None
         self._slots = slots
         self._bucket = TokenBucket(conf.get("OFFLOAD_MAX_MESSAGES_PER_SECOND"), conf.get("OFFLOAD_MESSAGE_BURST"))
+        self._control_bucket = TokenBucket(
+            conf.get("OFFLOAD_MAX_CONTROL_FRAMES_PER_SECOND"), conf.get("OFFLOAD_CONTROL_FRAME_BURST")
+        )
         self._write_watcher = gevent.get_hub().loop.io(fd, 2)
         self._owns_fd = False
+        self._ping_payload: bytes | None = None  # the newest ping of the current read, not yet answered
 
     # -- API for endpoints and the hub (any greenlet) --------------------------
 
@@ -245,6 +260,16 @@ class WebSocket:
         """Frames (or parts of one) waiting for the socket to drain."""
         return len(self._out)
 
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes waiting for the socket to drain (bounded by ``OFFLOAD_MAX_QUEUED_BYTES``).
+
+        When it falls back to 0 the connection's greenlet is woken, so an
+        endpoint that waits for the client to read (a history replay sent
+        page by page) can go on.
+        """
+        return self._queued_bytes
+
     # -- writing ------------------------------------------------------------------
 
     def _write(self, data: bytes | memoryview) -> None:
@@ -260,21 +285,27 @@ class WebSocket:
             if written != len(data):
                 self._queue_unsent(data, written)
             return
-        if len(out) >= self._max_queued and self.state is State.OPEN:
+        if self._queued_bytes + len(data) > self._max_queued and self.state is State.OPEN:
             # The client does not read. Keep the frame being written (it may
             # be half sent), drop the rest, never slow the others down.
             head = out.popleft()
             out.clear()
             out.append(head)
-            log.info("websocket peer is a slow consumer (%d frames queued): closing it with 1008", self._max_queued)
+            self._queued_bytes = len(head)
+            log.info(
+                "websocket peer is a slow consumer (over %d bytes queued): closing it with 1008", self._max_queued
+            )
             self.close(CLOSE_POLICY, "slow consumer")
             return
         out.append(data)
+        self._queued_bytes += len(data)
 
     def _queue_unsent(self, data: bytes | memoryview, written: int) -> None:
         """The kernel took ``written`` bytes of ``data`` (the queue being empty):
         keep the rest and flush it when the socket drains."""
-        self._out.append(memoryview(data)[written:])
+        rest = memoryview(data)[written:]
+        self._out.append(rest)
+        self._queued_bytes += len(rest)
         self._stuck_since = time.monotonic()
         self._write_watcher.start(self._on_writable)
 
@@ -285,6 +316,7 @@ class WebSocket:
             while out:
                 data = out[0]
                 written = os.write(self.fd, data)
+                self._queued_bytes -= written
                 if written < len(data):
                     out[0] = memoryview(data)[written:]
                     self._stuck_since = time.monotonic()
@@ -297,10 +329,12 @@ class WebSocket:
             return
         self._stuck_since = None
         self._write_watcher.stop()
+        self._wake.set()  # drained: an endpoint waiting to send more (history pages) goes on
 
     def _broken(self) -> None:
         """The peer is gone (EPIPE, ECONNRESET): stop at once."""
         self._out.clear()
+        self._queued_bytes = 0
         self._write_watcher.stop()
         self.state = State.CLOSED
         self._wake.set()
@@ -358,6 +392,7 @@ class WebSocket:
                 self._slots.release()
             self.state = State.CLOSED
             self._out.clear()
+            self._queued_bytes = 0
             try:
                 endpoint.on_close()
             except Exception:
@@ -380,7 +415,9 @@ class WebSocket:
         return max(0.0, deadline - time.monotonic())
 
     def _read(self, endpoint: Endpoint) -> None:
-        while self.state is not State.CLOSED:
+        for _ in range(_READS_PER_WAKE):
+            if self.state is State.CLOSED:
+                return
             try:
                 data = os.read(self.fd, _READ_SIZE)
             except BlockingIOError:
@@ -394,18 +431,36 @@ class WebSocket:
             if self.state is State.CLOSING and now - self._closing_since >= _CLOSE_GRACE:
                 self.state = State.CLOSED  # a client that keeps sending after our close
                 return
-            for event in self._reader.feed(data or None):
-                self._handle(event, endpoint)
-                if self.state is State.CLOSED:
-                    return
+            self._ping_payload = None
+            for event in self._reader.events(data or None):
+                if not self._handle(event, endpoint):
+                    break  # over the rate limit: leave the rest unparsed
+            if self._ping_payload is not None:
+                # One pong for the pings of one read: RFC 6455 5.5.3 lets an
+                # endpoint answer only the most recent of several pings.
+                self._write(self._reader.pong(self._ping_payload))
             if not data:
                 self.state = State.CLOSED
                 return
+        # More is readable (the io watcher fires again): the other sockets first.
 
-    def _handle(self, event, endpoint: Endpoint) -> None:
-        if isinstance(event, (TextReceived, BinaryReceived)) and not self._bucket.allow():
-            self.close(CLOSE_POLICY, "rate limit exceeded")
-            return
+    def _handle(self, event, endpoint: Endpoint) -> bool:
+        """Act on one client event; False when no more should be parsed now."""
+        if not isinstance(event, (CloseReceived, ProtocolFailure)) and not (
+            self._bucket.allow()
+            and (not isinstance(event, (PingReceived, PongReceived)) or self._control_bucket.allow())
+        ):
+            if self.state is State.OPEN:
+                if self._ping_payload is not None:  # the pings before the limit still get their pong
+                    self._write(self._reader.pong(self._ping_payload))
+                    self._ping_payload = None
+                peer = self._slots.ip if self._slots is not None else ""
+                log.info("websocket peer %s sends frames faster than its rate limit: closing it with 1008", peer)
+                self.close(CLOSE_POLICY, "rate limit exceeded")
+                cooldowns.penalise(peer, conf.get("OFFLOAD_ABUSE_COOLDOWN"))
+            else:
+                self.state = State.CLOSED  # still flooding after our close frame: drop it
+            return False
         if isinstance(event, TextReceived):
             if self.state is State.OPEN:
                 endpoint.on_text(event.text)
@@ -413,9 +468,9 @@ class WebSocket:
             if self.state is State.OPEN:
                 endpoint.on_binary(event.data)
         elif isinstance(event, PingReceived):
-            self._write(self._reader.pong(event.payload))
-        elif isinstance(event, PongReceived):
-            pass  # any received byte already counts as a sign of life
+            self._ping_payload = event.payload  # answered once the read is parsed
+        elif isinstance(event, (PongReceived, FragmentReceived)):
+            pass  # counted above; any received byte already counts as a sign of life
         elif isinstance(event, CloseReceived):
             self.close_code = event.code
             self._write(self._reader.close(event.code))
@@ -429,6 +484,7 @@ class WebSocket:
             self.close(event.code, event.reason)
             if not self._out:
                 _shutdown_write(self.fd)
+        return self.state is not State.CLOSED
 
     def _timers(self) -> None:
         now = time.monotonic()

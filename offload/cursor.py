@@ -19,11 +19,20 @@ The same cursor re-synchronises after the hub reconnects to Redis: it goes
 back to SYNCING and reads history after ``last``, closing the gap of the
 outage.
 
+History is read in pages (a long replay must not sit in memory at once): a
+page with ``more=True`` is emitted but the cursor stays SYNCING. The live
+buffer is bounded in bytes; when it overflows it is emptied and ``dropped``
+counts it. That loses nothing: every buffered message is already in the
+history stream (the publish script appends before it publishes), so the
+caller reads one more page whenever ``dropped`` changed during a page read.
+
 Transitions::
 
     state     event                    action                               next
     --------  -----------------------  -----------------------------------  -------
     SYNCING   live(id)                 buffer it                            SYNCING
+    SYNCING   live(id), buffer full    empty the buffer, dropped += 1       SYNCING
+    SYNCING   history(entries, more)   emit entries > last                  SYNCING
     SYNCING   history(entries, tip)    emit entries > last, then buffered   LIVE
                                        entries > last; last = max emitted
     LIVE      live(id)                 emit if id > last (else duplicate)   LIVE
@@ -38,7 +47,9 @@ from collections.abc import Iterable
 from .frames import frame_text
 from .protocol import StreamId
 
-__all__ = ["ChannelCursor", "CursorState", "Entry", "make_entry"]
+__all__ = ["FIRST_PAGE", "ChannelCursor", "CursorState", "Entry", "make_entry"]
+
+FIRST_PAGE = 8  # entries in a replay's first history page, before its message size is known
 
 
 class CursorState(enum.IntEnum):
@@ -65,15 +76,21 @@ def make_entry(channel_json: bytes, message_id: bytes, data_json: bytes) -> Entr
 class ChannelCursor:
     """Orders and de-duplicates one channel's messages for one connection."""
 
-    __slots__ = ("_buffer", "duplicates", "last", "state")
+    __slots__ = ("_buffer", "_buffered_bytes", "_max_buffer", "dropped", "duplicates", "last", "page_count", "state")
 
-    def __init__(self, last: StreamId | None = None) -> None:
+    def __init__(self, last: StreamId | None = None, max_buffer_bytes: int = 1 << 20) -> None:
         self.state = CursorState.SYNCING
         #: Id of the newest message emitted (or the resume point).
         self.last: StreamId | None = last
         self._buffer: list[Entry] = []
+        self._buffered_bytes = 0
+        self._max_buffer = max_buffer_bytes
         #: How many duplicates were dropped (for tests and stats).
         self.duplicates = 0
+        #: How many times the live buffer overflowed and was emptied.
+        self.dropped = 0
+        #: Entries to read in the next history page (sized from the last one).
+        self.page_count = FIRST_PAGE
 
     @property
     def buffered(self) -> int:
@@ -82,7 +99,13 @@ class ChannelCursor:
     def live(self, entry: Entry) -> list[Entry]:
         """A live message arrived. Returns what to send now (0 or 1 entry)."""
         if self.state is CursorState.SYNCING:
+            size = len(entry[2])
+            if self._buffered_bytes + size > self._max_buffer:
+                self._buffer = []  # history holds them all: re-read instead of keeping them
+                self._buffered_bytes = 0
+                self.dropped += 1
             self._buffer.append(entry)
+            self._buffered_bytes += size
             return []
         return self._admit(entry)
 
@@ -101,22 +124,27 @@ class ChannelCursor:
             out.extend(self.live(entry))
         return out
 
-    def history(self, entries: Iterable[Entry], tip: StreamId | None) -> list[Entry]:
-        """History was read. Returns everything to send, in order; goes LIVE.
+    def history(self, entries: Iterable[Entry], tip: StreamId | None, *, more: bool = False) -> list[Entry]:
+        """History was read. Returns everything to send, in order; goes LIVE
+        unless ``more`` pages follow.
 
         Args:
             entries: retained messages after ``last``, oldest first.
             tip: the newest id in the stream when no ``last`` was set (a
                 subscription "from now"): nothing at or below it is sent.
+            more: this is not the last page: stay SYNCING, keep buffering.
         """
         if self.last is None and tip is not None:
             self.last = tip
         out: list[Entry] = []
         for entry in entries:
             out.extend(self._admit(entry))
+        if more:
+            return out
         for entry in self._buffer:
             out.extend(self._admit(entry))
         self._buffer = []
+        self._buffered_bytes = 0
         self.state = CursorState.LIVE
         return out
 

@@ -75,6 +75,8 @@ class ChannelsEndpoint(Endpoint):
         self._max_subscriptions = conf.get("OFFLOAD_MAX_SUBSCRIPTIONS")
         self._subscribe_timeout = conf.get("OFFLOAD_SUBSCRIBE_TIMEOUT")
         self._max_bytes = conf.get("OFFLOAD_MAX_MESSAGE_BYTES")
+        self._max_buffer = conf.get("OFFLOAD_MAX_QUEUED_BYTES")
+        self._page_bytes = conf.get("OFFLOAD_HISTORY_PAGE_BYTES")
 
     # -- hub callbacks (hub greenlet) -----------------------------------------
 
@@ -134,7 +136,9 @@ class ChannelsEndpoint(Endpoint):
         now = time.monotonic()
         if self._retry_at is not None and now >= self._retry_at:
             self._retry_at = None
-        if self._needs_history and self._retry_at is None:
+        # History pages go out one at a time, each once the client took the
+        # previous one (the socket woke us when its queue drained).
+        if self._needs_history and self._retry_at is None and not self.ws.queued_bytes:
             for channel in list(self._needs_history):
                 self._needs_history.discard(channel)
                 self._sync(channel)
@@ -192,7 +196,7 @@ class ChannelsEndpoint(Endpoint):
             raise LimitExceeded(
                 f"at most {self._max_subscriptions} subscriptions per connection", code="too_many_subscriptions"
             )
-        self.cursors[channel] = ChannelCursor(command.since)
+        self.cursors[channel] = ChannelCursor(command.since, self._max_buffer)
         self._pending[channel] = _Pending(command.ref, command.since is not None, time.monotonic())
         self.hub.subscribe(self, channel)
 
@@ -221,18 +225,25 @@ class ChannelsEndpoint(Endpoint):
         self.hub.unsubscribe(self, channel)
 
     def _sync(self, channel: str) -> None:
-        """The Redis subscription is live: read history, then go live."""
+        """The Redis subscription is live: read a page of history; after the last one, go live."""
         cursor = self.cursors.get(channel)
         if cursor is None:
             return
         pending = self._pending.get(channel)
+        dropped = cursor.dropped
         try:
-            entries, tip, recovered = catch_up(channel, cursor.last, pending is not None, self.hub.newest_id)
+            page = catch_up(
+                channel, cursor.last, pending is not None, self.hub.newest_id, cursor.page_count, self._page_bytes
+            )
         except BackendUnavailable:
             # Stay SYNCING (live messages keep buffering) and retry shortly.
             self._needs_history.add(channel)
             self._retry_at = time.monotonic() + _RETRY_HISTORY
             return
+        if self.cursors.get(channel) is not cursor:
+            return  # unsubscribed while history was read
+        cursor.page_count = page.next_count
+        tip, recovered = page.tip, page.recovered
         if pending is not None:
             del self._pending[channel]
             start = cursor.last if cursor.last is not None else tip
@@ -247,8 +258,15 @@ class ChannelsEndpoint(Endpoint):
             )
         elif not recovered:
             self.ws.send_text(reply("subscribed", None, channel=channel, last_id=None, recovered=False))
-        for entry in cursor.history(entries, tip):
+        # Another page when this one was full, or when live messages were
+        # dropped from the cursor's buffer while it was read (history has them).
+        more = page.full or cursor.dropped != dropped
+        for entry in cursor.history(page.entries, tip, more=more):
             self.ws.send_frame(entry[2])
+        if more:
+            self._needs_history.add(channel)
+            self.ws.wake()  # the next page: now if the kernel took this one, else once the queue drains
+            return
         # Live from here on. Once every id the hub will fan out is newer than
         # what we sent, the hub may write to our socket itself; otherwise the
         # first plain live delivery switches (see deliver).

@@ -13,6 +13,7 @@ bytes in through :meth:`FrameReader.feed`, events out, control-frame bytes
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from wsproto import ConnectionType
@@ -31,6 +32,7 @@ __all__ = [
     "CLOSE_TOO_BIG",
     "BinaryReceived",
     "CloseReceived",
+    "FragmentReceived",
     "FrameEvent",
     "FrameReader",
     "PingReceived",
@@ -82,6 +84,15 @@ class BinaryReceived:
 
 
 @dataclass(frozen=True)
+class FragmentReceived:
+    """A non-final frame of a data message arrived (the message goes on).
+
+    Carries nothing: it exists so that every client frame, not only every
+    whole message, can be counted against the connection's rate limit.
+    """
+
+
+@dataclass(frozen=True)
 class PingReceived:
     payload: bytes
 
@@ -107,7 +118,12 @@ class ProtocolFailure:
     reason: str
 
 
-FrameEvent = TextReceived | BinaryReceived | PingReceived | PongReceived | CloseReceived | ProtocolFailure
+FrameEvent = (
+    TextReceived | BinaryReceived | FragmentReceived | PingReceived | PongReceived | CloseReceived | ProtocolFailure
+)
+
+
+_FRAGMENT = FragmentReceived()
 
 
 class FrameReader:
@@ -127,37 +143,43 @@ class FrameReader:
 
     def feed(self, data: bytes | None) -> list[FrameEvent]:
         """Parse received bytes (``None`` at end of stream) into events."""
+        return list(self.events(data))
+
+    def events(self, data: bytes | None) -> Iterator[FrameEvent]:
+        """Like :meth:`feed`, parsing lazily: frames are parsed only as the
+        caller takes events, so a caller that stops (a flooder was closed)
+        leaves the rest of the bytes unparsed instead of paying for them."""
         if self.failed or self._conn.state is ConnectionState.CLOSED:
-            return []
+            return
         self._conn.receive_data(data)
-        out: list[FrameEvent] = []
         for event in self._conn.events():
             if isinstance(event, (TextMessage, BytesMessage)):
                 piece = event.data
                 self._size += len(piece.encode()) if isinstance(piece, str) else len(piece)
                 if self._size > self._max:
                     self.failed = True
-                    out.append(ProtocolFailure(CLOSE_TOO_BIG, f"message larger than {self._max} bytes"))
-                    break
+                    yield ProtocolFailure(CLOSE_TOO_BIG, f"message larger than {self._max} bytes")
+                    return
                 self._parts.append(piece)
                 if event.message_finished:
                     if isinstance(event, TextMessage):
-                        out.append(TextReceived("".join(self._parts)))
+                        yield TextReceived("".join(self._parts))
                     else:
-                        out.append(BinaryReceived(b"".join(self._parts)))
+                        yield BinaryReceived(b"".join(self._parts))
                     self._parts, self._size = [], 0
+                elif event.frame_finished:
+                    yield _FRAGMENT
             elif isinstance(event, Ping):
-                out.append(PingReceived(bytes(event.payload)))
+                yield PingReceived(bytes(event.payload))
             elif isinstance(event, Pong):
-                out.append(PongReceived(bytes(event.payload)))
+                yield PongReceived(bytes(event.payload))
             elif isinstance(event, CloseConnection):
                 if self._conn.state is ConnectionState.OPEN:
                     # wsproto reports a parse failure as a close it did not receive.
                     self.failed = True
-                    out.append(ProtocolFailure(int(event.code), event.reason or ""))
-                    break
-                out.append(CloseReceived(int(event.code), event.reason or ""))
-        return out
+                    yield ProtocolFailure(int(event.code), event.reason or "")
+                    return
+                yield CloseReceived(int(event.code), event.reason or "")
 
     def pong(self, payload: bytes) -> bytes:
         """Bytes of a pong echoing ``payload`` (RFC 6455 5.5.3)."""

@@ -6,13 +6,16 @@ History lives in one Redis Stream per channel, capped at the namespace's
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from dataclasses import dataclass
 
+from .cursor import FIRST_PAGE, Entry, make_entry
 from .exceptions import BackendUnavailable
 from .protocol import StreamId, format_stream_id, parse_stream_id
 from .redis_client import REDIS_ERRORS, get_client, history_key
 
-__all__ = ["HistoryRead", "catch_up", "read_after", "read_tip"]
+__all__ = ["CatchUp", "HistoryRead", "catch_up", "read_after", "read_tip"]
 
 # (id, data_json) pairs, oldest first.
 HistoryRead = tuple[list[tuple[str, str]], bool]
@@ -59,33 +62,52 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+@dataclass(frozen=True)
+class CatchUp:
+    """One page of what a subscription's cursor needs to go live."""
+
+    entries: list[Entry]
+    #: The newest id when the subscription starts "from now" (no entries then).
+    tip: StreamId | None
+    #: False when messages after the position may have been trimmed (a gap).
+    recovered: bool
+    #: The page was full: more history may follow it.
+    full: bool
+    #: How many entries to ask for next, for pages of about ``page_bytes``.
+    next_count: int
+
+
+_MAX_PAGE = 1000
+
+
 def catch_up(
     channel: str,
     last: StreamId | None,
     first: bool,
     newest_id: Callable[[str], StreamId | None] = read_tip,
-) -> tuple[list, StreamId | None, bool]:
-    """What a subscription's cursor needs to go live: ``(entries, tip, recovered)``.
+    count: int = FIRST_PAGE,
+    page_bytes: int = 256 * 1024,
+) -> CatchUp:
+    """One page of history for a subscription's cursor. Shared by websockets and SSE.
 
     A first subscription without a position needs only the newest id ("from
     now"), from ``newest_id`` (the hub's :meth:`~offload.hub.Hub.newest_id`
-    knows it without a Redis read once its channel is ready); otherwise the
-    retained messages after ``last`` (all of them for a cursor that never had
-    a position, e.g. a re-sync after a Redis outage) are read and framed as
-    cursor entries. Shared by websockets and SSE.
+    knows it without a Redis read once its channel is ready); otherwise up to
+    ``count`` retained messages after ``last`` (from the start for a cursor
+    that never had a position, e.g. a re-sync after a Redis outage) are read
+    and framed as cursor entries. A replay is read page by page so that a
+    socket never holds a whole history (a 6 MB history replayed to 40 sockets
+    that did not read grew a worker by 1.7 GB); the next page's ``count``
+    aims at ``page_bytes``.
 
     Raises:
         BackendUnavailable: Redis is down.
     """
-    import json
-
-    from .cursor import make_entry
-    from .policies import namespace_of
-
     if last is None and first:
-        return [], newest_id(channel), True
-    limit = namespace_of(channel).namespace.history_size
-    rows, recovered = read_after(channel, last or (0, 0), limit)
+        return CatchUp([], newest_id(channel), True, False, count)
+    rows, recovered = read_after(channel, last or (0, 0), count)
     channel_json = json.dumps(channel).encode()
     entries = [make_entry(channel_json, mid.encode(), data.encode()) for mid, data in rows]
-    return entries, None, recovered or last is None
+    size = sum(len(entry[2]) for entry in entries)
+    next_count = max(1, min(_MAX_PAGE, page_bytes * len(entries) // size)) if size else count
+    return CatchUp(entries, None, recovered or last is None, len(entries) >= count, next_count)

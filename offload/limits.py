@@ -1,8 +1,13 @@
 """Per-connection and per-client limits (pure logic plus one Redis script).
 
-* :class:`TokenBucket` bounds the messages a client may send per second
+* :class:`TokenBucket` bounds the frames a client may send per second
   (``OFFLOAD_MAX_MESSAGES_PER_SECOND`` with a burst of
-  ``OFFLOAD_MESSAGE_BURST``); pure, so it is unit-tested with a fake clock.
+  ``OFFLOAD_MESSAGE_BURST`` for every frame; pings and pongs also take from
+  a smaller bucket of their own); pure, so it is unit-tested with a fake clock.
+* :class:`Cooldowns` remembers, per process, the addresses whose socket was
+  closed for flooding: they may not open websockets for
+  ``OFFLOAD_ABUSE_COOLDOWN`` seconds, so a flooder that reconnects at once
+  is refused before the handshake instead of costing one each time.
 * :class:`ConnectionSlots` bounds open websockets per client IP across every
   worker. Each open socket is a member of a Redis sorted set per IP, scored
   with its last heartbeat; members not refreshed for ``stale_after`` seconds
@@ -30,7 +35,7 @@ import redis
 from . import conf
 from .redis_client import REDIS_ERRORS, get_client, script
 
-__all__ = ["ConnectionSlots", "TokenBucket"]
+__all__ = ["ConnectionSlots", "Cooldowns", "TokenBucket", "cooldowns"]
 
 log = logging.getLogger("offload.limits")
 
@@ -58,6 +63,45 @@ class TokenBucket:
             self.tokens -= 1
             return True
         return False
+
+
+class Cooldowns:
+    """Addresses refused for a while after they broke a rate limit (one process).
+
+    Per process on purpose: checking costs one dict lookup on the upgrade
+    path, with no Redis round trip; a flooder that lands on another worker
+    is caught there after its first burst.
+    """
+
+    _MAX = 10_000  # remembered addresses; beyond, the oldest half is forgotten
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._until: dict[str, float] = {}
+        self._clock = clock
+
+    def penalise(self, address: str, seconds: float) -> None:
+        if seconds <= 0 or not address:
+            return
+        if len(self._until) >= self._MAX:
+            for stale in list(self._until)[: self._MAX // 2]:
+                del self._until[stale]
+        self._until.pop(address, None)  # re-insert: dicts keep insertion order, oldest first
+        self._until[address] = self._clock() + seconds
+
+    def remaining(self, address: str) -> float:
+        """Seconds ``address`` is still refused for (0: not refused)."""
+        until = self._until.get(address)
+        if until is None:
+            return 0.0
+        left = until - self._clock()
+        if left <= 0:
+            del self._until[address]
+            return 0.0
+        return left
+
+
+#: This process's cooldowns (checked by offload.wsgi, set by offload.connection).
+cooldowns = Cooldowns()
 
 
 class _SlotBroker:
@@ -183,6 +227,7 @@ class ConnectionSlots:
     """Counts open websockets per client IP in Redis (fails open if Redis is down)."""
 
     def __init__(self, ip: str, limit: int, stale_after: float) -> None:
+        self.ip = ip
         self.key = f"{conf.get('OFFLOAD_REDIS_PREFIX')}ip:{ip}"
         self.limit = limit
         self.stale_after = stale_after

@@ -26,7 +26,7 @@ it back; each channel resumes from its own position.
 
 The end: the client closes (EOF on the socket), a write fails (uWSGI stops
 iterating and closes the generator), too many messages queue up
-(``OFFLOAD_MAX_QUEUED_MESSAGES``), Redis stays down past
+(``OFFLOAD_MAX_QUEUED_BYTES``), Redis stays down past
 ``OFFLOAD_SUBSCRIBE_TIMEOUT``, or the worker reloads. The generator's
 ``finally`` always leaves the hub.
 
@@ -119,19 +119,25 @@ def format_resume_id(positions: Iterable[tuple[str, StreamId]]) -> str:
     return ",".join(channel + "=" + format_stream_id(position) for channel, position in positions)
 
 
+_HTTP_BLANKS = " \t"  # the optional whitespace around an HTTP header value
+
+
 def parse_resume_id(value: str) -> dict[str, StreamId]:
     """Parse a ``Last-Event-ID`` written by :func:`format_resume_id`.
 
     Channel names may contain ``=`` but ids cannot, so each part splits at its
-    last ``=``. A blank value means no positions.
+    last ``=``. A blank value means no positions. Only ASCII digits make an id
+    and only HTTP's blanks (space, tab) are trimmed: ``str.strip()`` would also
+    take the NBSP and NEL that a Latin-1 decoded header can carry.
 
     Raises:
         ProtocolError: ``invalid_since`` if any part is malformed.
     """
     positions: dict[str, StreamId] = {}
-    if not value.strip():
+    value = value.strip(_HTTP_BLANKS)
+    if not value:
         return positions
-    for part in value.strip().split(","):
+    for part in value.split(","):
         channel, _, position = part.rpartition("=")
         try:
             positions[validate_channel(channel)] = parse_stream_id(position)
@@ -199,7 +205,8 @@ class SseStream:
 
         self.hub = get_hub(worker_id)
         self.channels = list(channels)
-        self.cursors = {channel: ChannelCursor(positions.get(channel)) for channel in self.channels}
+        max_buffer = conf.get("OFFLOAD_MAX_QUEUED_BYTES")
+        self.cursors = {channel: ChannelCursor(positions.get(channel), max_buffer) for channel in self.channels}
         #: What the client's Last-Event-ID says: advanced as events are written.
         self.positions = {channel: positions[channel] for channel in self.channels if channel in positions}
         #: Why the stream ended (None while open).
@@ -208,7 +215,7 @@ class SseStream:
         self._needs_history: set[str] = set()
         self._retry_at: float | None = None
         self._outbox: deque[tuple[str, StreamId | None, str, str | bytes]] = deque()
-        self._live_queued = 0
+        self._queued_bytes = 0  # live events waiting for the client
         self._finish = False  # end after writing what is queued
         self._peer_readable = False
         self._in_hub = False
@@ -216,10 +223,11 @@ class SseStream:
         #: Our duplicate of the client fd once the stream left the uWSGI request.
         self.detached_fd: int | None = None
         self._wake = gevent.event.Event()
-        self._max_queued = conf.get("OFFLOAD_MAX_QUEUED_MESSAGES")
+        self._max_queued = conf.get("OFFLOAD_MAX_QUEUED_BYTES")
         self._ping_interval = conf.get("OFFLOAD_PING_INTERVAL")
         self.ping_timeout = conf.get("OFFLOAD_PING_TIMEOUT")
         self._subscribe_timeout = conf.get("OFFLOAD_SUBSCRIBE_TIMEOUT")
+        self._page_bytes = conf.get("OFFLOAD_HISTORY_PAGE_BYTES")
 
     # -- hub callbacks (hub greenlet) -----------------------------------------
 
@@ -242,13 +250,15 @@ class SseStream:
             admitted = entries
         if not admitted:
             return
-        if self._live_queued >= self._max_queued:
+        size = sum(len(entry[1]) for entry in admitted)
+        if self._queued_bytes + size > self._max_queued:
             # The client does not read: end the stream, it resumes on reconnect.
+            log.info("sse client is a slow consumer (over %d bytes queued): ending its stream", self._max_queued)
             self.close("slow consumer")
             return
         for entry in admitted:
             self._outbox.append((channel, entry[0], "message", entry[1]))
-        self._live_queued += len(admitted)
+        self._queued_bytes += size
         self._wake.set()
 
     # -- control (any greenlet) -------------------------------------------------
@@ -361,18 +371,26 @@ class SseStream:
                 self._finish = True  # the client reconnects after `retry` and resumes
 
     def _sync(self, channel: str) -> None:
-        """The Redis subscription is live: queue history, then go live."""
+        """The Redis subscription is live: queue a page of history; after the last one, go live.
+
+        The next page is read once this one was written: the stream's loop
+        yields the queued events to the pump, which writes them to the client
+        before the generator runs again.
+        """
         cursor = self.cursors[channel]
         first = channel in self._pending
+        dropped = cursor.dropped
         try:
             from .history import catch_up  # lazy: the wire format imports no redis/django
 
-            entries, tip, recovered = catch_up(channel, cursor.last, first, self.hub.newest_id)
+            page = catch_up(channel, cursor.last, first, self.hub.newest_id, cursor.page_count, self._page_bytes)
         except BackendUnavailable:
             # Stay SYNCING (live messages keep buffering) and retry shortly.
             self._needs_history.add(channel)
             self._retry_at = time.monotonic() + _RETRY_HISTORY
             return
+        cursor.page_count = page.next_count
+        tip, recovered = page.tip, page.recovered
         if first:
             del self._pending[channel]
             start = cursor.last if cursor.last is not None else tip
@@ -387,8 +405,12 @@ class SseStream:
         elif not recovered:
             text = reply("subscribed", channel=channel, last_id=None, recovered=False)
             self._outbox.append((channel, None, "subscribed", text))
-        for entry in cursor.history(entries, tip):
+        more = page.full or cursor.dropped != dropped
+        for entry in cursor.history(page.entries, tip, more=more):
             self._outbox.append((channel, entry[0], "message", entry[1]))
+        if more:
+            self._needs_history.add(channel)
+            self._wake.set()
 
     def _drain(self) -> bytes:
         """Format everything queued, advancing the resume id event by event."""
@@ -404,7 +426,7 @@ class SseStream:
                     self.positions[channel] = stream_id
                 resume_id = format_resume_id((c, self.positions[c]) for c in self.channels if c in self.positions)
             parts.append(format_event(data, event=event, event_id=resume_id or None))
-        self._live_queued = 0
+        self._queued_bytes = 0
         return b"".join(parts)
 
 

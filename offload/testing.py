@@ -203,6 +203,9 @@ class LiveServer:
                 # every test client connects from 127.0.0.1: lift the per-IP cap
                 # (tests of the cap itself set it back down)
                 "OFFLOAD_MAX_CONNECTIONS_PER_IP": "100000",
+                # nor may one test's deliberate flood lock the next tests out (tests
+                # of the cooldown itself set it back)
+                "OFFLOAD_ABUSE_COOLDOWN": "0",
             }
         )
         if redis_url:

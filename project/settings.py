@@ -164,6 +164,8 @@ for _name in (
     "PING_TIMEOUT",
     "STATS_INTERVAL",
     "MAX_MESSAGES_PER_SECOND",
+    "MAX_CONTROL_FRAMES_PER_SECOND",
+    "ABUSE_COOLDOWN",
     "HANDSHAKE_TIMEOUT",
     "REDIS_TIMEOUT",
 ):
@@ -172,8 +174,10 @@ for _name in (
 for _name in (
     "MAX_MESSAGE_BYTES",
     "MAX_SUBSCRIPTIONS",
-    "MAX_QUEUED_MESSAGES",
+    "MAX_QUEUED_BYTES",
+    "HISTORY_PAGE_BYTES",
     "MESSAGE_BURST",
+    "CONTROL_FRAME_BURST",
     "MAX_CONNECTIONS_PER_IP",
     "GC_THRESHOLD",
 ):
@@ -181,3 +185,6 @@ for _name in (
         globals()[f"OFFLOAD_{_name}"] = int(os.environ[f"OFFLOAD_{_name}"])
 if "OFFLOAD_ALLOWED_ORIGINS" in os.environ:
     OFFLOAD_ALLOWED_ORIGINS = _env_list("OFFLOAD_ALLOWED_ORIGINS", "")
+# Seconds a client may take to send its request headers (0: no bound; docs/security-slowloris.md).
+if "OFFLOAD_HEADER_TIMEOUT" in os.environ:
+    OFFLOAD_HEADER_TIMEOUT = float(os.environ["OFFLOAD_HEADER_TIMEOUT"])

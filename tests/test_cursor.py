@@ -52,3 +52,24 @@ def test_live_batches_take_the_hot_path_only_when_nothing_is_stale():
     assert ids(cursor.live_many([e(3), e(4)])) == [4]  # 3 was already sent
     cursor.resync()
     assert cursor.live_many([e(5)]) == [] and cursor.buffered == 1
+
+
+def test_history_pages_stay_syncing_until_the_last_one():
+    cursor = ChannelCursor(last=(0, 0))
+    cursor.live(e(5))  # arrives while the first page is being read
+    assert ids(cursor.history([e(1), e(2)], None, more=True)) == [1, 2]
+    assert cursor.state is CursorState.SYNCING and cursor.buffered == 1
+    assert ids(cursor.history([e(3), e(4), e(5)], None)) == [3, 4, 5]
+    assert cursor.state is CursorState.LIVE and cursor.duplicates == 1
+
+
+def test_an_overflowing_live_buffer_is_emptied_and_counted_then_history_fills_it_in():
+    cursor = ChannelCursor(last=(0, 0), max_buffer_bytes=4)  # two of the 2-byte frames below
+    cursor.live(e(3))
+    cursor.live(e(4))
+    assert cursor.buffered == 2 and cursor.dropped == 0
+    cursor.live(e(5))  # over the bound: 3 and 4 are in history, drop them
+    assert cursor.buffered == 1 and cursor.dropped == 1
+    assert ids(cursor.history([e(1), e(2), e(3), e(4)], None, more=True)) == [1, 2, 3, 4]
+    assert ids(cursor.history([e(5)], None)) == [5]
+    assert cursor.state is CursorState.LIVE and cursor.buffered == 0

@@ -8,6 +8,7 @@ import pytest
 from offload.frames import (
     BinaryReceived,
     CloseReceived,
+    FragmentReceived,
     FrameReader,
     PingReceived,
     ProtocolFailure,
@@ -44,7 +45,8 @@ def feed_all(reader, data, step=None):
 @pytest.mark.parametrize("step", [None, 1, 3])
 def test_fragmented_text_is_reassembled_even_byte_by_byte(step):
     data = frame(1, "hé".encode()[:2], fin=False) + frame(0, "hé".encode()[2:] + b"llo")
-    assert feed_all(FrameReader(100), data, step) == [TextReceived("héllo")]
+    # Each non-final frame is reported too: the connection counts every frame against its rate limit.
+    assert feed_all(FrameReader(100), data, step) == [FragmentReceived(), TextReceived("héllo")]
 
 
 def test_text_and_binary_are_kept_apart():
@@ -55,7 +57,7 @@ def test_text_and_binary_are_kept_apart():
 def test_ping_between_fragments_and_pong_echoes_payload():
     reader = FrameReader(100)
     out = reader.feed(frame(1, b"ab", fin=False) + frame(9, b"xyz") + frame(0, b"c"))
-    assert out == [PingReceived(b"xyz"), TextReceived("abc")]
+    assert out == [FragmentReceived(), PingReceived(b"xyz"), TextReceived("abc")]
     assert reader.pong(b"xyz") == b"\x8a\x03xyz"
 
 
@@ -107,3 +109,17 @@ def test_truncated_frame_waits_for_more_bytes():
     data = frame(1, b"hello")
     assert reader.feed(data[:-1]) == []
     assert reader.feed(data[-1:]) == [TextReceived("hello")]
+
+
+def test_every_frame_is_an_event_and_parsing_stops_when_the_caller_does():
+    reader = FrameReader(100)
+    data = frame(1, b"a", fin=False) + frame(0, b"b", fin=False) + frame(0, b"c") + frame(10, b"") + frame(9, b"")
+    kinds = [type(event).__name__ for event in reader.feed(data)]
+    assert kinds == ["FragmentReceived", "FragmentReceived", "TextReceived", "PongReceived", "PingReceived"]
+    flood = b"".join(frame(9, b"p") for _ in range(1000))
+    events = reader.events(flood)
+    taken = [next(events) for _ in range(3)]
+    assert taken == [PingReceived(b"p")] * 3
+    events.close()
+    # The rest stayed unparsed in the buffer: the next read continues where the caller stopped.
+    assert len(reader.feed(b"")) == 997

@@ -1,6 +1,6 @@
 """Limits: the token bucket (fake clock) and per-IP connection slots (real Redis)."""
 
-from offload.limits import ConnectionSlots, TokenBucket
+from offload.limits import ConnectionSlots, Cooldowns, TokenBucket
 
 
 def test_token_bucket_allows_the_burst_then_the_rate():
@@ -11,6 +11,26 @@ def test_token_bucket_allows_the_burst_then_the_rate():
     assert bucket.allow() and not bucket.allow()
     now[0] += 100  # never more than the burst
     assert sum(bucket.allow() for _ in range(10)) == 5
+
+
+def test_a_cooldown_refuses_an_address_for_its_seconds_only():
+    now = [0.0]
+    cooldowns = Cooldowns(clock=lambda: now[0])
+    cooldowns.penalise("10.0.0.9", 5)
+    cooldowns.penalise("10.0.0.8", 0)  # 0: no cooldown
+    assert cooldowns.remaining("10.0.0.9") == 5 and cooldowns.remaining("10.0.0.8") == 0
+    now[0] += 4.5
+    assert cooldowns.remaining("10.0.0.9") == 0.5
+    now[0] += 0.5
+    assert cooldowns.remaining("10.0.0.9") == 0
+
+
+def test_cooldowns_forget_the_oldest_addresses_beyond_their_bound():
+    cooldowns = Cooldowns(clock=lambda: 0.0)
+    for n in range(Cooldowns._MAX + 1):
+        cooldowns.penalise(f"a{n}", 10)
+    assert cooldowns.remaining("a0") == 0, "the oldest was forgotten"
+    assert cooldowns.remaining(f"a{Cooldowns._MAX}") == 10
 
 
 def test_connection_slots_cap_an_ip_and_free_on_release(redis_client):

@@ -71,6 +71,29 @@ def test_a_malformed_resume_id_is_invalid_since(value):
     assert info.value.code == "invalid_since"
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        "public:a=\u0661\u0662\u0663-0",  # Arabic-Indic digits read as 123 through \d and int()
+        "public:a=1-²",
+        "public:a=\uff11-0",
+        "\xa0public:a=1-0",  # NBSP (Latin-1 header byte A0): str.strip() took it
+        "public:a=1-0\x85",  # NEL, the same
+    ],
+)
+def test_a_resume_id_takes_only_ascii_digits_and_http_blanks(value):
+    with pytest.raises(ProtocolError) as info:
+        parse_resume_id(value)
+    assert info.value.code == "invalid_since"
+
+
+@pytest.mark.parametrize("since", ["\u0661\u0662\u0663-0", "²-0", "1-\u0663", "+1-0"])
+def test_since_takes_only_ascii_digits(since):
+    with pytest.raises(ProtocolError) as info:
+        resume_positions(["public:a"], since=since)
+    assert info.value.code == "invalid_since"
+
+
 def test_resume_id_round_trips():
     positions = {"public:a": (1, 2), "room:x=y": (3, 4), "user:7": (5, 0)}
     assert parse_resume_id(format_resume_id(positions.items())) == positions
@@ -122,7 +145,7 @@ def stream(monkeypatch, settings):
     import offload.hub
     from offload.sse import SseStream
 
-    settings.OFFLOAD_MAX_QUEUED_MESSAGES = 3
+    settings.OFFLOAD_MAX_QUEUED_BYTES = 36  # three of the 12-byte events below
     monkeypatch.setattr(offload.hub, "get_hub", lambda worker_id=0: RecordingHub())
     return SseStream(["public:a", "room:b"], {"room:b": (5, 0)})
 
@@ -150,7 +173,7 @@ def test_duplicates_are_dropped_and_overflow_ends_the_stream(stream):
     live(stream, "public:a", 7)
     live(stream, "public:a", 6, 7, 8)  # a batch that overlaps: only 8 is new
     live(stream, "public:a", 9)
-    assert [item[1] for item in stream._outbox] == [(7, 0), (8, 0), (9, 0)]  # the limit: 3 queued
+    assert [item[1] for item in stream._outbox] == [(7, 0), (8, 0), (9, 0)]  # the limit: 36 bytes queued
     assert stream.ended is None
     live(stream, "public:a", 10)
     assert stream.ended == "slow consumer" and stream._drain() == b""

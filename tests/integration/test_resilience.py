@@ -1086,7 +1086,7 @@ class StalledClient:
 
 def test_slow_consumers_are_cut_off_while_fast_ones_get_everything(tmp_path):
     # Long ping timeouts: only the slow-consumer limit may close the stalled sockets quickly.
-    env = {"OFFLOAD_MAX_QUEUED_MESSAGES": "20", "OFFLOAD_PING_INTERVAL": "20", "OFFLOAD_PING_TIMEOUT": "30"}
+    env = {"OFFLOAD_MAX_QUEUED_BYTES": "240000", "OFFLOAD_PING_INTERVAL": "20", "OFFLOAD_PING_TIMEOUT": "30"}
     channel = f"public:slow-{os.getpid()}"
     stack = Stack.start(tmp_path, subscribers=200, channel=channel, workers=1, own_redis=False, env=env)
     stack.publisher.padding = "x" * 12_000  # about 12 KB per message (the limit is 64 KB)

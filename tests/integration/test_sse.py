@@ -396,7 +396,7 @@ def test_a_redis_restart_keeps_the_stream_open_and_loses_nothing(stack):
     stream.close()
 
 
-@pytest.mark.parametrize("stack", [{"OFFLOAD_MAX_QUEUED_MESSAGES": "20"}], indirect=True)
+@pytest.mark.parametrize("stack", [{"OFFLOAD_MAX_QUEUED_BYTES": "1200000"}], indirect=True)
 def test_a_client_that_stops_reading_is_dropped_and_leaves_the_hub_at_once(stack):
     server, _ = stack
     channel = "public:sse-slow"
@@ -405,7 +405,7 @@ def test_a_client_that_stops_reading_is_dropped_and_leaves_the_hub_at_once(stack
     big = "x" * 60000
     published = []
     started = time.monotonic()
-    # Fill the socket buffers until the stream's write blocks and 20 more messages queue up.
+    # Fill the socket buffers until the stream's write blocks and 20 more messages (1.2 MB) queue up.
     while numsub(server, channel) == 1:
         assert time.monotonic() - started < 20, "the slow stream was never dropped"
         published.append(server.publish(channel, big))
