@@ -292,9 +292,7 @@ class WebSocket:
             out.clear()
             out.append(head)
             self._queued_bytes = len(head)
-            log.info(
-                "websocket peer is a slow consumer (over %d bytes queued): closing it with 1008", self._max_queued
-            )
+            log.info("websocket peer is a slow consumer (over %d bytes queued): closing it with 1008", self._max_queued)
             self.close(CLOSE_POLICY, "slow consumer")
             return
         out.append(data)
