@@ -2,11 +2,16 @@
 
 Sending a chat message is an ordinary CSRF-protected Django POST view that
 calls ``offload.publish``; every open page receives it over its websocket.
+Every input is checked by a form of :mod:`app.forms` first; a refusal is a
+400 with ``{"error": code, "reason": ...}``, never a 500.
 """
 
 from __future__ import annotations
 
+import math
+
 from django.conf import settings
+from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
@@ -17,8 +22,16 @@ from django.views.decorators.http import require_POST
 import offload
 from offload.transfers import proxy_upstream, resolve_under, send_file
 
+from .forms import (
+    ApiForm,
+    MessageForm,
+    ReportForm,
+    ThrottledAuthenticationForm,
+    valid_download_name,
+    valid_task_id,
+)
+
 ROOMS = ["general", "random", "offtopic"]
-MAX_TEXT = 2000
 
 
 def _room_or_404(room: str) -> str:
@@ -54,6 +67,14 @@ def room(request: HttpRequest, room: str) -> HttpResponse:
     )
 
 
+def _refuse(code: str, reason: str) -> JsonResponse:
+    return JsonResponse({"error": code, "reason": reason}, status=400)
+
+
+def _refuse_form(form: ApiForm) -> JsonResponse:
+    return _refuse(*form.first_error())
+
+
 def _publish(channel: str, data: dict) -> JsonResponse:
     try:
         return JsonResponse({"id": offload.publish(channel, data)})
@@ -67,11 +88,10 @@ def _publish(channel: str, data: dict) -> JsonResponse:
 @require_POST
 def post_message(request: HttpRequest, room: str) -> JsonResponse:
     room = _room_or_404(room)
-    text = request.POST.get("text", "").strip()
-    if not text:
-        return JsonResponse({"error": "empty", "reason": "message is empty"}, status=400)
-    if len(text) > MAX_TEXT:
-        return JsonResponse({"error": "too_long", "reason": f"at most {MAX_TEXT} characters"}, status=400)
+    form = MessageForm(request.POST)
+    if not form.is_valid():
+        return _refuse_form(form)
+    text = form.cleaned_data["text"]
     data = {"user": request.user.get_username(), "text": text, "sent_at": timezone.now().isoformat()}
     return _publish(f"room:{room}", data)
 
@@ -93,16 +113,17 @@ def start_report(request: HttpRequest) -> JsonResponse:
     """Queue the demo report task; progress arrives on the user's channel."""
     from .tasks import build_report
 
-    seconds = min(float(request.POST.get("seconds", "10")), 60.0)
-    rows = min(int(request.POST.get("rows", "200000")), 2_000_000)
+    form = ReportForm(request.POST)
+    if not form.is_valid():
+        return _refuse_form(form)
     try:
         task_id = build_report.delay(
             channel=f"user:{request.user.pk}",
             owner=request.user.pk,
             user_id=request.user.pk,
-            rows=rows,
-            seconds=seconds,
-            fail=request.POST.get("fail") == "1",
+            rows=form.cleaned_data["rows"],
+            seconds=form.cleaned_data["seconds"],
+            fail=form.cleaned_data["fail"],
         )
     except offload.BackendUnavailable:
         return JsonResponse({"error": "unavailable", "reason": "the task service is down, try again"}, status=503)
@@ -112,6 +133,8 @@ def start_report(request: HttpRequest) -> JsonResponse:
 @login_required
 def download_report(request: HttpRequest, task_id: str) -> HttpResponse:
     """A protected download: only the owner gets the file, and uWSGI sends it."""
+    if not valid_task_id(task_id):
+        return _refuse("invalid_task_id", "a task id is 32 lowercase hex digits")
     path = resolve_under(settings.REPORTS_DIR / str(request.user.pk), f"{task_id}.csv")
     return send_file(path, filename=f"report-{task_id[:8]}.csv")
 
@@ -119,6 +142,8 @@ def download_report(request: HttpRequest, task_id: str) -> HttpResponse:
 @login_required
 def download(request: HttpRequest, name: str) -> HttpResponse:
     """Any file under var/files/downloads, for logged-in users (offloaded)."""
+    if not valid_download_name(name):
+        return _refuse("invalid_name", "not a file name (too long, or control characters)")
     return send_file(resolve_under(settings.DOWNLOADS_DIR, name))
 
 
@@ -127,3 +152,21 @@ def slow_upstream(request: HttpRequest) -> HttpResponse:
     """Authorise here, then let an offload thread wait for the slow upstream."""
     query = request.META.get("QUERY_STRING", "")
     return proxy_upstream(f"{settings.SLOW_UPSTREAM_URL}/slow" + (f"?{query}" if query else ""))
+
+
+class LoginView(auth_views.LoginView):
+    """Django's login view, throttled per account and per client address.
+
+    A throttled attempt is refused before the password is checked and
+    answered 429 with ``Retry-After`` (the form shows why); see
+    :class:`app.forms.LoginThrottle` for the counting.
+    """
+
+    authentication_form = ThrottledAuthenticationForm
+
+    def form_invalid(self, form: ThrottledAuthenticationForm) -> HttpResponse:
+        response = super().form_invalid(form)
+        if form.retry_after > 0:
+            response.status_code = 429
+            response["Retry-After"] = str(math.ceil(form.retry_after))
+        return response

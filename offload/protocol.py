@@ -12,6 +12,7 @@ it was published with and spliced in verbatim, so fan-out never re-encodes it.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ __all__ = [
     "command_from_object",
     "error_text",
     "message_text",
+    "parse_ascii_int",
     "parse_command",
     "parse_stream_id",
     "reply",
@@ -37,7 +39,9 @@ __all__ = [
 
 _NAMESPACE_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 _NAME_RE = re.compile(r"[A-Za-z0-9_.@=-]{1,128}")
-_STREAM_ID_RE = re.compile(r"(\d{1,20})-(\d{1,20})")
+# [0-9], never \d: \d and int() also take other scripts' digits ('١٢٣' is 123).
+_STREAM_ID_RE = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+_ASCII_DIGITS_RE = re.compile(r"[0-9]+")
 
 _U64_MAX = 2**64 - 1  # both parts of a Redis Stream id are unsigned 64-bit
 
@@ -95,6 +99,25 @@ def validate_channel(channel: Any) -> str:
     return channel
 
 
+def parse_ascii_int(value: Any, max_digits: int = 20) -> int | None:
+    """The value of a string of ASCII digits ``0-9``, or None if it is anything else.
+
+    ``int()`` and ``str.isdigit()`` are too lenient for client input: ``int``
+    takes ``' 12 '``, ``'+12'``, ``'1_2'`` and other scripts' digits
+    (``'١٢٣'`` is 123), and ``'²'.isdigit()`` is True although ``int('²')``
+    raises. Use this for every number a client sends as text (stream ids,
+    ``Content-Length``), so that all layers agree on what it means.
+
+    Args:
+        value: the text (anything that is not a ``str`` gives None).
+        max_digits: longer strings give None (bounds the work; 20 digits hold
+            any unsigned 64-bit value).
+    """
+    if not isinstance(value, str) or not 0 < len(value) <= max_digits or not _ASCII_DIGITS_RE.fullmatch(value):
+        return None
+    return int(value)
+
+
 def parse_stream_id(value: Any) -> StreamId:
     """Parse ``"<ms>-<seq>"`` into a comparable tuple.
 
@@ -127,10 +150,23 @@ def parse_command(text: str, *, max_data_bytes: int | None = None) -> Command:
         ChannelError: ``invalid_channel``.
     """
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except (ValueError, RecursionError):
         raise ProtocolError("message is not valid JSON", code="bad_json") from None
     return command_from_object(obj, max_data_bytes=max_data_bytes)
+
+
+def _refuse_constant(name: str) -> float:
+    """``json.loads`` takes ``NaN`` and ``Infinity``, which are not JSON: a ``ref``
+    echoed back would make the client's ``JSON.parse`` fail."""
+    raise ProtocolError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 overflows to infinity
+        raise ProtocolError(f"number {text[:40]} is out of range")
+    return value
 
 
 def command_from_object(obj: Any, *, max_data_bytes: int | None = None) -> Command:

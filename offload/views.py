@@ -9,9 +9,13 @@ the socket closes. See :mod:`offload.wsgi` for what happens after it returns.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import hmac
 import json
 import logging
+import re
+from collections.abc import Sequence
 from importlib import import_module
 from urllib.parse import parse_qs, urlsplit
 
@@ -29,7 +33,7 @@ from .endpoints import ChannelsEndpoint, EchoEndpoint
 from .exceptions import BackendUnavailable, ChannelError, LimitExceeded, OutcomeUnknown, ProtocolError
 from .limits import ConnectionSlots
 from .policies import ANONYMOUS, Identity
-from .protocol import encode_data
+from .protocol import encode_data, parse_ascii_int
 from .publishing import publish_json
 from .redis_client import REDIS_ERRORS, get_client
 
@@ -121,6 +125,84 @@ def _query(env: dict) -> dict[str, list[str]]:
     return parse_qs(raw, keep_blank_values=True)
 
 
+# -- the opening handshake (RFC 6455 section 4.2) ---------------------------------
+
+#: The only protocol version (RFC 6455); anything else gets 426 naming it.
+WEBSOCKET_VERSION = "13"
+# Sec-WebSocket-Key is the base64 of 16 random bytes: 22 characters, the last of
+# which carries 2 bits (so one of A, Q, g, w), then "==".
+_WEBSOCKET_KEY_RE = re.compile(r"[A-Za-z0-9+/]{21}[AQgw]==")
+_WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_HTTP_BLANKS = " \t"
+
+
+def _header_tokens(value: str) -> list[str]:
+    """The comma-separated tokens of a header value (blanks around each dropped)."""
+    return [token for token in (part.strip(_HTTP_BLANKS) for part in value.split(",")) if token]
+
+
+def _handshake_refusal(env: dict) -> HttpResponse | None:
+    """The answer to an upgrade request that breaks RFC 6455, or None if it is sound.
+
+    uWSGI's ``websocket_handshake()`` checks nothing: it answered 101 to
+    version 8, to a garbage version or none, and to any key. A client that
+    speaks another version must be told which one we speak (426 with
+    ``Sec-WebSocket-Version: 13``, section 4.4); a missing or malformed key,
+    a method other than GET or a ``Connection`` header without ``upgrade`` is
+    a bad request (section 4.2.1).
+    """
+    if env.get("REQUEST_METHOD") != "GET":
+        return HttpResponse("a websocket handshake is a GET\n", status=405, headers={"Allow": "GET"})
+    if "upgrade" not in (token.lower() for token in _header_tokens(env.get("HTTP_CONNECTION", ""))):
+        return HttpResponse("websocket handshake needs 'Connection: Upgrade'\n", status=400)
+    if env.get("HTTP_SEC_WEBSOCKET_VERSION", "").strip(_HTTP_BLANKS) != WEBSOCKET_VERSION:
+        return HttpResponse(
+            f"unsupported websocket version: this server speaks {WEBSOCKET_VERSION}\n",
+            status=426,
+            headers={"Sec-WebSocket-Version": WEBSOCKET_VERSION},
+        )
+    if not _WEBSOCKET_KEY_RE.fullmatch(env.get("HTTP_SEC_WEBSOCKET_KEY", "").strip(_HTTP_BLANKS)):
+        return HttpResponse("Sec-WebSocket-Key must be the base64 of 16 bytes\n", status=400)
+    return None
+
+
+def _choose_subprotocol(offered: str | None, supported: Sequence[str]) -> str | None:
+    """The subprotocol to answer with: the first of ``supported`` (the server's
+    order of preference) that the client offered, or None.
+
+    Args:
+        offered: the client's ``Sec-WebSocket-Protocol`` header (comma-separated).
+        supported: ``OFFLOAD_SUBPROTOCOLS``. Tokens compare exactly (case included).
+    """
+    if not offered or not supported:
+        return None
+    if isinstance(supported, str):  # a single name set without the tuple
+        supported = (supported,)
+    tokens = set(_header_tokens(offered))
+    return next((protocol for protocol in supported if protocol in tokens), None)
+
+
+def _accept_without_subprotocol(uwsgi, key: str) -> None:
+    """Answer 101 with no ``Sec-WebSocket-Protocol`` header.
+
+    Needed when the client offered subprotocols and none is supported: given no
+    protocol, ``uwsgi.websocket_handshake()`` echoes the client's whole list
+    (core/websockets.c), and RFC 6455 says a server that picks none MUST NOT
+    send the header. uWSGI's own ``start_response`` and write path send the
+    headers instead (so its request log shows the 101 and waits on a slow
+    client as for any response).
+
+    Raises:
+        OSError: the headers could not be sent (the client went away).
+    """
+    accept = base64.b64encode(hashlib.sha1(key.encode() + _WEBSOCKET_GUID).digest()).decode()
+    write = uwsgi.start_response(
+        "101 Switching Protocols",
+        [("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Accept", accept)],
+    )
+    write(b"")  # sends the headers now
+
+
 def websocket_view(endpoint_class: type[Endpoint]):
     """Make a Django view that serves ``endpoint_class`` over a websocket."""
 
@@ -128,6 +210,11 @@ def websocket_view(endpoint_class: type[Endpoint]):
         env = request.META
         if env.get("HTTP_UPGRADE", "").lower() != "websocket":
             return HttpResponse("websocket endpoint: upgrade required\n", status=426, headers={"Upgrade": "websocket"})
+        refusal = _handshake_refusal(env)
+        if refusal is not None:
+            return refusal
+        offered = env.get("HTTP_SEC_WEBSOCKET_PROTOCOL")
+        subprotocol = _choose_subprotocol(offered, conf.get("OFFLOAD_SUBPROTOCOLS"))
         if not origin_allowed(env.get("HTTP_ORIGIN")):
             log.warning("websocket refused: origin %r not allowed", env.get("HTTP_ORIGIN"))
             return HttpResponseForbidden("origin not allowed\n")
@@ -151,8 +238,12 @@ def websocket_view(endpoint_class: type[Endpoint]):
             return HttpResponse("handshake timed out\n", status=503)
         import uwsgi
 
+        key = env["HTTP_SEC_WEBSOCKET_KEY"].strip(_HTTP_BLANKS)
         try:
-            uwsgi.websocket_handshake(env.get("HTTP_SEC_WEBSOCKET_KEY", ""), env.get("HTTP_ORIGIN", ""))
+            if subprotocol is None and offered:
+                _accept_without_subprotocol(uwsgi, key)
+            else:  # exactly the chosen protocol, or none ("" sends no header when none was offered)
+                uwsgi.websocket_handshake(key, env.get("HTTP_ORIGIN", ""), subprotocol or "")
         except OSError as exc:
             slots.release()
             return HttpResponse(f"bad websocket handshake: {exc}\n", status=400)
@@ -193,11 +284,19 @@ def api_publish(request: HttpRequest, channel: str) -> JsonResponse:
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
         return _error(401, "unauthorized", "missing or wrong bearer key", **{"WWW-Authenticate": "Bearer"})
     limit = conf.get("OFFLOAD_MAX_MESSAGE_BYTES")
-    length = request.META.get("CONTENT_LENGTH") or "0"
-    if not length.isdigit() or int(length) > limit:
+    # ASCII digits only: '²'.isdigit() is True but int('²') raised (a 500).
+    length = parse_ascii_int(request.META.get("CONTENT_LENGTH") or "0")
+    if length is None:
+        return _error(400, "bad_content_length", "Content-Length must be a number in ASCII digits")
+    if length > limit:
         return _error(413, "message_too_large", f"body larger than {limit} bytes")
     try:
-        data = json.loads(request.body)
+        body = request.body
+    except OSError:  # Django's UnreadablePostError: the client sent less than it announced and left
+        log.info("publish API: the client closed before sending its %d-byte body", length)
+        return _error(400, "incomplete_body", "the body is shorter than its Content-Length")
+    try:
+        data = json.loads(body)
     except (ValueError, RecursionError):
         return _error(400, "bad_json", "body is not valid JSON")
     try:

@@ -1,8 +1,11 @@
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
+from app.views import LoginView
+
 urlpatterns = [
-    path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
+    # Django's login, throttled per account and per address (app.forms.LoginThrottle)
+    path("accounts/login/", LoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("", include("offload.urls")),
     path("", include("app.urls")),

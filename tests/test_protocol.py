@@ -13,6 +13,7 @@ from offload.protocol import (
     encode_data,
     error_text,
     message_text,
+    parse_ascii_int,
     parse_command,
     parse_stream_id,
     reply,
@@ -96,6 +97,81 @@ def test_stream_ids_compare_numerically_not_as_strings():
     for bad in ("10", "a-b", "1-2-3", "-1-0", " 1-0", "1-0 "):
         with pytest.raises(ProtocolError):
             parse_stream_id(bad)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "\u0661\u0662\u0663-0",  # Arabic-Indic digits: \d matches them and int() reads 123
+        "1-\u0660",
+        "\uff11\uff12-0",  # fullwidth digits
+        "²-0",  # '²'.isdigit() is True, int('²') raises
+        "1-³",
+        "+1-0",
+        "1_0-0",  # int() takes underscores
+        "1-0\n",
+    ],
+)
+def test_stream_ids_are_ascii_digits_only(bad):
+    with pytest.raises(ProtocolError) as info:
+        parse_stream_id(bad)
+    assert info.value.code == "invalid_since"
+    with pytest.raises(ProtocolError):
+        parse_command(json.dumps({"type": "subscribe", "channel": "room:a", "since": bad}))
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("0", 0),
+        ("10485760", 10485760),
+        ("007", 7),
+        ("9" * 20, int("9" * 20)),
+        ("9" * 21, None),  # longer than max_digits
+        ("", None),
+        ("²", None),
+        ("\u0661\u0662", None),
+        ("\uff11\uff12", None),
+        (" 12", None),
+        ("12 ", None),
+        ("+12", None),
+        ("-1", None),
+        ("1_000", None),
+        ("0x10", None),
+        ("1e3", None),
+        (12, None),  # only text is parsed
+        (None, None),
+    ],
+)
+def test_parse_ascii_int_takes_ascii_digits_and_nothing_else(text, expected):
+    assert parse_ascii_int(text) == expected
+
+
+def test_parse_ascii_int_bounds_the_digits():
+    assert parse_ascii_int("123", max_digits=3) == 123
+    assert parse_ascii_int("1234", max_digits=3) is None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"type":"ping","ref":NaN}',
+        '{"type":"ping","ref":Infinity}',
+        '{"type":"ping","ref":-Infinity}',
+        '{"type":"ping","ref":1e999}',  # overflows to infinity
+        '{"type":"publish","channel":"room:a","data":[1e999]}',
+    ],
+)
+def test_non_finite_numbers_are_refused_so_no_reply_carries_them(text):
+    """json.loads takes NaN, Infinity and 1e999 (as inf); a ref echoed back as
+    NaN made the client's JSON.parse throw."""
+    with pytest.raises(ProtocolError) as info:
+        parse_command(text)
+    assert info.value.code == "bad_message"
+
+
+def test_finite_floats_still_parse():
+    assert parse_command('{"type":"ping","ref":1.5e3}') == Ping(ref=1500.0)
 
 
 def test_message_text_splices_preencoded_json():

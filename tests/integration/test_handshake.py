@@ -11,44 +11,75 @@ headers that middleware adds (XFrameOptionsMiddleware's ``X-Frame-Options``).
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import socket
+import time
 
 import pytest
 
 from offload.testing import LiveServer
+from tests.test_frames import frame
 
 pytestmark = pytest.mark.timeout(120)
 
+_KEEP = object()  # send the usual value of a header
 
-def handshake(port: int, path: str = "/ws/", host: str | None = None, origin: str | None = None) -> tuple[int, dict]:
-    """Send one upgrade request; return the status and the response headers."""
-    key = base64.b64encode(os.urandom(16)).decode()
+
+def handshake(
+    port: int,
+    path: str = "/ws/",
+    host: str | None = None,
+    origin: str | None = None,
+    *,
+    method: str = "GET",
+    key=_KEEP,
+    version=_KEEP,
+    connection="Upgrade",
+    protocol: str | None = None,
+    keep_open: bool = False,
+):
+    """Send one upgrade request; return the status and the response headers
+    (lower-case names), plus the socket and the bytes after the headers when
+    ``keep_open``. ``key``/``version`` None leave the header out."""
+    if key is _KEEP:
+        key = base64.b64encode(os.urandom(16)).decode()
+    if version is _KEEP:
+        version = "13"
     lines = [
-        f"GET {path} HTTP/1.1",
+        f"{method} {path} HTTP/1.1",
         f"Host: {host or f'127.0.0.1:{port}'}",
         "Upgrade: websocket",
-        "Connection: Upgrade",
-        f"Sec-WebSocket-Key: {key}",
-        "Sec-WebSocket-Version: 13",
+        f"Connection: {connection}",
     ]
+    if key is not None:
+        lines.append(f"Sec-WebSocket-Key: {key}")
+    if version is not None:
+        lines.append(f"Sec-WebSocket-Version: {version}")
+    if protocol is not None:
+        lines.append(f"Sec-WebSocket-Protocol: {protocol}")
     if origin:
         lines.append(f"Origin: {origin}")
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-    head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    head_bytes, _, rest = data.partition(b"\r\n\r\n")
+    head = head_bytes.decode("latin-1").split("\r\n")
     headers = {}
     for line in head[1:]:
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
-    return int(head[0].split()[1]), headers
+    status = int(head[0].split()[1])
+    if keep_open:
+        return status, headers, sock, rest
+    sock.close()
+    return status, headers
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +192,159 @@ def test_a_refused_body_is_drained_so_the_client_reads_the_refusal(offload_serve
     for _ in range(3):
         status, _, body = api_post(offload_server, "public:x", json.dumps("x" * 1_000_000))
         assert status == 413 and json.loads(body)["error"] == "message_too_large"
+
+
+# -- RFC 6455 opening handshake: what uWSGI's websocket_handshake() never checked ------------
+
+
+@pytest.mark.parametrize("version", ["8", "12", "14", "garbage", "13, 8", "", None])
+def test_a_version_other_than_13_gets_426_naming_13(offload_server, version):
+    status, headers = handshake(offload_server.port, version=version)
+    assert status == 426  # was 101, whatever the version (or none)
+    assert headers["sec-websocket-version"] == "13"
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        None,  # missing
+        "",
+        "abc",  # was accepted
+        base64.b64encode(os.urandom(15)).decode(),
+        base64.b64encode(os.urandom(17)).decode(),
+        "!" * 22 + "==",
+        "AAAAAAAAAAAAAAAAAAAAAB==",  # stray bits after the 16th byte: not what a client's encoder writes
+    ],
+)
+def test_a_missing_or_malformed_key_gets_400(offload_server, key):
+    status, _ = handshake(offload_server.port, key=key)
+    assert status == 400
+
+
+def test_a_handshake_that_is_not_a_get_or_lacks_connection_upgrade_is_refused(offload_server):
+    assert handshake(offload_server.port, method="POST")[0] == 405
+    assert handshake(offload_server.port, connection="keep-alive")[0] == 400
+    assert handshake(offload_server.port, connection="keep-alive, Upgrade")[0] == 101  # Firefox sends this
+
+
+def test_the_accept_header_answers_the_key(offload_server):
+    key = base64.b64encode(os.urandom(16)).decode()
+    status, headers = handshake(offload_server.port, key=key)
+    expected = base64.b64encode(hashlib.sha1(key.encode() + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+    assert status == 101 and headers["sec-websocket-accept"] == expected.decode()
+    assert "sec-websocket-protocol" not in headers
+
+
+def echo_works(sock, rest: bytes) -> bool:
+    """Send one text frame on an upgraded raw socket and read it back from /ws/echo."""
+    sock.sendall(frame(0x1, b"still a websocket"))
+    data = rest
+    while len(data) < 2 + len(b"still a websocket"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            return False
+        data += chunk
+    return data[0] == 0x81 and data[2:] == b"still a websocket"
+
+
+@pytest.mark.parametrize("server_fixture", ["offload_server", "middleware_server"])
+def test_offered_subprotocols_are_not_echoed_when_the_server_speaks_none(request, server_fixture):
+    """OFFLOAD_SUBPROTOCOLS is empty by default. Given no protocol, uWSGI's
+    websocket_handshake() echoed the client's whole list (core/websockets.c);
+    RFC 6455 wants no Sec-WebSocket-Protocol header at all when the server
+    picks none. The view then sends the 101 through uWSGI's start_response,
+    and the socket works."""
+    server = request.getfixturevalue(server_fixture)
+    status, headers, sock, rest = handshake(
+        server.port, path="/ws/echo", protocol="chat, superchat", keep_open=True, origin=server.base_url
+    )
+    try:
+        assert status == 101
+        assert "sec-websocket-protocol" not in headers  # was "chat, superchat"
+        assert headers["upgrade"].lower() == "websocket"
+        assert echo_works(sock, rest)
+    finally:
+        sock.close()
+    assert "Traceback" not in server.log_text()
+
+
+def test_subprotocols_are_chosen_from_the_servers_list_in_its_order(settings):
+    """The choice itself (the live servers speak none: OFFLOAD_SUBPROTOCOLS can
+    only be set in the Django settings)."""
+    from offload.views import _choose_subprotocol
+
+    assert _choose_subprotocol("chat, v2.offload", ("v2.offload", "v1.offload")) == "v2.offload"
+    assert _choose_subprotocol("v1.offload,v2.offload", ("v2.offload", "v1.offload")) == "v2.offload"
+    assert _choose_subprotocol(" v1.offload ", ("v2.offload", "v1.offload")) == "v1.offload"
+    assert _choose_subprotocol("chat, superchat", ("v2.offload",)) is None
+    assert _choose_subprotocol("V2.OFFLOAD", ("v2.offload",)) is None  # tokens compare exactly
+    assert _choose_subprotocol("v2.offload", ()) is None  # the default: never a header
+    assert _choose_subprotocol(None, ("v2.offload",)) is None
+    assert _choose_subprotocol("", ("v2.offload",)) is None
+
+
+# -- the publish API: bounds on what a client sends ---------------------------------------------
+
+
+def api_raw(server, head: bytes, body: bytes = b"", timeout: float = 5) -> tuple[int, bytes, float]:
+    """Send a raw request; return the status, the response body and the seconds until the answer."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=timeout) as sock:
+        started = time.monotonic()
+        sock.sendall(head + b"\r\n\r\n" + body)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        elapsed = time.monotonic() - started
+        head_bytes, _, rest = data.partition(b"\r\n\r\n")
+    return int(head_bytes.split()[1]), rest, elapsed
+
+
+def api_head(server, content_length: bytes, key: str | None = None) -> bytes:
+    return (
+        b"POST /api/publish/public:bounds HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + (key or server.api_key).encode() + b"\r\nContent-Length: " + content_length
+    )
+
+
+@pytest.mark.parametrize("server_fixture", ["offload_server", "middleware_server"])
+def test_a_wrong_key_is_answered_before_the_body_is_sent(request, server_fixture):
+    """10 MB announced, none sent: the 401 comes at once. Had anything read the
+    body first, the answer would wait for socket-timeout (30 s) and this
+    5-second read would time out."""
+    server = request.getfixturevalue(server_fixture)
+    status, body, elapsed = api_raw(server, api_head(server, b"10485760", key="wrong"))
+    assert status == 401 and json.loads(body)["error"] == "unauthorized"
+    assert elapsed < 5
+
+
+@pytest.mark.parametrize("server_fixture", ["offload_server", "middleware_server"])
+@pytest.mark.parametrize("length", [b"\xb2", b"\xb3", b"\xb9", b"0x10", b"1e3", b"-1"])
+def test_a_content_length_that_is_not_ascii_digits_is_400_without_a_traceback(request, server_fixture, length):
+    """'²' (byte B2: Latin-1 in the WSGI environ) passed str.isdigit() and
+    int('²') raised: a 500 with a traceback in the log."""
+    server = request.getfixturevalue(server_fixture)
+    before = len(server.log_text())
+    status, body, _ = api_raw(server, api_head(server, length), b"{}")
+    assert status == 400, body
+    assert json.loads(body)["error"] == "bad_content_length"
+    assert "Traceback" not in server.log_text()[before:]
+
+
+@pytest.mark.parametrize("server_fixture", ["offload_server", "middleware_server"])
+def test_a_body_shorter_than_announced_is_400_without_a_traceback(request, server_fixture):
+    """The client announces 50 bytes, sends 2 and closes its side: reading the
+    body failed with UnreadablePostError, a 500 with a traceback."""
+    server = request.getfixturevalue(server_fixture)
+    before = len(server.log_text())
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(api_head(server, b"50") + b"\r\n\r\n{}")
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert int(head.split()[1]) == 400 and json.loads(body)["error"] == "incomplete_body"
+    assert "Traceback" not in server.log_text()[before:]
