@@ -81,7 +81,7 @@ from .frames import (
 from .limits import ConnectionSlots, TokenBucket, cooldowns
 from .policies import Identity
 
-__all__ = ["Endpoint", "WebSocket", "close_all", "open_connections", "write_directly"]
+__all__ = ["Endpoint", "WebSocket", "close_all", "close_user", "open_connections", "write_directly"]
 
 T = TypeVar("T")
 
@@ -125,6 +125,14 @@ def close_all(code: int = CLOSE_RESTART, reason: str = "server restart") -> None
     """Send every websocket of this process a close frame now (reload, shutdown)."""
     for ws in list(_open):
         ws.close(code, reason)
+
+
+def close_user(user_id: int, code: int, reason: str) -> int:
+    """Close every websocket of this process opened by user ``user_id``; returns how many."""
+    closing = [ws for ws in _open if ws.identity.user_id == user_id]
+    for ws in closing:
+        ws.close(code, reason)
+    return len(closing)
 
 
 def write_directly(targets: Iterable[tuple[T, WebSocket | None]], frames: bytes) -> list[T]:

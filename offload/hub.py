@@ -29,6 +29,12 @@ a socket over gets :meth:`Subscriber.deliver` instead. Such a subscriber's
 position is the newest id the hub fanned out (:meth:`Hub.last_fanned_out`):
 it must ask for it before it needs its own position (resync, replies).
 
+Control messages: every hub also listens on a private control channel.
+:func:`send_control` publishes a JSON command there (for example "close
+this user's connections", after a logout) and every hub of every worker
+and instance passes it to the handlers registered with
+:func:`on_control`; the hub itself knows no command.
+
 Newest ids: while a channel is ready, every new message passes through the
 hub, so the newest id it saw (or read once from the history stream) stays
 current. A subscription "from now" takes it from :meth:`Hub.newest_id`: a
@@ -41,6 +47,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import gevent
@@ -49,14 +56,15 @@ import gevent.event
 from . import conf
 from .connection import write_directly
 from .cursor import Entry, make_entry
+from .exceptions import BackendUnavailable
 from .history import read_tip
 from .protocol import StreamId
-from .redis_client import REDIS_ERRORS, channel_of, new_client, pubsub_channel
+from .redis_client import REDIS_ERRORS, channel_of, get_client, new_client, pubsub_channel
 
 if TYPE_CHECKING:
     from .connection import WebSocket
 
-__all__ = ["Hub", "Subscriber", "get_hub"]
+__all__ = ["Hub", "Subscriber", "get_hub", "on_control", "send_control"]
 
 log = logging.getLogger("offload.hub")
 
@@ -65,6 +73,26 @@ _IDLE_PING = 5.0  # seconds of silence before the hub pings Redis
 _BACKOFF = (0.05, 0.1, 0.2, 0.3, 0.5)  # short: live delivery must resume before history (the gap filler) is trimmed
 _MAX_BATCH = 256  # messages fanned out together at most
 _UNKNOWN = object()
+_control_handlers: list[Callable[[dict], None]] = []
+
+
+def on_control(handler: Callable[[dict], None]) -> None:
+    """Call ``handler(command)`` for every control command any process sends
+    (see :func:`send_control`), in every hub of this process's lifetime."""
+    if handler not in _control_handlers:
+        _control_handlers.append(handler)
+
+
+def send_control(command: dict) -> None:
+    """Broadcast ``command`` (JSON-serializable) to every hub, every worker, every instance.
+
+    Raises:
+        BackendUnavailable: Redis is down; the command reached nobody.
+    """
+    try:
+        get_client().publish(pubsub_channel(_CONTROL), json.dumps(command, separators=(",", ":")))
+    except REDIS_ERRORS as exc:
+        raise BackendUnavailable(f"Redis is unavailable: {exc}") from exc
 
 
 class Subscriber(Protocol):
@@ -95,6 +123,7 @@ class Hub:
         self._generation = 0  # bumped when the Redis connection is lost
         self._wake = gevent.event.Event()
         self._pubsub = None
+        self._control_name = b""
         self.connected = False
         self.delivered = 0
         self.reconnects = 0
@@ -204,6 +233,7 @@ class Hub:
         client = new_client(1, retries=0)
         self._pubsub = client.pubsub(ignore_subscribe_messages=False)
         # A private control channel opens the connection even with no interest.
+        self._control_name = pubsub_channel(_CONTROL).encode()
         self._pubsub.subscribe(pubsub_channel(_CONTROL))
         self._fd = self._pubsub.connection._sock.fileno()
         self.connected = True
@@ -280,6 +310,7 @@ class Hub:
         """
         got = False
         get_message = self._pubsub.get_message
+        control = self._control_name
         batch: dict[bytes, list[bytes]] = {}
         size = 0
         while True:
@@ -288,7 +319,9 @@ class Hub:
                 break
             got = True
             kind = message["type"]
-            if kind == "message":
+            if kind == "message" and message["channel"] == control:
+                self._control(message["data"])
+            elif kind == "message":
                 batch.setdefault(message["channel"], []).append(message["data"])
                 size += 1
                 if size >= _MAX_BATCH:
@@ -299,6 +332,19 @@ class Hub:
         if batch:
             self._fan_out_batch(batch)
         return got
+
+    @staticmethod
+    def _control(data: bytes) -> None:
+        try:
+            command = json.loads(data)
+        except ValueError:
+            log.warning("hub: malformed control message ignored: %r", data[:200])
+            return
+        for handler in list(_control_handlers):
+            try:
+                handler(command)
+            except Exception:
+                log.exception("hub: control handler failed")
 
     def _fan_out_batch(self, batch: dict[bytes, list[bytes]]) -> None:
         for name, payloads in batch.items():

@@ -65,6 +65,7 @@ __all__ = [
     "RETRY",
     "SseStream",
     "close_all_streams",
+    "close_user_streams",
     "format_event",
     "format_resume_id",
     "open_streams",
@@ -177,6 +178,14 @@ def open_streams() -> int:
     return len(_streams)
 
 
+def close_user_streams(user_id: int, reason: str) -> int:
+    """End every stream of this process opened by user ``user_id``; returns how many."""
+    closing = [stream for stream in _streams if stream.identity is not None and stream.identity.user_id == user_id]
+    for stream in closing:
+        stream.close(reason)
+    return len(closing)
+
+
 def close_all_streams() -> None:
     """End every SSE stream of this process at once (graceful reload).
 
@@ -193,10 +202,17 @@ class SseStream:
         channels: the channels, already checked against the policies.
         positions: each resumed channel's position (see :func:`resume_positions`).
         worker_id: the uWSGI worker, for the hub's stats.
+        slots: this stream's per-IP connection slot (``offload.limits.ConnectionSlots``).
+        identity: who opened it (``offload.policies.Identity``), to end it when their session ends.
     """
 
     def __init__(
-        self, channels: list[str], positions: dict[str, StreamId], worker_id: int = 0, slots: object = None
+        self,
+        channels: list[str],
+        positions: dict[str, StreamId],
+        worker_id: int = 0,
+        slots: object = None,
+        identity: object = None,
     ) -> None:
         import gevent.event
 
@@ -220,6 +236,7 @@ class SseStream:
         self._peer_readable = False
         self._in_hub = False
         self._slots = slots  # offload.limits.ConnectionSlots: this stream's per-IP slot
+        self.identity = identity
         #: Our duplicate of the client fd once the stream left the uWSGI request.
         self.detached_fd: int | None = None
         self._wake = gevent.event.Event()
@@ -497,7 +514,7 @@ def stream_view(request: HttpRequest) -> HttpResponse:
     if not slots.acquire():
         return _error(429, "too_many_connections", "too many connections from this address")
     install_signal_handlers()
-    stream = SseStream(channels, positions, _worker_id(), slots)
+    stream = SseStream(channels, positions, _worker_id(), slots, identity)
     response = StreamingHttpResponse(_detached_body(stream), content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"  # nginx: pass events through at once

@@ -24,6 +24,8 @@
   /** Quick reconnect delay window for RESTART_CODES (always < 1 s). */
   const RESTART_DELAY_MIN = 100;
   const RESTART_DELAY_SPREAD = 650;
+  /** Close code of a socket whose user logged out (or lost the session otherwise): do not reconnect. */
+  const CLOSE_SESSION_ENDED = 4001;
   /** Close code used when the client itself gives up on a dead socket. */
   const CLOSE_CLIENT_TIMEOUT = 4000;
   /** `since` value meaning "everything still retained". */
@@ -344,6 +346,7 @@
       for (const [ref, p] of Array.from(this._pending)) {
         if (p.sent || !p.queue) this._settle(ref, new OffloadError({code: 'disconnected', reason: 'connection lost'}));
       }
+      if (code === CLOSE_SESSION_ENDED) this._closed = true;  // a new session means a new page
       if (this._closed) {
         this._setState('closed');
         return;
