@@ -13,7 +13,7 @@ of window, alternating order, ``repeats`` times each, in the same run:
   the others read only after the server closed its end.
 
 The server writes to every socket without blocking and queues what a socket
-cannot take; a queue over ``OFFLOAD_MAX_QUEUED_MESSAGES`` closes that socket
+cannot take; a queue over ``OFFLOAD_MAX_QUEUED_BYTES`` closes that socket
 with 1008 "slow consumer" (``offload/connection.py``). Measured per window:
 fast latency (every delivery), lost/duplicate, worker RSS sampled every
 0.25 s, CPU per process group; per stalled socket: the bytes the server's
@@ -58,6 +58,11 @@ TIMER_DROPS = {
     "stuck": re.compile(r"websocket peer stopped reading for"),
     "ping": re.compile(r"websocket peer did not answer a ping"),
 }
+
+
+def _queue_bytes(k: dict) -> int:
+    """The worker's queue limit in bytes: ``queue`` messages of ``payload`` bytes and their envelope and frame."""
+    return k["queue"] * (k["payload"] + 128)
 
 
 def knobs(cfg: BenchConfig) -> dict:
@@ -196,7 +201,7 @@ def run(cfg: BenchConfig, work: Path, logs: Path, progress: Progress) -> dict:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     k = knobs(cfg)
-    env = {**SERVER_ENV, "OFFLOAD_MAX_QUEUED_MESSAGES": str(k["queue"])}
+    env = {**SERVER_ENV, "OFFLOAD_MAX_QUEUED_BYTES": str(_queue_bytes(k))}
     server = BenchServer(work / "var", env)
     fast = stalled = None
     windows: dict[str, dict] = {}
@@ -483,7 +488,8 @@ def markdown(results: dict) -> str:
         f"## Slow-consumer benchmark, {results['started']}",
         "",
         f"`{results['command']}` on {results['machine']['cpus']} CPUs, commit {results['machine']['commit']}; "
-        f"one uWSGI worker (gevent), embedded Redis, `OFFLOAD_MAX_QUEUED_MESSAGES={k['queue']}`. "
+        f"one uWSGI worker (gevent), embedded Redis, `OFFLOAD_MAX_QUEUED_BYTES={_queue_bytes(k)}` "
+        f"({k['queue']} messages). "
         f"{k['fast']:,} fast subscribers on `{CHANNEL}`, {k['rate']:g} messages/s of {k['payload']:,} bytes "
         f"through `POST /api/publish/` ({k['rate'] * k['payload'] * k['fast'] / 2**20:,.0f} MiB/s to the fast "
         f"sockets); stalled windows add {k['stalled']} websockets (SO_RCVBUF {k['rcvbuf']}) that stop reading once "
