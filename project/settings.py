@@ -29,8 +29,21 @@ VAR_DIR = Path(os.environ.get("OFFLOAD_VAR_DIR", BASE_DIR / "var")).resolve()
 FILES_ROOT = VAR_DIR / "files"
 DOWNLOADS_DIR = FILES_ROOT / "downloads"
 REPORTS_DIR = FILES_ROOT / "reports"
+# var/ holds sessions (db.sqlite3), Redis' data, reports and spool files: owner
+# only (0700 directories, 0600 files). The umask is set here because this module
+# is imported before anything is written there by every Python process that
+# writes there: `manage.py migrate/collectstatic` (make prepare, LiveServer)
+# before uWSGI starts, then uWSGI's workers and spooler. Creating directories
+# with a mode would miss the files SQLite, the spooler and the tasks create.
+# uwsgi.ini sets the same umask for the master and its daemons (Redis).
+os.umask(0o077)
 for _dir in (VAR_DIR, VAR_DIR / "spool", DOWNLOADS_DIR, REPORTS_DIR):
-    _dir.mkdir(parents=True, exist_ok=True)
+    _dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+if VAR_DIR.stat().st_uid == os.geteuid():
+    VAR_DIR.chmod(0o700)  # a var/ made by an earlier version under umask 022 was world-readable
+# Django chmods stored files (collectstatic's copies) to FILE_UPLOAD_PERMISSIONS (default 0o644).
+FILE_UPLOAD_PERMISSIONS = 0o600
+FILE_UPLOAD_DIRECTORY_PERMISSIONS = 0o700
 
 
 def _secret_key() -> str:
@@ -119,6 +132,11 @@ STORAGES = {
 }
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+# Login throttling (app/forms.py): failed logins per account and per client
+# address within the window (seconds) before the login view answers 429.
+LOGIN_FAILURES_PER_ACCOUNT = int(os.environ.get("LOGIN_FAILURES_PER_ACCOUNT", 5))
+LOGIN_FAILURES_PER_IP = int(os.environ.get("LOGIN_FAILURES_PER_IP", 20))
+LOGIN_FAILURES_WINDOW = float(os.environ.get("LOGIN_FAILURES_WINDOW", 900))
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "login"
@@ -167,6 +185,7 @@ for _name in (
     "MAX_CONTROL_FRAMES_PER_SECOND",
     "ABUSE_COOLDOWN",
     "HANDSHAKE_TIMEOUT",
+    "TASK_TIMEOUT",
     "REDIS_TIMEOUT",
 ):
     if f"OFFLOAD_{_name}" in os.environ:
@@ -183,6 +202,8 @@ for _name in (
 ):
     if f"OFFLOAD_{_name}" in os.environ:
         globals()[f"OFFLOAD_{_name}"] = int(os.environ[f"OFFLOAD_{_name}"])
+if "OFFLOAD_SUBPROTOCOLS" in os.environ:
+    OFFLOAD_SUBPROTOCOLS = tuple(_env_list("OFFLOAD_SUBPROTOCOLS", ""))
 if "OFFLOAD_ALLOWED_ORIGINS" in os.environ:
     OFFLOAD_ALLOWED_ORIGINS = _env_list("OFFLOAD_ALLOWED_ORIGINS", "")
 # Seconds a client may take to send its request headers (0: no bound; docs/security-slowloris.md).
