@@ -106,11 +106,12 @@ bench-backpressure: setup $(BENCH_STAMP) ## slow consumers: 1,000 fast + 10 stal
 # --- hardening: random-frame fuzzing and a long soak against the real stack ---
 .PHONY: fuzz soak
 
-fuzz: setup ## fuzz /ws/ and /ws/echo with random frames; prints its seed (replay: FUZZ_SEED=n make fuzz)
+fuzz: setup ## fuzz /ws/ + /ws/echo with random frames and every HTTP route with random requests; prints its seed (replay: FUZZ_SEED=n make fuzz)
 	@seed=$${FUZZ_SEED:-$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}; \
-	  echo "fuzz seed: $$seed  (replay: FUZZ_SEED=$$seed make fuzz; one connection: FUZZ_ONLY=<iteration>)"; \
+	  echo "fuzz seed: $$seed  (replay: FUZZ_SEED=$$seed make fuzz; one connection or request: FUZZ_ONLY=<iteration>)"; \
 	  FUZZ_SEED=$$seed FUZZ_ITERATIONS=$${FUZZ_ITERATIONS:-10000} \
-	  $(PY) -m pytest -q -s -p no:cacheprovider tests/integration/test_fuzz.py -k random_frames
+	  $(PY) -m pytest -q -s -p no:cacheprovider tests/integration/test_fuzz.py tests/integration/test_fuzz_http.py \
+	    -k "random_frames or random_requests"
 
 soak: setup ## long run (SOAK_SECONDS, default 300): Redis restarts, reloads, worker kills; fails on any gap
 	$(PY) tests/soak_run.py

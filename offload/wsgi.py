@@ -49,6 +49,8 @@ from django.urls import Resolver404, ResolverMatch, get_resolver
 
 from . import conf
 from .views import DEFERRED_RUN, DIRECT, UPGRADED
+from .watchdog import install as install_watchdog
+from .watchdog import reached_app
 
 __all__ = ["OffloadWSGIHandler", "get_wsgi_application", "tune_gc"]
 
@@ -79,6 +81,7 @@ class OffloadWSGIHandler(WSGIHandler):
         self._hosts: dict[tuple, bool] = conf.cache()  # Host headers that passed ALLOWED_HOSTS
 
     def __call__(self, environ, start_response):
+        reached_app()  # the headers are in: the header timeout (offload.watchdog) no longer applies
         if environ.get("HTTP_UPGRADE", "").lower() == "websocket":
             if not conf.get("OFFLOAD_WEBSOCKET_MIDDLEWARE"):
                 request = WSGIRequest(environ)
@@ -224,6 +227,7 @@ def get_wsgi_application() -> OffloadWSGIHandler:
 
     django.setup(set_prefix=False)
     handler = OffloadWSGIHandler()
+    install_watchdog(conf.get("OFFLOAD_HEADER_TIMEOUT"))  # before the fork: uWSGI's gevent loop starts after
     tune_gc()
     return handler
 
