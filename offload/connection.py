@@ -231,7 +231,6 @@ class WebSocket:
         )
         self._write_watcher = gevent.get_hub().loop.io(fd, 2)
         self._owns_fd = False
-        self._ping_payload: bytes | None = None  # the newest ping of the current read, not yet answered
 
     # -- API for endpoints and the hub (any greenlet) --------------------------
 
@@ -437,14 +436,9 @@ class WebSocket:
             if self.state is State.CLOSING and now - self._closing_since >= _CLOSE_GRACE:
                 self.state = State.CLOSED  # a client that keeps sending after our close
                 return
-            self._ping_payload = None
             for event in self._reader.events(data or None):
                 if not self._handle(event, endpoint):
                     break  # over the rate limit: leave the rest unparsed
-            if self._ping_payload is not None:
-                # One pong for the pings of one read: RFC 6455 5.5.3 lets an
-                # endpoint answer only the most recent of several pings.
-                self._write(self._reader.pong(self._ping_payload))
             if not data:
                 self.state = State.CLOSED
                 return
@@ -457,9 +451,6 @@ class WebSocket:
             and (not isinstance(event, (PingReceived, PongReceived)) or self._control_bucket.allow())
         ):
             if self.state is State.OPEN:
-                if self._ping_payload is not None:  # the pings before the limit still get their pong
-                    self._write(self._reader.pong(self._ping_payload))
-                    self._ping_payload = None
                 peer = self._slots.ip if self._slots is not None else ""
                 log.info("websocket peer %s sends frames faster than its rate limit: closing it with 1008", peer)
                 self.close(CLOSE_POLICY, "rate limit exceeded")
@@ -474,7 +465,7 @@ class WebSocket:
             if self.state is State.OPEN:
                 endpoint.on_binary(event.data)
         elif isinstance(event, PingReceived):
-            self._ping_payload = event.payload  # answered once the read is parsed
+            self._write(self._reader.pong(event.payload))
         elif isinstance(event, (PongReceived, FragmentReceived)):
             pass  # counted above; any received byte already counts as a sign of life
         elif isinstance(event, CloseReceived):
