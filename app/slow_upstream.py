@@ -9,11 +9,14 @@ Python core for the whole time if Django proxied it itself.
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
+
+_NUMBER = re.compile(r"[0-9]{1,9}(\.[0-9]{1,6})?")
 
 
 class SlowHandler(BaseHTTPRequestHandler):
@@ -33,8 +36,12 @@ class SlowHandler(BaseHTTPRequestHandler):
 
     def _answer(self) -> None:
         query = parse_qs(urlsplit(self.path).query)
-        delay = min(float(query.get("delay", ["1"])[0]), 60.0)
-        size = min(int(query.get("size", ["1000"])[0]), 100_000_000)
+        delay = _number(query.get("delay", ["1"])[0], 60.0)
+        size = _number(query.get("size", ["1000"])[0], 100_000_000)
+        if delay is None or size is None:
+            self.send_error(400, "delay and size must be plain numbers")  # not a crash and an empty reply
+            return
+        size = int(size)
         time.sleep(delay)
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
@@ -50,6 +57,13 @@ class SlowHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args) -> None:
         pass
+
+
+def _number(text: str, limit: float) -> float | None:
+    """A plain decimal number (ASCII digits, optional fraction) capped at ``limit``, or None."""
+    if not _NUMBER.fullmatch(text):
+        return None
+    return min(float(text), limit)
 
 
 def serve(port: int) -> ThreadingHTTPServer:

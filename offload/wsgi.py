@@ -40,14 +40,17 @@ docs/performance.md).
 from __future__ import annotations
 
 import logging
+from math import ceil
 
 import gevent
 from django.core.exceptions import DisallowedHost
-from django.core.handlers.wsgi import WSGIHandler, WSGIRequest
+from django.core.handlers.wsgi import WSGIHandler, WSGIRequest, get_path_info
 from django.http import HttpResponse, HttpResponseBadRequest, HttpResponseServerError, JsonResponse
 from django.urls import Resolver404, ResolverMatch, get_resolver
 
 from . import conf
+from .limits import cooldowns
+from .protocol import parse_ascii_int
 from .views import DEFERRED_RUN, DIRECT, UPGRADED
 from .watchdog import install as install_watchdog
 from .watchdog import reached_app
@@ -58,6 +61,9 @@ log = logging.getLogger("offload.wsgi")
 
 _ROUTE_CACHE_SIZE = 256  # distinct upgrade paths remembered (a site has a handful)
 _DRAIN_LIMIT = 1 << 20  # bytes of a refused request's body read before answering
+_NOSNIFF = [("X-Content-Type-Options", "nosniff")]
+_PLAIN = [("Content-Type", "text/plain; charset=utf-8"), *_NOSNIFF]
+_BAD_LENGTH = b'{"error":"bad_content_length","reason":"Content-Length must be a number in ASCII digits"}\n'
 
 
 _WEBSOCKET_REFUSALS = {
@@ -82,17 +88,26 @@ class OffloadWSGIHandler(WSGIHandler):
 
     def __call__(self, environ, start_response):
         reached_app()  # the headers are in: the header timeout (offload.watchdog) no longer applies
+        length = environ.get("CONTENT_LENGTH")
+        if length and parse_ascii_int(length) is None:
+            # Django would run int() on it while reading the body: '²', '5, 5'
+            # (two headers, joined by uWSGI) or ' 5' raised, or meant a
+            # different length than uWSGI's. One refusal for every view.
+            start_response("400 Bad Request", [("Content-Type", "application/json"), *_NOSNIFF])
+            return [_BAD_LENGTH]
         if environ.get("HTTP_UPGRADE", "").lower() == "websocket":
+            cooldown = cooldowns.remaining(environ.get("REMOTE_ADDR", ""))
+            if cooldown:  # this address flooded a socket moments ago: refuse it before any work
+                start_response("429 Too Many Requests", [("Retry-After", str(ceil(cooldown))), *_PLAIN])
+                return [b"too many frames from this address: wait before reconnecting\n"]
             if not conf.get("OFFLOAD_WEBSOCKET_MIDDLEWARE"):
-                request = WSGIRequest(environ)
-                match = self._route(request.path_info)
+                match = self._route(environ)
                 if match is not None and getattr(match.func, "offload_websocket", None) is not None:
-                    return self._upgrade_directly(request, match, start_response)
+                    return self._upgrade_directly(WSGIRequest(environ), match, start_response)
         elif environ.get("REQUEST_METHOD") == "POST" and not conf.get("OFFLOAD_API_MIDDLEWARE"):
-            request = WSGIRequest(environ)
-            match = self._route(request.path_info)
+            match = self._route(environ)
             if match is not None and getattr(match.func, "offload_api", False):
-                return self._call_api_directly(request, match, start_response)
+                return self._call_api_directly(WSGIRequest(environ), match, start_response)
 
         def guarded_start_response(status, headers, exc_info=None):
             if environ.get(UPGRADED):
@@ -111,8 +126,15 @@ class OffloadWSGIHandler(WSGIHandler):
         del response
         return self._run_detached(deferred)
 
-    def _route(self, path: str) -> ResolverMatch | None:
-        """The URL match of ``path`` (None: no view), remembered."""
+    def _route(self, environ: dict) -> ResolverMatch | None:
+        """The URL match of the request's path (None: no view), remembered.
+
+        The path is read without building a ``WSGIRequest``: Django's
+        constructor writes the decoded path back into the environ, and a second
+        one (Django's own, when we fall through) could then not re-encode it
+        (``POST /%D9%A1`` raised UnicodeEncodeError and got no answer).
+        """
+        path = get_path_info(environ) or "/"
         try:
             return self._routes[path]
         except KeyError:
@@ -194,11 +216,8 @@ def _drain_body(request: WSGIRequest) -> None:
     client, still busy sending, reads it. A body over ``_DRAIN_LIMIT`` is
     not read: such a client gets the reset.
     """
-    try:
-        length = int(request.environ.get("CONTENT_LENGTH") or 0)
-    except ValueError:
-        return
-    if not 0 < length <= _DRAIN_LIMIT:
+    length = parse_ascii_int(request.environ.get("CONTENT_LENGTH") or "0")
+    if length is None or not 0 < length <= _DRAIN_LIMIT:  # not a plain number: nothing sane to wait for
         return
     try:
         while request.read(65536):

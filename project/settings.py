@@ -145,7 +145,9 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(levelname)s %(name)s[%(process)d]: %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    # Clients' mistakes (bad Host, malformed bodies) log one line, not a traceback each.
+    "filters": {"client_errors": {"()": "project.errors.ClientErrorsWithoutTraceback"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["client_errors"]}},
     "loggers": {
         "offload": {"handlers": ["console"], "level": os.environ.get("OFFLOAD_LOG_LEVEL", "INFO")},
         "django": {"handlers": ["console"], "level": "WARNING"},

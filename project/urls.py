@@ -10,3 +10,8 @@ urlpatterns = [
     path("", include("offload.urls")),
     path("", include("app.urls")),
 ]
+
+# Plain error pages that never parse the request body (project/errors.py).
+handler400 = "project.errors.bad_request"
+handler403 = "project.errors.permission_denied"
+handler404 = "project.errors.page_not_found"
