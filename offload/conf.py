@@ -66,12 +66,12 @@ DEFAULTS: dict[str, Any] = {
     # (bearer key, no session or CSRF), checking the Host header.
     "OFFLOAD_API_MIDDLEWARE": False,
     # Seconds the upgrade may take on our side (user lookup, limits) before 503.
-    # Reading the request headers is bounded by uWSGI's socket-timeout.
+    # Reading the request headers is bounded by OFFLOAD_HEADER_TIMEOUT.
     "OFFLOAD_HANDSHAKE_TIMEOUT": 10.0,
     # Seconds a client may take to send its whole request headers (slowloris:
     # uWSGI's socket-timeout bounds each read, not the total). Beyond it the
     # connection is shut down and its async core freed (offload.watchdog,
-    # docs/security-slowloris.md). 0 or None: no bound. Enforced only under
+    # docs/security.md). 0 or None: no bound. Enforced only under
     # uWSGI's gevent loop with offload-threads (static files leave the core).
     "OFFLOAD_HEADER_TIMEOUT": 10.0,
     # Allocations between young-generation garbage collections (Python's
