@@ -20,66 +20,10 @@ import time
 import pytest
 
 from offload.testing import LiveServer
+from tests.integration.rawws import handshake
 from tests.test_frames import frame
 
 pytestmark = pytest.mark.timeout(120)
-
-_KEEP = object()  # send the usual value of a header
-
-
-def handshake(
-    port: int,
-    path: str = "/ws/",
-    host: str | None = None,
-    origin: str | None = None,
-    *,
-    method: str = "GET",
-    key=_KEEP,
-    version=_KEEP,
-    connection="Upgrade",
-    protocol: str | None = None,
-    keep_open: bool = False,
-):
-    """Send one upgrade request; return the status and the response headers
-    (lower-case names), plus the socket and the bytes after the headers when
-    ``keep_open``. ``key``/``version`` None leave the header out."""
-    if key is _KEEP:
-        key = base64.b64encode(os.urandom(16)).decode()
-    if version is _KEEP:
-        version = "13"
-    lines = [
-        f"{method} {path} HTTP/1.1",
-        f"Host: {host or f'127.0.0.1:{port}'}",
-        "Upgrade: websocket",
-        f"Connection: {connection}",
-    ]
-    if key is not None:
-        lines.append(f"Sec-WebSocket-Key: {key}")
-    if version is not None:
-        lines.append(f"Sec-WebSocket-Version: {version}")
-    if protocol is not None:
-        lines.append(f"Sec-WebSocket-Protocol: {protocol}")
-    if origin:
-        lines.append(f"Origin: {origin}")
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    head_bytes, _, rest = data.partition(b"\r\n\r\n")
-    head = head_bytes.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in head[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    status = int(head[0].split()[1])
-    if keep_open:
-        return status, headers, sock, rest
-    sock.close()
-    return status, headers
 
 
 @pytest.fixture(scope="module")

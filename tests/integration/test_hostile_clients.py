@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import multiprocessing
 import os
@@ -23,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from offload.testing import LiveServer
-from tests.integration.rawws import RawWebSocket
+from tests.integration.rawws import RawWebSocket, handshake
 from tests.test_frames import frame
 
 pytestmark = pytest.mark.timeout(180)
@@ -86,19 +85,8 @@ def test_a_burst_of_control_frames_or_fragments_is_closed_with_1008(server, kind
 
 def _upgrade(port: int) -> tuple[socket.socket, int]:
     """Open a websocket to /ws/echo by hand; returns the socket and the status."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(
-        f"GET /ws/echo HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-    )
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        head += chunk
-    return sock, int(head.split()[1]) if head else 0
+    status, _, sock, _ = handshake(port, "/ws/echo", keep_open=True)
+    return sock, status
 
 
 def _flood(port: int, kind: str, sockets: int, seconds: float, cpu: int | None, ready, go, out) -> None:
@@ -248,19 +236,8 @@ class StalledReplayer:
     """Resumes a channel from its start (``since=0-0``), then never reads."""
 
     def __init__(self, port: int, channel: str) -> None:
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        self.sock.settimeout(10)
-        self.sock.connect(("127.0.0.1", port))
-        key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall(
-            f"GET /ws/?channel={channel}&since=0-0 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-        )
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += self.sock.recv(1)
-        assert b" 101 " in head.split(b"\r\n")[0]
+        status, _, self.sock, _ = handshake(port, f"/ws/?channel={channel}&since=0-0", keep_open=True, rcvbuf=4096)
+        assert status == 101
 
 
 def test_stalled_replayers_hold_about_a_page_each_not_the_whole_history(server):
