@@ -23,6 +23,7 @@ import pytest
 
 from offload.testing import LiveServer
 from tests.integration.rawws import RawWebSocket, handshake
+from tests.integration.test_sse import SseClient
 from tests.test_frames import frame
 
 pytestmark = pytest.mark.timeout(180)
@@ -253,6 +254,18 @@ def test_stalled_replayers_hold_about_a_page_each_not_the_whole_history(server):
             got.append(message["id"])
     assert got == ids
     reader.close()
+    # So does an event stream (its pages go out as the client takes them), with live messages
+    # published while it replays: no gap, no duplicate.
+    stream = SseClient(server, f"/sse/?channel={channel}&since=0-0", timeout=30)
+    got, total = [], len(ids) + 5
+    while len(got) < total:
+        event = stream.event()
+        if event.get("event") == "message":
+            got.append(event["data"]["id"])
+            if len(got) == 10:
+                ids += [publish_direct(server, channel, json.dumps(n)) for n in range(5)]
+    assert got == ids
+    stream.close()
 
     before = worker_rss_mb(server)
     stalled = [StalledReplayer(server.port, channel) for _ in range(50)]
