@@ -1,4 +1,5 @@
-"""Path checks, the upstream gate's header rules and the inline fallback of offload.transfers (no uWSGI needed)."""
+"""Path checks and the inline fallback of offload.transfers, and the header rules of
+offload.upstream_gate (no uWSGI needed)."""
 
 import os
 import socket
@@ -7,15 +8,8 @@ import time
 import pytest
 from django.http import Http404
 
-from offload.transfers import (
-    UPSTREAM_SECURITY_HEADERS,
-    GateError,
-    filter_upstream_response,
-    proxy_upstream,
-    resolve_under,
-    send_file,
-    upstream_request,
-)
+from offload.transfers import proxy_upstream, resolve_under, send_file
+from offload.upstream_gate import UPSTREAM_SECURITY_HEADERS, GateError, filter_upstream_response, upstream_request
 
 
 @pytest.fixture
