@@ -229,11 +229,17 @@ class LiveServer:
         self.manage("create_demo_users")
         return self
 
-    def start(self, timeout: float = 30) -> LiveServer:
+    def start(self, timeout: float = 30, extra_args: tuple[str, ...] = ()) -> LiveServer:
+        """Start uWSGI and wait until it serves, its upstream gate included.
+
+        Args:
+            extra_args: more uWSGI options after ``--ini uwsgi.ini`` (e.g. another ``--module``).
+        """
         uwsgi = Path(sys.executable).parent / "uwsgi"
-        log = open(self.log_path, "ab")
+        # The log holds request variables (cookies of failed requests): owner-only, like var/.
+        log = os.fdopen(os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
         self.proc = subprocess.Popen(
-            [str(uwsgi), "--ini", str(PROJECT_DIR / "uwsgi.ini")],
+            [str(uwsgi), "--ini", str(PROJECT_DIR / "uwsgi.ini"), *extra_args],
             cwd=PROJECT_DIR,
             env=self.env,
             stdout=log,
@@ -242,11 +248,17 @@ class LiveServer:
         )
         log.close()
         _wait_for(self._healthy, timeout, f"uWSGI on port {self.port} (log: {self.log_path})", 0.1)
+        # uWSGI starts the upstream gate (offload.upstream_gate) beside the workers: /slow needs it.
+        _wait_for((self.var_dir / "upstream.sock").exists, timeout, "the upstream gate's socket", 0.05)
         return self
 
     def _healthy(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
             raise RuntimeError(f"uWSGI exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
+        return self.serves()
+
+    def serves(self) -> bool:
+        """Does uWSGI answer ``GET /healthz`` with 200? (Override for another WSGI module.)"""
         with urllib.request.urlopen(self.base_url + "/healthz", timeout=2) as resp:
             return resp.status == 200
 

@@ -20,17 +20,14 @@ import os
 import signal
 import socket
 import stat
-import subprocess
-import sys
 import threading
 import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
-from offload.testing import PROJECT_DIR, LiveServer, free_port
+from offload.testing import LiveServer, free_port
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -149,23 +146,10 @@ class RecordingUpstream:
 class HandOffServer(LiveServer):
     """uwsgi.ini as the project ships it, with :func:`hand_off_app` as the WSGI module."""
 
-    def start(self, timeout: float = 30) -> LiveServer:
-        uwsgi = Path(sys.executable).parent / "uwsgi"
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [str(uwsgi), "--ini", str(PROJECT_DIR / "uwsgi.ini"), "--module", f"{__name__}:hand_off_app"],
-                cwd=PROJECT_DIR,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        wait_until(lambda: self._up(), timeout, f"uWSGI on port {self.port} (log: {self.log_path})")
-        return self
+    def start(self, timeout: float = 30, extra_args: tuple[str, ...] = ()) -> LiveServer:
+        return super().start(timeout, ("--module", f"{__name__}:hand_off_app", *extra_args))
 
-    def _up(self) -> bool:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"uWSGI exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
+    def serves(self) -> bool:
         try:
             return raw_request(self.port, "/", timeout=2)[0] == 200
         except OSError:
