@@ -41,7 +41,7 @@ between switches.
 The pure bookkeeping (:class:`HeaderDeadlines`) takes the time as an argument
 and is tested without uWSGI (tests/test_watchdog.py); the uWSGI, gevent and
 ctypes edge below it is the rest of this module. Measured figures and how many
-slow connections one worker survives: docs/security-slowloris.md.
+slow connections one worker survives: docs/security.md.
 """
 
 from __future__ import annotations

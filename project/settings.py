@@ -208,6 +208,6 @@ if "OFFLOAD_SUBPROTOCOLS" in os.environ:
     OFFLOAD_SUBPROTOCOLS = tuple(_env_list("OFFLOAD_SUBPROTOCOLS", ""))
 if "OFFLOAD_ALLOWED_ORIGINS" in os.environ:
     OFFLOAD_ALLOWED_ORIGINS = _env_list("OFFLOAD_ALLOWED_ORIGINS", "")
-# Seconds a client may take to send its request headers (0: no bound; docs/security-slowloris.md).
+# Seconds a client may take to send its request headers (0: no bound; docs/security.md).
 if "OFFLOAD_HEADER_TIMEOUT" in os.environ:
     OFFLOAD_HEADER_TIMEOUT = float(os.environ["OFFLOAD_HEADER_TIMEOUT"])

@@ -14,7 +14,7 @@ seen them older than the bound and left them alone.
 
 ``python -m tests.integration.test_slowloris`` measures, with 200 cores, how
 a worker fares under a sustained attack at rates below and above
-CORES / timeout (the figures of docs/security-slowloris.md).
+CORES / timeout (the figures of docs/security.md).
 """
 
 from __future__ import annotations
