@@ -44,18 +44,13 @@ Lifecycle::
 
 from __future__ import annotations
 
-import _socket
 import enum
 import errno
 import logging
 import os
 import random
-import signal
-import socket
 import time
 from collections import deque
-from collections.abc import Iterable
-from typing import TypeVar
 
 import gevent
 import gevent.event
@@ -63,7 +58,6 @@ import gevent.socket
 
 from . import conf
 from .frames import (
-    CLOSE_GOING_AWAY,
     CLOSE_INTERNAL,
     CLOSE_POLICY,
     CLOSE_RESTART,
@@ -80,10 +74,10 @@ from .frames import (
 )
 from .limits import ConnectionSlots, TokenBucket, cooldowns
 from .policies import Identity
+from .sockets import close_now, detach, shutdown_write
 
-__all__ = ["Endpoint", "WebSocket", "close_all", "close_user", "open_connections", "write_directly"]
+__all__ = ["Endpoint", "WebSocket", "close_all", "close_user", "open_connections"]
 
-T = TypeVar("T")
 
 log = logging.getLogger("offload.connection")
 
@@ -91,29 +85,6 @@ _CLOSE_GRACE = 2.0  # seconds to wait for the peer's close frame
 _READ_SIZE = 65536
 _READS_PER_WAKE = 16  # chunks read per wake-up before the other greenlets get a turn
 _open: set[WebSocket] = set()
-
-
-def _close_now(fd: int) -> None:
-    """Close an fd at once, our watchers on it being stopped already.
-
-    gevent's monkey-patched ``os.close`` defers the close to the event loop's
-    next iteration, which on an idle worker may be long after: the client
-    would wait for the TCP connection to end.
-    """
-    from gevent.monkey import get_original
-
-    get_original("os", "close")(fd)
-
-
-def _shutdown_write(fd: int) -> None:
-    """Send FIN (no more data from us), keeping the fd open for reading."""
-    sock = _socket.socket(fileno=fd)
-    try:
-        sock.shutdown(socket.SHUT_WR)
-    except OSError:
-        pass
-    finally:
-        sock.detach()
 
 
 def open_connections() -> int:
@@ -133,37 +104,6 @@ def close_user(user_id: int, code: int, reason: str) -> int:
     for ws in closing:
         ws.close(code, reason)
     return len(closing)
-
-
-def write_directly(targets: Iterable[tuple[T, WebSocket | None]], frames: bytes) -> list[T]:
-    """Write ``frames`` now to every target socket that can take them in order.
-
-    The fan-out hot path (the hub, one message to thousands of sockets): one
-    ``os.write`` per socket and nothing else, no call into the subscriber.
-    ``targets`` pairs each subscriber with its socket, or with None when the
-    subscriber must see every message itself. Returns the subscribers the
-    caller must deliver to the ordinary way: those without a socket, and those
-    whose socket is closing or has bytes queued (writing past a queue would
-    reorder the stream). Whatever the kernel does not take is queued as by
-    :meth:`WebSocket.send_frame`.
-    """
-    write = os.write
-    size = len(frames)
-    others: list[T] = []
-    for subscriber, ws in targets:
-        if ws is None or ws.state or ws._out:  # State.OPEN is 0
-            others.append(subscriber)
-            continue
-        try:
-            written = write(ws.fd, frames)
-        except BlockingIOError:
-            written = 0
-        except OSError:
-            ws._broken()
-            continue
-        if written != size:
-            ws._queue_unsent(frames, written)
-    return others
 
 
 class State(enum.IntEnum):
@@ -240,6 +180,27 @@ class WebSocket:
 
     def send_binary(self, data: bytes) -> None:
         self.send_frame(frame_binary(data))
+
+    def offer(self, frames: bytes) -> bool:
+        """The hub's fan-out: write ``frames`` now unless the socket must keep
+        its order (it is closing, or has bytes queued: writing past them would
+        reorder the stream). Returns False then, and the hub delivers through
+        the socket's subscriber instead. What the kernel does not take is
+        queued as by :meth:`send_frame`. One ``os.write`` and nothing else:
+        this runs once per socket for every message of a channel.
+        """
+        if self.state or self._out:  # State.OPEN is 0
+            return False
+        try:
+            written = os.write(self.fd, frames)
+        except BlockingIOError:
+            written = 0
+        except OSError:
+            self._broken()
+            return True
+        if written != len(frames):
+            self._queue_unsent(frames, written)
+        return True
 
     def send_frame(self, frame: bytes) -> None:
         """Send complete frame bytes now, or queue what the socket cannot take.
@@ -355,12 +316,7 @@ class WebSocket:
         rather than open sockets. Call it before any data is exchanged.
         """
         self._write_watcher.stop()
-        # The plain C socket type: gevent's cooperative class would set up
-        # watchers this fd never uses (it is only borrowed for setsockopt).
-        sock = _socket.socket(fileno=os.dup(self.fd))
-        # Frames go out as they are written (no Nagle delay behind a small pong).
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.fd = sock.detach()
+        self.fd = detach(self.fd)
         self._owns_fd = True
         self._write_watcher = gevent.get_hub().loop.io(self.fd, 2)
 
@@ -403,7 +359,7 @@ class WebSocket:
             except Exception:
                 log.exception("websocket on_close failed")
             if self._owns_fd:
-                _close_now(self.fd)
+                close_now(self.fd)
 
     def _timeout(self, endpoint: Endpoint) -> float:
         if self._ping_sent is not None:  # one ping at a time: wait for its answer
@@ -480,7 +436,7 @@ class WebSocket:
             # close frame tells the client at once that nothing else follows.
             self.close(event.code, event.reason)
             if not self._out:
-                _shutdown_write(self.fd)
+                shutdown_write(self.fd)
         return self.state is not State.CLOSED
 
     def _timers(self) -> None:
@@ -499,35 +455,3 @@ class WebSocket:
             self._next_ping = now + self._ping_interval
             if self._slots is not None:
                 self._slots.refresh()
-
-
-_handlers_installed_pid: int | None = None
-
-
-def install_signal_handlers() -> None:
-    """On graceful reload (SIGHUP to the worker), close every socket with 1012;
-    on shutdown with 1001.
-
-    uWSGI's gevent loop waits for every open request before a worker can be
-    replaced; closing websockets promptly makes reloads take seconds instead
-    of ``worker-reload-mercy``, and 1012 tells clients to reconnect and resume.
-    """
-    global _handlers_installed_pid
-    if _handlers_installed_pid == os.getpid():
-        return
-    _handlers_installed_pid = os.getpid()
-    from .sse import close_all_streams
-
-    def reload() -> None:
-        close_all()
-        close_all_streams()
-
-    def shutdown() -> None:
-        close_all(CLOSE_GOING_AWAY, "server shutting down")
-        close_all_streams()
-
-    gevent.signal_handler(signal.SIGHUP, reload)
-    # Shutdown (uWSGI stops a worker with SIGINT, and with SIGTERM/SIGQUIT on
-    # some paths): tell clients with 1001 instead of just dropping TCP.
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):
-        gevent.signal_handler(signum, shutdown)

@@ -23,7 +23,7 @@ when all commands sent for it are acknowledged and the last one was SUBSCRIBE.
 Direct writes: a subscriber whose stream is plain live delivery (no history
 to merge, nothing to filter) hands the hub its socket
 (:meth:`Hub.write_directly_to`). The hub then writes each message's frames
-straight to that socket (:func:`offload.connection.write_directly`) without
+straight to that socket (its ``offer`` method, :class:`DirectSocket`) without
 calling the subscriber; whoever is closing, has bytes queued or never handed
 a socket over gets :meth:`Subscriber.deliver` instead. Such a subscriber's
 position is the newest id the hub fanned out (:meth:`Hub.last_fanned_out`):
@@ -48,23 +48,18 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import gevent
 import gevent.event
 
-from . import conf
-from .connection import write_directly
 from .cursor import Entry, make_entry
 from .exceptions import BackendUnavailable
 from .history import read_tip
 from .protocol import StreamId
 from .redis_client import REDIS_ERRORS, channel_of, get_client, new_client, pubsub_channel
 
-if TYPE_CHECKING:
-    from .connection import WebSocket
-
-__all__ = ["Hub", "Subscriber", "get_hub", "on_control", "send_control"]
+__all__ = ["DirectSocket", "Hub", "Subscriber", "on_control", "send_control"]
 
 log = logging.getLogger("offload.hub")
 
@@ -107,13 +102,24 @@ class Subscriber(Protocol):
         their websocket frames joined, ready to write in one call."""
 
 
+class DirectSocket(Protocol):
+    """A socket the hub may write a channel's messages to itself."""
+
+    def offer(self, frames: bytes) -> bool:
+        """Write ``frames`` now, in order; False: deliver to the subscriber instead."""
+
+
 class Hub:
-    """Per-process Redis subscription and in-process fan-out."""
+    """Per-process Redis subscription and in-process fan-out.
+
+    Start it once per process (``offload.worker.hub()`` does, after the
+    fork); :meth:`close` stops it and leaves Redis.
+    """
 
     def __init__(self, worker_id: int = 0) -> None:
         self.worker_id = worker_id
         # channel -> {subscriber: its socket for direct writes, or None}
-        self._local: dict[str, dict[Subscriber, WebSocket | None]] = {}
+        self._local: dict[str, dict[Subscriber, DirectSocket | None]] = {}
         self._last_fanned: dict[str, StreamId] = {}
         self._channel_json: dict[str, bytes] = {}
         self._sent_subscribe: set[str] = set()
@@ -128,9 +134,13 @@ class Hub:
         self.delivered = 0
         self.reconnects = 0
         self._greenlet = gevent.spawn(self._run)
-        self._stats_greenlet = None
-        if conf.get("OFFLOAD_STATS_INTERVAL") > 0:
-            self._stats_greenlet = gevent.spawn(self._publish_stats)
+
+    def close(self) -> None:
+        """Stop the hub: its greenlet ends and its Redis connection closes.
+        Subscribers are not told (the process is ending, or a test is)."""
+        self._greenlet.kill()
+        self._local.clear()
+        self._disconnect()
 
     # -- called by subscribers ------------------------------------------------
 
@@ -156,7 +166,7 @@ class Hub:
             self._last_fanned.pop(channel, None)
             self._wake.set()
 
-    def write_directly_to(self, subscriber: Subscriber, channel: str, ws: WebSocket) -> None:
+    def write_directly_to(self, subscriber: Subscriber, channel: str, ws: DirectSocket) -> None:
         """Write ``channel``'s messages straight to ``ws`` instead of calling
         ``subscriber.deliver`` (while ``ws`` is open and has nothing queued).
 
@@ -379,47 +389,10 @@ class Hub:
             self._newest[channel] = newest
         frames = entries[0][2] if len(entries) == 1 else b"".join([entry[2] for entry in entries])
         count = len(subscribers)
-        # No copy of the dict: write_directly never (un)subscribes anyone.
-        for subscriber in write_directly(subscribers.items(), frames):
+        # No copy of the dict: offer() never (un)subscribes anyone.
+        others = [subscriber for subscriber, ws in subscribers.items() if ws is None or not ws.offer(frames)]
+        for subscriber in others:
             subscriber.deliver(channel, entries, frames)
         self.delivered += count * len(entries)
 
     # -- stats ----------------------------------------------------------------
-
-    def stats(self, connections: int) -> dict:
-        return {
-            "pid": os.getpid(),
-            "worker": self.worker_id,
-            "connections": connections,
-            "channels": self.channels,
-            "delivered": self.delivered,
-            "redis": "up" if self.connected else "down",
-            "ts": time.time(),
-        }
-
-    def _publish_stats(self) -> None:
-        from .connection import open_connections
-        from .publishing import publish
-        from .sse import open_streams
-
-        interval = conf.get("OFFLOAD_STATS_INTERVAL")
-        channel = conf.get("OFFLOAD_STATS_CHANNEL")
-        while True:
-            gevent.sleep(interval)
-            try:
-                publish(channel, self.stats(open_connections() + open_streams()))
-            except Exception as exc:  # Redis down or namespace missing: keep going
-                log.debug("stats not published: %s", exc)
-
-
-_hub: Hub | None = None
-_hub_pid: int | None = None
-
-
-def get_hub(worker_id: int = 0) -> Hub:
-    """The hub of this process, started on first use (after fork)."""
-    global _hub, _hub_pid
-    if _hub is None or _hub_pid != os.getpid():
-        _hub = Hub(worker_id)
-        _hub_pid = os.getpid()
-    return _hub

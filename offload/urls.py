@@ -2,14 +2,14 @@
 
 from django.urls import path
 
-from . import sse, views
+from . import views
 
 app_name = "offload"
 
 urlpatterns = [
     path("ws/", views.channels_socket, name="ws"),
     path("ws/echo", views.echo_socket, name="ws-echo"),
-    path("sse/", sse.stream_view, name="sse"),
+    path("sse/", views.stream_view, name="sse"),
     path("api/publish/<str:channel>", views.api_publish, name="api-publish"),
     path("healthz", views.healthz, name="healthz"),
 ]

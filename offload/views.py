@@ -1,10 +1,11 @@
-"""Django views: the websocket upgrade, the server-to-server publish API, health.
+"""Django views: the websocket upgrade, the event stream, the publish API, health.
 
 Websocket endpoints are ordinary Django views, so URL routing, middleware
 (sessions, authentication) and decorators work as usual. The view checks the
-Origin, resolves the user off the event loop, performs uWSGI's native
-handshake and then runs the connection loop on the request's greenlet until
-the socket closes. See :mod:`offload.wsgi` for what happens after it returns.
+handshake, the Origin and the limits, resolves the user off the event loop,
+performs uWSGI's native handshake and returns :class:`Upgraded`, which
+:mod:`offload.wsgi` runs once Django is done with the request. The event
+stream view checks the same things before its first byte.
 """
 
 from __future__ import annotations
@@ -15,47 +16,70 @@ import hmac
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import import_module
 from urllib.parse import parse_qs, urlsplit
 
 import gevent
 from django.conf import settings
-from django.http import HttpRequest, HttpResponse, HttpResponseForbidden, JsonResponse
+from django.http import (
+    HttpRequest,
+    HttpResponse,
+    HttpResponseForbidden,
+    HttpResponseNotAllowed,
+    JsonResponse,
+    StreamingHttpResponse,
+)
 from django.http.request import validate_host
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
-from . import conf
+from . import conf, worker
 from .blocking import run_blocking
-from .connection import Endpoint, WebSocket, install_signal_handlers
+from .connection import Endpoint, WebSocket
 from .endpoints import ChannelsEndpoint, EchoEndpoint
-from .exceptions import BackendUnavailable, ChannelError, LimitExceeded, OutcomeUnknown, ProtocolError
+from .exceptions import (
+    BackendUnavailable,
+    ChannelError,
+    LimitExceeded,
+    OutcomeUnknown,
+    PermissionDenied,
+    ProtocolError,
+    RefusedError,
+)
 from .limits import ConnectionSlots
-from .policies import ANONYMOUS, Identity
+from .policies import ANONYMOUS, Identity, check_subscribe
 from .protocol import encode_data, parse_ascii_int
 from .publishing import publish_json
 from .redis_client import REDIS_ERRORS, get_client
+from .sse import SseStream, response_body
+from .sse_format import resume_positions
+from .worker import install_signal_handlers
+
+try:
+    import uwsgi
+except ImportError:  # management commands and unit tests: Django without uWSGI, no upgrades there
+    uwsgi = None
 
 __all__ = [
+    "DIRECT_API_VIEWS",
+    "UPGRADED",
+    "Upgraded",
+    "WebSocketView",
     "api_publish",
     "channels_socket",
     "echo_socket",
     "healthz",
     "origin_allowed",
     "resolve_identity",
+    "stream_view",
     "websocket_view",
 ]
 
 log = logging.getLogger("offload.views")
 
-#: environ key set once the request was upgraded (read by offload.wsgi).
+#: environ key set once uWSGI sent the 101 (offload.wsgi then sends nothing more).
 UPGRADED = "offload.upgraded"
-#: environ key set by offload.wsgi: it will run the socket after Django returns.
-DEFERRED_RUN = "offload.deferred_run"
-#: environ key set by offload.wsgi's direct path: the view's response is not used.
-DIRECT = "offload.direct"
-_SWITCHED = HttpResponse(status=101)  # what a direct upgrade returns (never sent, never changed)
 _ORIGIN_CACHE_SIZE = 256  # distinct Origin headers remembered (a site sees a handful)
 _origins: dict[str, bool] = conf.cache()  # Origin -> allowed, forgotten when settings change
 
@@ -203,10 +227,34 @@ def _accept_without_subprotocol(uwsgi, key: str) -> None:
     write(b"")  # sends the headers now
 
 
-def websocket_view(endpoint_class: type[Endpoint]):
-    """Make a Django view that serves ``endpoint_class`` over a websocket."""
+class Upgraded(HttpResponse):
+    """What a websocket view returns once uWSGI sent the 101.
 
-    def view(request: HttpRequest) -> HttpResponse:
+    It carries the socket and its endpoint: :mod:`offload.wsgi` runs them once
+    Django is done with the request (the socket then leaves the request, see
+    :func:`offload.sockets.detach`). Nothing of the response itself is sent.
+    """
+
+    def __init__(self, websocket: WebSocket, endpoint: Endpoint) -> None:
+        super().__init__(status=101)
+        self.websocket = websocket
+        self.endpoint = endpoint
+
+
+class WebSocketView:
+    """A Django view that serves an endpoint over a websocket.
+
+    ``make_endpoint(ws)`` builds the endpoint of each accepted socket.
+    :mod:`offload.wsgi` recognises these views and upgrades to them without
+    Django's middleware stack (unless ``OFFLOAD_WEBSOCKET_MIDDLEWARE``).
+    """
+
+    csrf_exempt = True  # a websocket carries no form: the Origin check stands in for CSRF
+
+    def __init__(self, make_endpoint: Callable[[WebSocket], Endpoint]) -> None:
+        self.make_endpoint = make_endpoint
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
         env = request.META
         if env.get("HTTP_UPGRADE", "").lower() != "websocket":
             return HttpResponse("websocket endpoint: upgrade required\n", status=426, headers={"Upgrade": "websocket"})
@@ -218,11 +266,7 @@ def websocket_view(endpoint_class: type[Endpoint]):
         if not origin_allowed(env.get("HTTP_ORIGIN")):
             log.warning("websocket refused: origin %r not allowed", env.get("HTTP_ORIGIN"))
             return HttpResponseForbidden("origin not allowed\n")
-        slots = ConnectionSlots(
-            env.get("REMOTE_ADDR", ""),
-            conf.get("OFFLOAD_MAX_CONNECTIONS_PER_IP"),
-            stale_after=3 * conf.get("OFFLOAD_PING_INTERVAL"),
-        )
+        slots = _slots(request)
         timeout = conf.get("OFFLOAD_HANDSHAKE_TIMEOUT")
         waiting_for = "a connection slot (Redis)"
         try:
@@ -236,8 +280,6 @@ def websocket_view(endpoint_class: type[Endpoint]):
             log.warning("websocket refused: handshake timed out after %.1f s waiting for %s", timeout, waiting_for)
             slots.release()
             return HttpResponse("handshake timed out\n", status=503)
-        import uwsgi
-
         key = env["HTTP_SEC_WEBSOCKET_KEY"].strip(_HTTP_BLANKS)
         try:
             if subprotocol is None and offered:
@@ -249,23 +291,25 @@ def websocket_view(endpoint_class: type[Endpoint]):
             return HttpResponse(f"bad websocket handshake: {exc}\n", status=400)
         env[UPGRADED] = True
         install_signal_handlers()
-        query = _query(env)
-        ws = WebSocket(uwsgi.connection_fd(), identity, query, uwsgi.worker_id(), slots)
-        if env.get(DEFERRED_RUN) is not None:
-            # offload.wsgi runs the socket once Django's middleware stack has
-            # unwound: each of thousands of idle greenlets then keeps a
-            # shallow stack (measured: about half the memory per socket).
-            env[DEFERRED_RUN] = (ws, endpoint_class(ws))
-        else:
-            ws.run(endpoint_class(ws))
-        return _SWITCHED if env.get(DIRECT) else HttpResponse(status=101)
-
-    view.csrf_exempt = True
-    view.offload_websocket = endpoint_class  # lets offload.wsgi upgrade without the middleware stack
-    return view
+        ws = WebSocket(uwsgi.connection_fd(), identity, _query(env), uwsgi.worker_id(), slots)
+        return Upgraded(ws, self.make_endpoint(ws))
 
 
-channels_socket = websocket_view(ChannelsEndpoint)
+def websocket_view(make_endpoint: Callable[[WebSocket], Endpoint]) -> WebSocketView:
+    """Make a Django view that serves ``make_endpoint(ws)`` over a websocket."""
+    return WebSocketView(make_endpoint)
+
+
+def _slots(request: HttpRequest) -> ConnectionSlots:
+    """The per-address connection slot a websocket or an event stream must hold."""
+    return ConnectionSlots(
+        request.META.get("REMOTE_ADDR", ""),
+        conf.get("OFFLOAD_MAX_CONNECTIONS_PER_IP"),
+        stale_after=3 * conf.get("OFFLOAD_PING_INTERVAL"),
+    )
+
+
+channels_socket = websocket_view(lambda ws: ChannelsEndpoint(ws, worker.hub(ws.worker_id)))
 echo_socket = websocket_view(EchoEndpoint)
 
 
@@ -312,7 +356,9 @@ def api_publish(request: HttpRequest, channel: str) -> JsonResponse:
     return JsonResponse({"id": message_id})
 
 
-api_publish.offload_api = True  # offload.wsgi calls it without the middleware stack (OFFLOAD_API_MIDDLEWARE)
+#: Views offload.wsgi calls without the middleware stack (unless ``OFFLOAD_API_MIDDLEWARE``):
+#: machine endpoints with a bearer key, no session, no CSRF.
+DIRECT_API_VIEWS = frozenset({api_publish})
 
 
 def healthz(request: HttpRequest) -> JsonResponse:
@@ -322,3 +368,41 @@ def healthz(request: HttpRequest) -> JsonResponse:
     except REDIS_ERRORS as exc:
         return JsonResponse({"status": "degraded", "redis": "down", "reason": str(exc)}, status=503)
     return JsonResponse({"status": "ok", "redis": "up"})
+
+
+def stream_view(request: HttpRequest) -> HttpResponse:
+    """``GET /sse/?channel=C[&channel=D][&since=ID]``: the channels as an event stream.
+
+    Everything is checked before the first byte: a refusal is a JSON
+    ``{"error": code, "reason": ...}`` with 400 (bad request) or 403 (origin
+    or policy), never a stream that ends at once.
+    """
+    if request.method != "GET":
+        return HttpResponseNotAllowed(["GET"])
+    if not origin_allowed(request.META.get("HTTP_ORIGIN")):
+        log.warning("sse refused: origin %r not allowed", request.META.get("HTTP_ORIGIN"))
+        return _error(403, "forbidden", "origin not allowed")
+    channels = list(dict.fromkeys(request.GET.getlist("channel")))
+    if not channels:
+        return _error(400, "bad_message", "at least one channel= is required")
+    limit = conf.get("OFFLOAD_MAX_SUBSCRIPTIONS")
+    if len(channels) > limit:
+        return _error(400, "too_many_subscriptions", f"at most {limit} channels per stream")
+    try:
+        last_event_id = request.headers.get("Last-Event-ID") or request.GET.get("last_event_id")
+        positions = resume_positions(channels, request.GET.get("since"), last_event_id)
+        identity = resolve_identity(request)
+        for channel in channels:
+            check_subscribe(identity, channel, run_blocking)
+    except RefusedError as exc:
+        return _error(403 if isinstance(exc, PermissionDenied) else 400, exc.code, exc.reason)
+    slots = _slots(request)
+    if not slots.acquire():
+        return _error(429, "too_many_connections", "too many connections from this address")
+    install_signal_handlers()
+    worker_id, fd = (uwsgi.worker_id(), uwsgi.connection_fd()) if uwsgi is not None else (0, None)
+    stream = SseStream(channels, positions, worker.hub(worker_id), slots, identity, fd)
+    response = StreamingHttpResponse(response_body(stream), content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"  # nginx: pass events through at once
+    return response

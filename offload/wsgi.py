@@ -51,7 +51,7 @@ from django.urls import Resolver404, ResolverMatch, get_resolver
 from . import conf
 from .limits import cooldowns
 from .protocol import parse_ascii_int
-from .views import DEFERRED_RUN, DIRECT, UPGRADED
+from .views import DIRECT_API_VIEWS, UPGRADED, Upgraded, WebSocketView
 from .watchdog import install as install_watchdog
 from .watchdog import reached_app
 
@@ -102,11 +102,11 @@ class OffloadWSGIHandler(WSGIHandler):
                 return [b"too many frames from this address: wait before reconnecting\n"]
             if not conf.get("OFFLOAD_WEBSOCKET_MIDDLEWARE"):
                 match = self._route(environ)
-                if match is not None and getattr(match.func, "offload_websocket", None) is not None:
+                if match is not None and isinstance(match.func, WebSocketView):
                     return self._upgrade_directly(WSGIRequest(environ), match, start_response)
         elif environ.get("REQUEST_METHOD") == "POST" and not conf.get("OFFLOAD_API_MIDDLEWARE"):
             match = self._route(environ)
-            if match is not None and getattr(match.func, "offload_api", False):
+            if match is not None and match.func in DIRECT_API_VIEWS:
                 return self._call_api_directly(WSGIRequest(environ), match, start_response)
 
         def guarded_start_response(status, headers, exc_info=None):
@@ -114,17 +114,13 @@ class OffloadWSGIHandler(WSGIHandler):
                 return _discard
             return start_response(status, headers, exc_info)
 
-        environ[DEFERRED_RUN] = False
         response = super().__call__(environ, guarded_start_response)
-        deferred = environ.pop(DEFERRED_RUN, None)
-        if not deferred:
+        if not isinstance(response, Upgraded):
             return response
         # Django is done with this request: finish it now (request_finished
-        # closes database connections) and free the request and response
-        # objects before the socket's long life begins.
+        # closes database connections) before the socket's long life begins.
         response.close()
-        del response
-        return self._run_detached(deferred)
+        return _run_detached(response)
 
     def _route(self, environ: dict) -> ResolverMatch | None:
         """The URL match of the request's path (None: no view), remembered.
@@ -149,14 +145,10 @@ class OffloadWSGIHandler(WSGIHandler):
         return match
 
     def _upgrade_directly(self, request: WSGIRequest, match: ResolverMatch, start_response):
-        environ = request.environ
-        environ[DEFERRED_RUN] = False
-        environ[DIRECT] = True
         response = self._call_view(request, match, "websocket handshake", _WEBSOCKET_REFUSALS)
-        deferred = environ.pop(DEFERRED_RUN, None)
-        if deferred:
-            return self._run_detached(deferred)
-        if environ.get(UPGRADED):  # upgraded, then failed: nothing more can be sent
+        if isinstance(response, Upgraded):
+            return _run_detached(response)
+        if request.environ.get(UPGRADED):  # upgraded, then failed: nothing more can be sent
             return []
         return _send(response, start_response)
 
@@ -197,14 +189,15 @@ class OffloadWSGIHandler(WSGIHandler):
             _drain_body(request)
         return _send(response, start_response)
 
-    @staticmethod
-    def _run_detached(deferred) -> list:
-        # The socket leaves uWSGI: its own greenlet serves it from now on and
-        # this request (and its async core) ends at once.
-        ws, endpoint = deferred
-        ws.detach()
-        gevent.spawn(ws.run, endpoint)
-        return []
+
+def _run_detached(upgraded: Upgraded) -> list:
+    """The socket leaves uWSGI: its own greenlet serves it from now on, and
+    this request (and its async core) ends at once. Each of thousands of idle
+    greenlets then keeps a shallow stack, not Django's middleware frames."""
+    ws = upgraded.websocket
+    ws.detach()
+    gevent.spawn(ws.run, upgraded.endpoint)
+    return []
 
 
 def _drain_body(request: WSGIRequest) -> None:

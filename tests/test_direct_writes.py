@@ -1,6 +1,6 @@
 """The fan-out hot path: the hub writes frames straight to sockets.
 
-``write_directly`` over real socket pairs (gevent loop, no uWSGI), and when
+``WebSocket.offer`` over real socket pairs (gevent loop, no uWSGI), and when
 an endpoint hands its socket to the hub (a fake hub: the narrow interface).
 The hub's side, against a real redis-server, is in tests/test_hub.py.
 """
@@ -13,7 +13,7 @@ import gevent
 import gevent.socket
 
 import offload
-from offload.connection import State, WebSocket, write_directly
+from offload.connection import State, WebSocket
 from offload.policies import ANONYMOUS
 from offload.protocol import parse_stream_id
 
@@ -38,24 +38,24 @@ def read_exactly(peer: socket.socket, size: int, timeout: float = 5.0) -> bytes:
     return data
 
 
-def test_writes_to_open_sockets_and_returns_the_others_in_order():
+def test_offer_writes_to_open_sockets_and_refuses_the_others():
     plain, plain_peer = socket_pair()
     queued, _ = socket_pair()
-    queued._out.append(b"older bytes")
+    queued.send_frame(b"x" * 10_000_000)  # far more than the kernel takes: the rest stays queued
+    assert queued.queued_bytes > 0
     closing, _ = socket_pair()
     closing.state = State.CLOSING
 
-    others = write_directly([("a", plain), ("b", None), ("c", queued), ("d", closing)], b"frame")
-
-    assert others == ["b", "c", "d"]  # the ordinary path for these, in their order
+    # The hub delivers the ordinary way to every socket that refuses (closing, or bytes queued).
+    assert [ws.offer(b"frame") for ws in (plain, queued, closing)] == [True, False, False]
     assert read_exactly(plain_peer, 5) == b"frame"
-    assert list(queued._out) == [b"older bytes"], "nothing may jump a socket's queue"
+    assert b"frame" not in b"".join(bytes(part) for part in queued._out), "nothing may jump a socket's queue"
 
 
 def test_what_the_kernel_does_not_take_is_queued_and_flushed_in_order():
     ws, peer = socket_pair(buffer=4096)
     big = bytes(range(256)) * 2048  # 512 KiB: far more than the socket buffers
-    assert write_directly([("s", ws)], big) == []
+    assert ws.offer(big)
     assert ws.queued == 1, "the unsent rest waits in the socket's queue"
     ws.send_frame(b"after")  # queued behind the rest, not written past it
     received = []
@@ -77,9 +77,9 @@ def test_what_the_kernel_does_not_take_is_queued_and_flushed_in_order():
 def test_a_broken_socket_is_marked_closed():
     ws, peer = socket_pair()
     peer.close()
-    assert write_directly([("s", ws)], b"x" * 100_000) == []
+    assert ws.offer(b"x" * 100_000)
     for _ in range(3):  # the first write may still be accepted into the buffer
-        write_directly([("s", ws)], b"x" * 100_000)
+        ws.offer(b"x" * 100_000)
     assert ws.state is State.CLOSED
 
 
@@ -114,7 +114,7 @@ def live_entry(channel: str, message_id: str):
     return make_entry(f'"{channel}"'.encode(), message_id.encode(), b"0")
 
 
-def test_endpoint_hands_its_socket_over_only_once_the_hub_is_past_its_position(redis_client, monkeypatch):
+def test_endpoint_hands_its_socket_over_only_once_the_hub_is_past_its_position(redis_client):
     """A resume that read history up to id N must not go direct while the hub
     may still fan out ids <= N (they were in Redis' pipe during the read): the
     cursor filters those; the first newer one switches it to direct writes.
@@ -123,27 +123,27 @@ def test_endpoint_hands_its_socket_over_only_once_the_hub_is_past_its_position(r
 
     from offload import endpoints
 
-    hub = HubStub()
-    monkeypatch.setattr(endpoints, "get_hub", lambda worker_id=0: hub)  # not the process's real hub
+    hub = HubStub()  # passed in: not the process's real hub
     channel = f"public:handover-{id(redis_client)}"
     ids = [offload.publish(channel, n) for n in range(3)]
     ws, peer = socket_pair()
-    endpoint = endpoints.ChannelsEndpoint(ws)
+    endpoint = endpoints.ChannelsEndpoint(ws, hub)
+    session = endpoint.session  # what the hub calls
     endpoint.on_text(json.dumps({"type": "subscribe", "channel": channel, "since": ids[0]}))
-    endpoint.channel_ready(channel)
+    session.channel_ready(channel)
     endpoint.on_wake()  # history: ids[1], ids[2]
     assert hub.direct == [], "the hub has not fanned out anything yet: it may still carry old ids"
 
-    endpoint.deliver(channel, [live_entry(channel, ids[2])], live_entry(channel, ids[2])[2])
-    assert endpoint.cursors[channel].duplicates == 1 and hub.direct == []
+    session.deliver(channel, [live_entry(channel, ids[2])], live_entry(channel, ids[2])[2])
+    assert session.cursors[channel].duplicates == 1 and hub.direct == []
     newer = offload.publish(channel, 3)
-    endpoint.deliver(channel, [live_entry(channel, newer)], live_entry(channel, newer)[2])
+    session.deliver(channel, [live_entry(channel, newer)], live_entry(channel, newer)[2])
     assert hub.direct == [channel]
 
     hub.fanned = parse_stream_id(newer)[0], parse_stream_id(newer)[1] + 5  # written directly meanwhile
-    endpoint.channel_lost(channel)
-    assert endpoint.cursors[channel].last == hub.fanned, "a re-sync must start after what the hub wrote"
-    assert channel not in endpoint._direct
+    session.channel_lost(channel)
+    assert session.cursors[channel].last == hub.fanned, "a re-sync must start after what the hub wrote"
+    assert session.position(channel) == hub.fanned, "no longer direct: the position stays the cursor's own"
 
     peer.settimeout(5)
     received = b""

@@ -44,8 +44,7 @@ def hub(redis_client, settings):
     hub = Hub(worker_id=1)
     wait_until(lambda: hub.connected)
     yield hub
-    hub._greenlet.kill()
-    hub._disconnect()
+    hub.close()
 
 
 def numsub(redis_client, channel):
@@ -141,15 +140,16 @@ def test_newest_id_is_read_once_then_kept_current_by_live_messages(hub, redis_cl
     assert "public:tip" not in hub._newest
 
 
-def test_newest_ids_are_forgotten_when_the_redis_link_is_lost(hub):
+def test_newest_ids_are_forgotten_when_the_redis_link_is_lost(hub, redis_client):
     subscriber = Recorder()
     hub.subscribe(subscriber, "public:gone")
     wait_until(lambda: subscriber.ready)
     offload.publish("public:gone", {"n": 0})
     wait_until(lambda: subscriber.messages)
     assert "public:gone" in hub._newest
-    hub._disconnect()  # what the hub greenlet does when Redis fails
-    assert subscriber.lost == ["public:gone"] and hub._newest == {}
+    redis_client.client_kill_filter(_type="pubsub")  # the hub's link to Redis fails
+    wait_until(lambda: subscriber.lost == ["public:gone"])
+    assert hub._newest == {}
 
 
 def test_hub_writes_directly_until_the_channel_is_lost(hub, redis_client):

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from offload.exceptions import ProtocolError
-from offload.sse import PING, RETRY, format_event, format_resume_id, parse_resume_id, resume_positions
+from offload.sse_format import PING, RETRY, format_event, format_resume_id, parse_resume_id, resume_positions
 
 ENVELOPE = '{"type":"message","channel":"public:a","id":"1732-0","data":{"n":1}}'
 
@@ -120,7 +120,8 @@ def test_malformed_positions_are_invalid_since(since, last):
 
 def test_the_wire_format_imports_no_gevent_uwsgi_redis_or_django():
     code = (
-        "import sys, offload.sse; print(sorted(m for m in ('gevent', 'redis', 'django', 'uwsgi') if m in sys.modules))"
+        "import sys, offload.sse_format; "
+        "print(sorted(m for m in ('gevent', 'redis', 'django', 'uwsgi') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -141,20 +142,20 @@ class RecordingHub:
 
 
 @pytest.fixture
-def stream(monkeypatch, settings):
-    import offload.hub
+def stream(settings):
     from offload.sse import SseStream
 
     settings.OFFLOAD_MAX_QUEUED_BYTES = 36  # three of the 12-byte events below
-    monkeypatch.setattr(offload.hub, "get_hub", lambda worker_id=0: RecordingHub())
-    return SseStream(["public:a", "room:b"], {"room:b": (5, 0)})
+    stream = SseStream(["public:a", "room:b"], {"room:b": (5, 0)}, RecordingHub())
+    stream.start(now=0.0)
+    return stream
 
 
 def live(stream, channel, *ms):
     """The hub delivers a batch of messages (cursor made LIVE first)."""
     stream.cursors[channel].history([], None)
     entries = [((n, 0), b'{"id":"%d-0"}' % n, b"<websocket frame>") for n in ms]
-    stream.deliver(channel, entries, b"".join(entry[2] for entry in entries))
+    stream.session.deliver(channel, entries, b"".join(entry[2] for entry in entries))
 
 
 def test_each_event_carries_the_positions_written_so_far(stream):

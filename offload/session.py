@@ -1,0 +1,289 @@
+"""One client's channel subscriptions, written once for every transport.
+
+Theory of operation
+-------------------
+A websocket (``offload.endpoints``) and an event stream (``offload.sse``) both
+subscribe a client to channels and must join history and live messages with
+no gap and no duplicate. :class:`ChannelSession` is that logic, once: it owns
+the resume cursors, the subscriptions waiting for the hub's Redis
+subscription, the history re-reads (page by page) and their retry timing,
+and the hand-over to the hub's direct writes. It does no I/O of its own:
+
+* the hub calls it (``channel_ready``, ``channel_lost``, ``deliver``: the
+  :class:`~offload.hub.Subscriber` interface);
+* the transport calls :meth:`subscribe`, :meth:`unsubscribe`, :meth:`step`
+  (with ``now``) whenever it wakes, and :meth:`next_deadline` for its timer;
+* the session answers through the small :class:`Transport` interface:
+  replies, messages, wake-ups, and whether history may be sent now;
+* history is read through an injected function (``history``, by default
+  :func:`offload.history.catch_up`) and the hub is passed in, so the session
+  is unit-tested with neither a socket, nor Redis, nor a clock
+  (``tests/test_session.py``).
+
+Subscription lifecycle (per channel)::
+
+    state      event                                   action / next
+    ---------  --------------------------------------  -------------------------------
+    PENDING    hub: channel_ready                      read history (page 1)
+    PENDING    step(now) past subscribe timeout        transport.subscribe_failed; gone
+    SYNCING    page read, more pages follow            send it; next page when the
+                                                       transport can take history
+    SYNCING    last page read                          reply "subscribed" (first time),
+                                                       send history + buffered; LIVE
+    SYNCING    history read failed (Redis)             retry after RETRY_HISTORY
+    LIVE       hub: deliver                            send (or the hub writes directly)
+    LIVE       hub: channel_lost                       SYNCING until channel_ready
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .cursor import ChannelCursor, Entry
+from .exceptions import BackendUnavailable, LimitExceeded
+from .history import CatchUp, catch_up
+from .protocol import StreamId, format_stream_id, reply
+
+__all__ = ["RETRY_HISTORY", "ChannelSession", "HubLink", "Transport"]
+
+RETRY_HISTORY = 1.0  # seconds before re-reading history after a Redis error
+
+
+class Transport(Protocol):
+    """What a session needs of the connection that carries it."""
+
+    #: The socket the hub may write live messages to itself (None: never).
+    direct_socket: Any
+
+    def send_reply(self, kind: str, channel: str, text: str, position: StreamId | None) -> None:
+        """Send a JSON control message (``subscribed``, ``error``); ``position``
+        is the channel's resume point it establishes, if any."""
+
+    def send_messages(self, channel: str, entries: list[Entry], frames: bytes | None) -> None:
+        """Send messages in id order; ``frames`` is their websocket frames
+        joined, when the hub framed them already."""
+
+    def can_take_history(self) -> bool:
+        """May the next history page go out now? (No while the client has not
+        taken the last one.)"""
+
+    def wake(self) -> None:
+        """Run :meth:`ChannelSession.step` soon (from the transport's own greenlet)."""
+
+    def subscribe_failed(self, channel: str, ref: Any, code: str, reason: str) -> None:
+        """A subscription gave up (Redis unavailable)."""
+
+
+class HubLink(Protocol):
+    """The part of :class:`offload.hub.Hub` a session uses."""
+
+    def subscribe(self, subscriber: Any, channel: str) -> None: ...
+
+    def unsubscribe(self, subscriber: Any, channel: str) -> None: ...
+
+    def write_directly_to(self, subscriber: Any, channel: str, socket: Any) -> None: ...
+
+    def last_fanned_out(self, channel: str) -> StreamId | None: ...
+
+    def newest_id(self, channel: str) -> StreamId | None: ...
+
+
+@dataclass
+class _Pending:
+    """A subscription waiting for its first ``subscribed`` reply."""
+
+    ref: Any
+    started: float
+
+
+History = Callable[..., CatchUp]
+
+
+class ChannelSession:
+    """The channels of one client: cursors, pending subscribes, history, direct writes.
+
+    Args:
+        transport: the connection (websocket or event stream).
+        hub: this process's hub (or anything with its :class:`HubLink` methods).
+        subscribe_timeout: seconds a subscription may wait for the hub.
+        max_buffer_bytes: live messages buffered per channel during a history replay.
+        page_bytes: target size of one history page.
+        history: reads one page of history (:func:`offload.history.catch_up`).
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        hub: HubLink,
+        *,
+        subscribe_timeout: float,
+        max_buffer_bytes: int,
+        page_bytes: int,
+        history: History = catch_up,
+    ) -> None:
+        self.transport = transport
+        self.hub = hub
+        self.cursors: dict[str, ChannelCursor] = {}
+        self._pending: dict[str, _Pending] = {}
+        self._needs_history: set[str] = set()
+        self._direct: set[str] = set()  # channels the hub writes straight to the transport's socket
+        self._retry_at: float | None = None
+        self._subscribe_timeout = subscribe_timeout
+        self._max_buffer = max_buffer_bytes
+        self._page_bytes = page_bytes
+        self._history = history
+
+    # -- the transport's side -----------------------------------------------------
+
+    def subscribe(self, channel: str, since: StreamId | None, ref: Any, now: float, limit: int) -> bool:
+        """Subscribe to ``channel`` (its policy already checked).
+
+        Returns False if it was subscribed already (a ``subscribed`` reply was
+        sent again unless it is still pending).
+
+        Raises:
+            LimitExceeded: ``limit`` subscriptions already.
+        """
+        if channel in self.cursors:
+            if channel not in self._pending:
+                position = self.position(channel)
+                last = None if position is None else format_stream_id(position)
+                text = reply("subscribed", ref, channel=channel, last_id=last, recovered=True)
+                self.transport.send_reply("subscribed", channel, text, None)
+            return False
+        if len(self.cursors) >= limit:
+            raise LimitExceeded(f"at most {limit} subscriptions per connection", code="too_many_subscriptions")
+        self.cursors[channel] = ChannelCursor(since, self._max_buffer)
+        self._pending[channel] = _Pending(ref, now)
+        self.hub.subscribe(self, channel)
+        return True
+
+    def unsubscribe(self, channel: str) -> None:
+        self.cursors.pop(channel, None)
+        self._pending.pop(channel, None)
+        self._needs_history.discard(channel)
+        self._direct.discard(channel)
+        self.hub.unsubscribe(self, channel)
+
+    def close(self) -> None:
+        """Leave the hub (the transport ended)."""
+        for channel in list(self.cursors):
+            self.hub.unsubscribe(self, channel)
+        self.cursors.clear()
+        self._pending.clear()
+        self._needs_history.clear()
+        self._direct.clear()
+
+    def step(self, now: float) -> None:
+        """Read history where the hub is ready; give up on subscriptions that waited too long."""
+        if self._retry_at is not None and now >= self._retry_at:
+            self._retry_at = None
+        if self._needs_history and self._retry_at is None and self.transport.can_take_history():
+            for channel in list(self._needs_history):
+                self._needs_history.discard(channel)
+                self._sync(channel, now)
+        for channel, pending in list(self._pending.items()):
+            if now - pending.started >= self._subscribe_timeout:
+                self.unsubscribe(channel)
+                self.transport.subscribe_failed(
+                    channel, pending.ref, "unavailable", "subscription timed out: Redis unavailable"
+                )
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`step` must run at the latest (None: only when woken)."""
+        deadlines = [p.started + self._subscribe_timeout for p in self._pending.values()]
+        if self._retry_at is not None:
+            deadlines.append(self._retry_at)
+        return min(deadlines) if deadlines else None
+
+    def position(self, channel: str) -> StreamId | None:
+        """The id of the newest message sent on ``channel`` (brings the cursor
+        up to date with what the hub wrote directly)."""
+        cursor = self.cursors[channel]
+        if channel in self._direct:
+            fanned = self.hub.last_fanned_out(channel)
+            if fanned is not None and (cursor.last is None or fanned > cursor.last):
+                cursor.last = fanned
+        return cursor.last
+
+    # -- the hub's side (Subscriber) ------------------------------------------------
+
+    def channel_ready(self, channel: str) -> None:
+        if channel in self.cursors:
+            self._needs_history.add(channel)
+            self.transport.wake()
+
+    def channel_lost(self, channel: str) -> None:
+        cursor = self.cursors.get(channel)
+        if cursor is not None:
+            self.position(channel)
+            cursor.resync()
+        self._direct.discard(channel)
+
+    def deliver(self, channel: str, entries: list[Entry], frames: bytes) -> None:
+        cursor = self.cursors.get(channel)
+        if cursor is None:
+            return
+        admitted = cursor.live_many(entries)
+        if admitted is None:  # plain live delivery: the batch as it is
+            self.transport.send_messages(channel, entries, frames)
+            if channel not in self._direct:  # the hub has caught up with us: let it write directly
+                self._write_directly(channel)
+        elif admitted:
+            self.transport.send_messages(channel, admitted, None)
+
+    # -- history ----------------------------------------------------------------------
+
+    def _write_directly(self, channel: str) -> None:
+        socket = self.transport.direct_socket
+        if socket is not None:
+            self._direct.add(channel)
+            self.hub.write_directly_to(self, channel, socket)
+
+    def _sync(self, channel: str, now: float) -> None:
+        """The hub's subscription is live: send a page of history; after the last one, go live."""
+        cursor = self.cursors.get(channel)
+        if cursor is None:
+            return
+        pending = self._pending.get(channel)
+        dropped = cursor.dropped
+        try:
+            page = self._history(
+                channel, cursor.last, pending is not None, self.hub.newest_id, cursor.page_count, self._page_bytes
+            )
+        except BackendUnavailable:
+            # Stay SYNCING (live messages keep buffering) and retry shortly.
+            self._needs_history.add(channel)
+            self._retry_at = now + RETRY_HISTORY
+            return
+        if self.cursors.get(channel) is not cursor:
+            return  # unsubscribed while history was read
+        cursor.page_count = page.next_count
+        if pending is not None:
+            del self._pending[channel]
+            start = cursor.last if cursor.last is not None else page.tip
+            last_id = None if start is None else format_stream_id(start)
+            text = reply("subscribed", pending.ref, channel=channel, last_id=last_id, recovered=page.recovered)
+            # A channel with no history yet resumes from 0-0: all it will retain is new.
+            self.transport.send_reply("subscribed", channel, text, start or (0, 0))
+        elif not page.recovered:
+            text = reply("subscribed", None, channel=channel, last_id=None, recovered=False)
+            self.transport.send_reply("subscribed", channel, text, None)
+        # Another page when this one was full, or when live messages were
+        # dropped from the cursor's buffer while it was read (history has them).
+        more = page.full or cursor.dropped != dropped
+        sent = cursor.history(page.entries, page.tip, more=more)
+        if sent:
+            self.transport.send_messages(channel, sent, None)
+        if more:
+            self._needs_history.add(channel)
+            self.transport.wake()  # the next page: once the transport can take it
+            return
+        # Live from here on. Once every id the hub will fan out is newer than
+        # what we sent, the hub may write to the socket itself; otherwise the
+        # first plain live delivery switches (see deliver).
+        fanned = self.hub.last_fanned_out(channel)
+        if cursor.last is None or (fanned is not None and fanned >= cursor.last):
+            self._write_directly(channel)

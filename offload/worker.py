@@ -1,0 +1,95 @@
+"""What each uWSGI worker process sets up once: its hub, its stats, its signals.
+
+The transports (``offload.endpoints``, ``offload.sse``) are given their hub;
+this module is where a worker's one hub is made (after the fork: uWSGI loads
+the application in the master, and a hub's Redis connection and greenlet must
+belong to the worker) and where the process-wide reactions live: closing
+every socket on reload or shutdown, and publishing the worker's stats.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+import gevent
+
+from . import conf
+from .connection import close_all, open_connections
+from .frames import CLOSE_GOING_AWAY
+from .hub import Hub
+from .publishing import publish
+from .sse import close_all_streams, open_streams
+
+__all__ = ["hub", "install_signal_handlers", "stats"]
+
+log = logging.getLogger("offload.worker")
+
+_hub: Hub | None = None
+_hub_pid: int | None = None
+_handlers_installed_pid: int | None = None
+
+
+def hub(worker_id: int = 0) -> Hub:
+    """This process's hub, started on first use (after fork), with its stats publisher."""
+    global _hub, _hub_pid
+    if _hub is None or _hub_pid != os.getpid():
+        _hub = Hub(worker_id)
+        _hub_pid = os.getpid()
+        if conf.get("OFFLOAD_STATS_INTERVAL") > 0:
+            gevent.spawn(_publish_stats, _hub)
+    return _hub
+
+
+def stats(of: Hub) -> dict:
+    """The figures a worker publishes on ``OFFLOAD_STATS_CHANNEL``."""
+    return {
+        "pid": os.getpid(),
+        "worker": of.worker_id,
+        "connections": open_connections() + open_streams(),
+        "channels": of.channels,
+        "delivered": of.delivered,
+        "redis": "up" if of.connected else "down",
+        "ts": time.time(),
+    }
+
+
+def _publish_stats(of: Hub) -> None:
+    interval = conf.get("OFFLOAD_STATS_INTERVAL")
+    channel = conf.get("OFFLOAD_STATS_CHANNEL")
+    while True:
+        gevent.sleep(interval)
+        try:
+            publish(channel, stats(of))
+        except Exception as exc:  # Redis down or namespace missing: keep going
+            log.debug("stats not published: %s", exc)
+
+
+def install_signal_handlers() -> None:
+    """On graceful reload (SIGHUP to the worker), close every socket with 1012;
+    on shutdown with 1001.
+
+    uWSGI's gevent loop waits for every open request before a worker can be
+    replaced; closing websockets promptly makes reloads take seconds instead
+    of ``worker-reload-mercy``, and 1012 tells clients to reconnect and resume.
+    """
+    global _handlers_installed_pid
+    if _handlers_installed_pid == os.getpid():
+        return
+    _handlers_installed_pid = os.getpid()
+
+    def reload() -> None:
+        close_all()
+        close_all_streams()
+
+    def shutdown() -> None:
+        close_all(CLOSE_GOING_AWAY, "server shutting down")
+        close_all_streams()
+
+    gevent.signal_handler(signal.SIGHUP, reload)
+    # Shutdown (uWSGI stops a worker with SIGINT, and with SIGTERM/SIGQUIT on
+    # some paths): tell clients with 1001 instead of just dropping TCP.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):
+        gevent.signal_handler(signum, shutdown)
