@@ -11,7 +11,7 @@ when the user row is saved. Any process may see them (a view, the admin, a
 management command, a spooler task), while the sockets live in the workers
 of every instance, so the request travels on the hubs' control channel
 (:func:`offload.hub.send_control`) and each hub closes its own connections of
-that user: websockets with close code ``4001`` (:data:`CLOSE_SESSION_ENDED`),
+that user: websockets with close code ``4001`` (``CloseCode.SESSION_ENDED``),
 event streams by ending them. The browser reconnects with its new session,
 if any, and gets only what that session may see.
 """
@@ -25,43 +25,43 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.signals import user_logged_out
 from django.db.models.signals import post_init, post_save
 
+from .closes import Disconnect
 from .connection import close_user
 from .exceptions import BackendUnavailable
 from .hub import on_control, send_control
 from .sse import close_user_streams
 
-__all__ = ["CLOSE_SESSION_ENDED", "disconnect_user", "install"]
+__all__ = ["disconnect_user", "install"]
 
 log = logging.getLogger("offload.accounts")
 
-#: Close code of a websocket whose user logged out, changed password or was deactivated.
-CLOSE_SESSION_ENDED = 4001
 _COMMAND = "disconnect_user"
 _SEEN = "_offload_credentials"  # what a loaded user row held: (password hash, is_active)
 
 
-def disconnect_user(user_id: int, reason: str = "session ended") -> None:
+def disconnect_user(user_id: int, why: Disconnect = Disconnect.LOGGED_OUT) -> None:
     """Close every websocket and event stream of ``user_id`` on every worker and instance.
 
     Raises:
         BackendUnavailable: Redis is down; no connection was closed.
     """
-    send_control({"op": _COMMAND, "user": int(user_id), "reason": reason[:100]})
+    send_control({"op": _COMMAND, "user": int(user_id), "why": why.name})
 
 
 def _on_control(command: dict) -> None:
     if command.get("op") != _COMMAND or not isinstance(command.get("user"), int):
         return
-    user_id, reason = command["user"], str(command.get("reason", "session ended"))
-    sockets = close_user(user_id, CLOSE_SESSION_ENDED, reason)
-    streams = close_user_streams(user_id, reason)
+    why = Disconnect.__members__.get(command.get("why"), Disconnect.LOGGED_OUT)
+    user_id = command["user"]
+    sockets = close_user(user_id, why)
+    streams = close_user_streams(user_id, why)
     if sockets or streams:
-        log.info("closed %d websocket(s) and %d event stream(s) of user %s: %s", sockets, streams, user_id, reason)
+        log.info("closed %d websocket(s) and %d event stream(s) of user %s: %s", sockets, streams, user_id, why.reason)
 
 
 def _logged_out(sender: Any, request: Any = None, user: Any = None, **kwargs: Any) -> None:
     if user is not None and user.pk is not None:
-        _disconnect_quietly(user.pk, "logged out")
+        _disconnect_quietly(user.pk, Disconnect.LOGGED_OUT)
 
 
 def _remember(sender: Any, instance: Any, **kwargs: Any) -> None:
@@ -77,17 +77,17 @@ def _saved(sender: Any, instance: Any, created: bool = False, **kwargs: Any) -> 
     if before is None:
         return
     if before[0] is not None and password != before[0]:
-        _disconnect_quietly(instance.pk, "password changed")
+        _disconnect_quietly(instance.pk, Disconnect.PASSWORD_CHANGED)
     elif before[1] and active is False:
-        _disconnect_quietly(instance.pk, "account deactivated")
+        _disconnect_quietly(instance.pk, Disconnect.DEACTIVATED)
 
 
-def _disconnect_quietly(user_id: int, reason: str) -> None:
+def _disconnect_quietly(user_id: int, why: Disconnect) -> None:
     """A logout must succeed even when Redis is down: log what could not be done."""
     try:
-        disconnect_user(user_id, reason)
+        disconnect_user(user_id, why)
     except BackendUnavailable as exc:
-        log.warning("could not close the connections of user %s (%s): %s", user_id, reason, exc)
+        log.warning("could not close the connections of user %s (%s): %s", user_id, why.reason, exc)
 
 
 def install() -> None:

@@ -57,10 +57,8 @@ import gevent.event
 import gevent.socket
 
 from . import conf
+from .closes import Disconnect
 from .frames import (
-    CLOSE_INTERNAL,
-    CLOSE_POLICY,
-    CLOSE_RESTART,
     BinaryReceived,
     CloseReceived,
     FragmentReceived,
@@ -92,17 +90,17 @@ def open_connections() -> int:
     return len(_open)
 
 
-def close_all(code: int = CLOSE_RESTART, reason: str = "server restart") -> None:
+def close_all(why: Disconnect = Disconnect.RESTART) -> None:
     """Send every websocket of this process a close frame now (reload, shutdown)."""
     for ws in list(_open):
-        ws.close(code, reason)
+        ws.disconnect(why)
 
 
-def close_user(user_id: int, code: int, reason: str) -> int:
+def close_user(user_id: int, why: Disconnect) -> int:
     """Close every websocket of this process opened by user ``user_id``; returns how many."""
     closing = [ws for ws in _open if ws.identity.user_id == user_id]
     for ws in closing:
-        ws.close(code, reason)
+        ws.disconnect(why)
     return len(closing)
 
 
@@ -220,6 +218,10 @@ class WebSocket:
                 self._closing_since = time.monotonic()
             self._wake.set()
 
+    def disconnect(self, why: Disconnect) -> None:
+        """Close with the code and reason of ``why`` (from any greenlet)."""
+        self.close(why.code, why.reason)
+
     def wake(self) -> None:
         self._wake.set()
 
@@ -261,7 +263,7 @@ class WebSocket:
             out.append(head)
             self._queued_bytes = len(head)
             log.info("websocket peer is a slow consumer (over %d bytes queued): closing it with 1008", self._max_queued)
-            self.close(CLOSE_POLICY, "slow consumer")
+            self.disconnect(Disconnect.SLOW_CONSUMER)
             return
         out.append(data)
         self._queued_bytes += len(data)
@@ -344,7 +346,7 @@ class WebSocket:
                 self._timers()
         except Exception:
             log.exception("websocket endpoint failed")
-            self.close(CLOSE_INTERNAL, "internal error")
+            self.disconnect(Disconnect.INTERNAL_ERROR)
         finally:
             watcher.stop()
             self._write_watcher.stop()
@@ -409,7 +411,7 @@ class WebSocket:
             if self.state is State.OPEN:
                 peer = self._slots.ip if self._slots is not None else ""
                 log.info("websocket peer %s sends frames faster than its rate limit: closing it with 1008", peer)
-                self.close(CLOSE_POLICY, "rate limit exceeded")
+                self.disconnect(Disconnect.RATE_LIMIT)
                 cooldowns.penalise(peer, conf.get("OFFLOAD_ABUSE_COOLDOWN"))
             else:
                 self.state = State.CLOSED  # still flooding after our close frame: drop it

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
+from typing import NamedTuple
 
 from .frames import frame_text
 from .protocol import StreamId
@@ -57,8 +58,14 @@ class CursorState(enum.IntEnum):
     LIVE = 1
 
 
-Entry = tuple[StreamId, bytes, bytes]
-"""``(id, envelope JSON bytes, websocket frame bytes)``: one message ready to send."""
+class Entry(NamedTuple):
+    """One message ready to send, framed once for every socket."""
+
+    id: StreamId
+    #: The ``message`` envelope as JSON (what an event stream sends).
+    text: bytes
+    #: The same envelope as a complete websocket text frame.
+    frame: bytes
 
 
 def make_entry(channel_json: bytes, message_id: bytes, data_json: bytes) -> Entry:
@@ -70,7 +77,7 @@ def make_entry(channel_json: bytes, message_id: bytes, data_json: bytes) -> Entr
     """
     text = b'{"type":"message","channel":' + channel_json + b',"id":"' + message_id + b'","data":' + data_json + b"}"
     ms, _, seq = message_id.partition(b"-")
-    return (int(ms), int(seq)), text, frame_text(text)
+    return Entry((int(ms), int(seq)), text, frame_text(text))
 
 
 class ChannelCursor:
@@ -99,7 +106,7 @@ class ChannelCursor:
     def live(self, entry: Entry) -> list[Entry]:
         """A live message arrived. Returns what to send now (0 or 1 entry)."""
         if self.state is CursorState.SYNCING:
-            size = len(entry[2])
+            size = len(entry.frame)
             if self._buffered_bytes + size > self._max_buffer:
                 self._buffer = []  # history holds them all: re-read instead of keeping them
                 self._buffered_bytes = 0
@@ -116,8 +123,8 @@ class ChannelCursor:
         the caller sends the batch's pre-joined frames in one write), else
         the entries to send now (possibly none).
         """
-        if self.state is CursorState.LIVE and (self.last is None or entries[0][0] > self.last):
-            self.last = entries[-1][0]
+        if self.state is CursorState.LIVE and (self.last is None or entries[0].id > self.last):
+            self.last = entries[-1].id
             return None
         out: list[Entry] = []
         for entry in entries:
@@ -153,8 +160,8 @@ class ChannelCursor:
         self.state = CursorState.SYNCING
 
     def _admit(self, entry: Entry) -> list[Entry]:
-        if self.last is not None and entry[0] <= self.last:
+        if self.last is not None and entry.id <= self.last:
             self.duplicates += 1
             return []
-        self.last = entry[0]
+        self.last = entry.id
         return [entry]

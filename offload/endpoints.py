@@ -75,7 +75,7 @@ class ChannelsEndpoint(Endpoint):
             self.ws.send_frame(frames)
         else:
             for entry in entries:
-                self.ws.send_frame(entry[2])
+                self.ws.send_frame(entry.frame)
 
     def can_take_history(self) -> bool:
         # History pages go out one at a time, each once the client took the

@@ -21,15 +21,9 @@ from wsproto.connection import Connection, ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 from wsproto.frame_protocol import CloseReason
 
+from .closes import CloseCode
+
 __all__ = [
-    "CLOSE_GOING_AWAY",
-    "CLOSE_INTERNAL",
-    "CLOSE_INVALID_DATA",
-    "CLOSE_NORMAL",
-    "CLOSE_POLICY",
-    "CLOSE_PROTOCOL_ERROR",
-    "CLOSE_RESTART",
-    "CLOSE_TOO_BIG",
     "BinaryReceived",
     "CloseReceived",
     "FragmentReceived",
@@ -40,15 +34,6 @@ __all__ = [
     "ProtocolFailure",
     "TextReceived",
 ]
-
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
-CLOSE_PROTOCOL_ERROR = 1002
-CLOSE_INVALID_DATA = 1007
-CLOSE_POLICY = 1008
-CLOSE_TOO_BIG = 1009
-CLOSE_INTERNAL = 1011
-CLOSE_RESTART = 1012
 
 
 def _header(first_byte: int, length: int) -> bytes:
@@ -158,7 +143,7 @@ class FrameReader:
                 self._size += len(piece.encode()) if isinstance(piece, str) else len(piece)
                 if self._size > self._max:
                     self.failed = True
-                    yield ProtocolFailure(CLOSE_TOO_BIG, f"message larger than {self._max} bytes")
+                    yield ProtocolFailure(CloseCode.TOO_BIG, f"message larger than {self._max} bytes")
                     return
                 self._parts.append(piece)
                 if event.message_finished:
@@ -200,5 +185,5 @@ class FrameReader:
         if self._conn.state not in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
             return b""
         if code in (CloseReason.NO_STATUS_RCVD, CloseReason.ABNORMAL_CLOSURE):
-            code = CLOSE_NORMAL
+            code = CloseCode.NORMAL
         return self._conn.send(CloseConnection(code=code, reason=reason[:120]))

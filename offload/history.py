@@ -108,6 +108,6 @@ def catch_up(
     rows, recovered = read_after(channel, last or (0, 0), count)
     channel_json = json.dumps(channel).encode()
     entries = [make_entry(channel_json, mid.encode(), data.encode()) for mid, data in rows]
-    size = sum(len(entry[2]) for entry in entries)
+    size = sum(len(entry.frame) for entry in entries)
     next_count = max(1, min(_MAX_PAGE, page_bytes * len(entries) // size)) if size else count
     return CatchUp(entries, None, recovered or last is None, len(entries) >= count, next_count)

@@ -383,11 +383,11 @@ class Hub:
         for payload in payloads:
             message_id, _, data = payload.partition(b" ")
             entries.append(make_entry(channel_json, message_id, data))
-        newest = entries[-1][0]
+        newest = entries[-1].id
         self._last_fanned[channel] = newest
         if channel in self._ready:
             self._newest[channel] = newest
-        frames = entries[0][2] if len(entries) == 1 else b"".join([entry[2] for entry in entries])
+        frames = entries[0].frame if len(entries) == 1 else b"".join([entry.frame for entry in entries])
         count = len(subscribers)
         # No copy of the dict: offer() never (un)subscribes anyone.
         others = [subscriber for subscriber, ws in subscribers.items() if ws is None or not ws.offer(frames)]

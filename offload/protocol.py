@@ -28,7 +28,6 @@ __all__ = [
     "Unsubscribe",
     "command_from_object",
     "error_text",
-    "message_text",
     "parse_ascii_int",
     "parse_command",
     "parse_stream_id",
@@ -222,15 +221,6 @@ def encode_data(data: Any) -> str:
         raise ProtocolError(f"data is not JSON-serializable: {exc}") from None
     except RecursionError:
         raise ProtocolError("data is nested too deeply") from None
-
-
-def message_text(channel_json: str, message_id: str, data_json: str) -> str:
-    """Build a ``message`` envelope by splicing pre-encoded JSON.
-
-    ``channel_json`` is ``json.dumps(channel)``, computed once per channel, and
-    ``data_json`` is the stored JSON text, so nothing is re-encoded per socket.
-    """
-    return '{"type":"message","channel":' + channel_json + ',"id":"' + message_id + '","data":' + data_json + "}"
 
 
 def reply(kind: str, ref: Any = None, **fields: Any) -> str:

@@ -52,6 +52,7 @@ import gevent.event
 from gevent.socket import wait_write
 
 from . import conf
+from .closes import Disconnect
 from .cursor import Entry
 from .protocol import StreamId, error_text
 from .session import ChannelSession, HubLink
@@ -73,21 +74,21 @@ def open_streams() -> int:
     return len(_streams)
 
 
-def close_user_streams(user_id: int, reason: str) -> int:
+def close_user_streams(user_id: int, why: Disconnect) -> int:
     """End every stream of this process opened by user ``user_id``; returns how many."""
     closing = [stream for stream in _streams if stream.identity is not None and stream.identity.user_id == user_id]
     for stream in closing:
-        stream.close(reason)
+        stream.close(why.reason)
     return len(closing)
 
 
-def close_all_streams() -> None:
-    """End every SSE stream of this process at once (graceful reload).
+def close_all_streams(why: Disconnect = Disconnect.RESTART) -> None:
+    """End every SSE stream of this process at once (graceful reload, shutdown).
 
     The browser reconnects after ``retry`` and resumes with ``Last-Event-ID``.
     """
     for stream in list(_streams):
-        stream.close("server restart")
+        stream.close(why.reason)
 
 
 class SseStream:
@@ -153,14 +154,14 @@ class SseStream:
     def send_messages(self, channel: str, entries: list[Entry], frames: bytes | None) -> None:
         if self.ended is not None:
             return
-        size = sum(len(entry[1]) for entry in entries)
+        size = sum(len(entry.text) for entry in entries)
         if self._queued_bytes + size > self._max_queued:
             # The client does not read: end the stream, it resumes on reconnect.
             log.info("sse client is a slow consumer (over %d bytes queued): ending its stream", self._max_queued)
-            self.close("slow consumer")
+            self.close(Disconnect.SLOW_CONSUMER.reason)
             return
         for entry in entries:
-            self._outbox.append((channel, entry[0], "message", entry[1]))
+            self._outbox.append((channel, entry.id, "message", entry.text))
         self._queued_bytes += size
         self._wake.set()
 

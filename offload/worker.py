@@ -17,8 +17,8 @@ import time
 import gevent
 
 from . import conf
+from .closes import Disconnect
 from .connection import close_all, open_connections
-from .frames import CLOSE_GOING_AWAY
 from .hub import Hub
 from .publishing import publish
 from .sse import close_all_streams, open_streams
@@ -81,12 +81,12 @@ def install_signal_handlers() -> None:
     _handlers_installed_pid = os.getpid()
 
     def reload() -> None:
-        close_all()
-        close_all_streams()
+        close_all(Disconnect.RESTART)
+        close_all_streams(Disconnect.RESTART)
 
     def shutdown() -> None:
-        close_all(CLOSE_GOING_AWAY, "server shutting down")
-        close_all_streams()
+        close_all(Disconnect.SHUTDOWN)
+        close_all_streams(Disconnect.SHUTDOWN)
 
     gevent.signal_handler(signal.SIGHUP, reload)
     # Shutdown (uWSGI stops a worker with SIGINT, and with SIGTERM/SIGQUIT on

@@ -1,14 +1,14 @@
 """The resume cursor: history then live, no gap, no duplicate."""
 
-from offload.cursor import ChannelCursor, CursorState
+from offload.cursor import ChannelCursor, CursorState, Entry
 
 
 def e(n):
-    return ((n, 0), b"m%d" % n, b"f%d" % n)
+    return Entry((n, 0), b"m%d" % n, b"f%d" % n)
 
 
 def ids(entries):
-    return [entry[0][0] for entry in entries]
+    return [entry.id[0] for entry in entries]
 
 
 def test_live_messages_buffer_while_syncing_then_join_history_without_duplicates():

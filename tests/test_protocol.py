@@ -12,7 +12,6 @@ from offload.protocol import (
     Unsubscribe,
     encode_data,
     error_text,
-    message_text,
     parse_ascii_int,
     parse_command,
     parse_stream_id,
@@ -174,9 +173,12 @@ def test_finite_floats_still_parse():
     assert parse_command('{"type":"ping","ref":1.5e3}') == Ping(ref=1500.0)
 
 
-def test_message_text_splices_preencoded_json():
-    text = message_text(json.dumps("room:a"), "5-1", '{"x":"é"}')
-    assert json.loads(text) == {"type": "message", "channel": "room:a", "id": "5-1", "data": {"x": "é"}}
+def test_message_envelopes_splice_preencoded_json():
+    from offload.cursor import make_entry
+
+    entry = make_entry(json.dumps("room:a").encode(), b"5-1", '{"x":"é"}'.encode())
+    assert entry.id == (5, 1)
+    assert json.loads(entry.text) == {"type": "message", "channel": "room:a", "id": "5-1", "data": {"x": "é"}}
 
 
 def test_entries_are_framed_once_with_the_right_length_encoding():

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from offload.cursor import Entry
 from offload.exceptions import ProtocolError
 from offload.sse_format import PING, RETRY, format_event, format_resume_id, parse_resume_id, resume_positions
 
@@ -154,8 +155,8 @@ def stream(settings):
 def live(stream, channel, *ms):
     """The hub delivers a batch of messages (cursor made LIVE first)."""
     stream.cursors[channel].history([], None)
-    entries = [((n, 0), b'{"id":"%d-0"}' % n, b"<websocket frame>") for n in ms]
-    stream.session.deliver(channel, entries, b"".join(entry[2] for entry in entries))
+    entries = [Entry((n, 0), b'{"id":"%d-0"}' % n, b"<websocket frame>") for n in ms]
+    stream.session.deliver(channel, entries, b"".join(entry.frame for entry in entries))
 
 
 def test_each_event_carries_the_positions_written_so_far(stream):
