@@ -1,46 +1,58 @@
-"""Publishes spread over many channels: one numbering shared by every publisher and subscriber.
+"""One numbering of publishes shared by every publisher and subscriber of the bench (stdlib only).
 
-Standard library only: imported by the orchestrator and the Redis publisher
-(project ``.venv``), the load clients (``bench/.venv-bench``) and the
-Channels publisher (``bench/.venv-channels``).
+Imported by the orchestrator and our publisher (project ``.venv``), the load
+clients (``bench/.venv-bench``) and the Channels publisher
+(``bench/.venv-channels``): whoever publishes, a subscriber can tell from a
+message alone which publish it was and whether it was meant for it.
 
-Publish number ``g`` (counted per run, from the window's ``first``) goes to
-channel ``g % channels``, where it is that channel's message number
-``g // channels``; its data is ``{"t": <time_ns at publish>, "seq": g}``.
-Subscriber ``i`` listens on channel ``i % channels``, so consecutive
-subscribers land on different channels and every channel gets
-``subscribers / channels`` of them. A subscriber can then tell from ``g``
-alone whether a message was meant for it, and which one it was.
+Publish number ``g`` goes to channel ``g % C`` of the run's ``C`` channels
+(one channel: every publish), where it is that channel's message number
+``g // C``; its data is ``{"t": <time_ns at publish>, "seq": g}``, padded
+with ``"p"`` to a size when a scenario wants big messages. Subscriber ``i``
+listens on channel ``i % C``, so every channel gets its share of them.
 """
 
 from __future__ import annotations
 
+import json
 import time
 
 #: the channel names of the many-channel scenarios: ``public:mc-0`` ... (``public``: anyone may subscribe)
 PREFIX = "public:mc-"
 
 
-def channel_index(g: int, channels: int) -> int:
-    """The channel (0-based) publish number ``g`` goes to."""
-    return g % channels
+def names(cfg: dict) -> list[str]:
+    """The run's channels: ``[cfg["channel"]]``, or ``cfg["channels"]`` of them named ``public:mc-<i>``."""
+    if cfg.get("channel"):
+        return [cfg["channel"]]
+    return [f"{PREFIX}{i}" for i in range(int(cfg["channels"]))]
 
 
-def channel_name(index: int, prefix: str = PREFIX) -> str:
-    return f"{prefix}{index}"
+def stamp(g: int, size: int = 0) -> bytes:
+    """The data of publish ``g``: compact JSON, ``t`` and ``seq`` first (what :func:`parse_stamp` reads)."""
+    head = b'{"t":%d,"seq":%d' % (time.time_ns(), g)
+    if size <= len(head) + 1:
+        return head + b"}"
+    return head + b',"p":"' + b"x" * max(0, size - len(head) - 8) + b'"}'
 
 
-def body(g: int) -> bytes:
-    """The message data: compact JSON, ``t`` first (what ``bench.loadclient.probe.parse_stamp`` reads)."""
-    return b'{"t":%d,"seq":%d}' % (time.time_ns(), g)
+def parse_stamp(raw: bytes) -> tuple[int, int]:
+    """``(t, seq)`` of a stamp from its first bytes, without a JSON parser (much cheaper per delivery)."""
+    comma = raw.find(b',"seq":', 0, 64)
+    if not raw.startswith(b'{"t":') or comma < 0:
+        data = json.loads(raw)
+        return data["t"], data["seq"]
+    end = raw.find(b",", comma + 7, comma + 40)
+    return int(raw[5:comma]), int(raw[comma + 7 : end if end > 0 else -1])
 
 
-def expected(first: int, count: int, channels: int, failed: list[int] | tuple = ()) -> list[list[int]]:
-    """Per channel, the per-channel numbers (``g // channels``) of publishes ``first .. first+count-1``
-    that did not fail: what each of the channel's subscribers must receive exactly once."""
-    skip = set(failed)
+def expected(ranges: list[dict], channels: int) -> list[list[int]]:
+    """Per channel, the per-channel numbers of the publishes in ``ranges`` (``first``, ``count``,
+    ``failed``) that did not fail: what each of the channel's subscribers must receive exactly once."""
     out: list[list[int]] = [[] for _ in range(channels)]
-    for g in range(first, first + count):
-        if g not in skip:
-            out[g % channels].append(g // channels)
+    for r in ranges:
+        skip = set(r.get("failed") or ())
+        for g in range(r["first"], r["first"] + r["count"]):
+            if g not in skip:
+                out[g % channels].append(g // channels)
     return out

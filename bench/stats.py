@@ -1,4 +1,4 @@
-"""Percentiles and medians, stdlib only (imported by the orchestrator and the clients).
+"""Percentiles and medians, stdlib only (imported by the orchestrator, the clients and the publishers).
 
 Latencies are kept as integer microseconds; summaries are floats in
 milliseconds, which is what the report shows.
@@ -37,6 +37,14 @@ def summarize_us(values: Iterable[int], cdf_points: int = 0) -> dict:
     return out
 
 
+def spread(values: Iterable[float]) -> dict:
+    """min / median / max of a few values (None when there are none)."""
+    ordered = sorted(values)
+    if not ordered:
+        return {"min": None, "median": None, "max": None}
+    return {"min": ordered[0], "median": round(statistics.median(ordered), 2), "max": ordered[-1]}
+
+
 def median_merge(items: list):
     """Merge repeated results leaf by leaf: the median of numbers, else the first value.
 
@@ -49,21 +57,17 @@ def median_merge(items: list):
         return first
     if isinstance(first, dict):
         return {k: median_merge([i[k] for i in items if isinstance(i, dict) and k in i]) for k in first}
-    if isinstance(first, bool) or first is None:
+    if isinstance(first, bool) or not isinstance(first, (int, float)):
         return first
-    if isinstance(first, (int, float)):
-        numbers = [i for i in items if isinstance(i, (int, float)) and not isinstance(i, bool)]
-        if not numbers:
-            return None
-        middle = statistics.median(numbers)
-        if all(isinstance(i, int) for i in numbers) and middle == int(middle):
-            return int(middle)  # counts stay counts
-        return round(middle, 3)
-    return first
+    numbers = [i for i in items if isinstance(i, (int, float)) and not isinstance(i, bool)]
+    middle = statistics.median(numbers)
+    if all(isinstance(i, int) for i in numbers) and middle == int(middle):
+        return int(middle)  # counts stay counts
+    return round(middle, 3)
 
 
-def ratio(loaded: float | None, idle: float | None) -> float | None:
-    """loaded / idle, None when either is missing or idle is zero."""
-    if loaded is None or not idle:
+def ratio(a: float | None, b: float | None, digits: int = 2) -> float | None:
+    """a / b, None when either is missing or b is zero."""
+    if a is None or not b:
         return None
-    return round(loaded / idle, 2)
+    return round(a / b, digits)

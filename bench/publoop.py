@@ -1,0 +1,135 @@
+"""One publisher run, whoever publishes (stdlib only: every environment of the bench imports it).
+
+Every publisher of the bench goes through :class:`PublishRun`: the HTTP
+publishes and view probes of the load client, ``offload.publish()`` in
+``bench/publisher.py`` and ``group_send`` in
+``bench/channels_anchor/publisher.py``. So each is numbered, paced, timed
+and reported the same way, and a subscriber can count what it must get
+(``bench/spread.py``).
+
+``callers`` callers take numbers until the run is over: without a rate as
+fast as they can (closed loop: throughput), with a rate each number is due
+at ``first + n / rate`` s (open loop, at most ``callers`` in flight, so a
+stalled server shows as latency, not as fewer samples).
+
+Publisher processes speak JSON lines with the orchestrator (``bench.clients``):
+``ready`` once set up, then a ``go`` line, then one ``result`` line; they exit
+at EOF of stdin, after the orchestrator has read their CPU time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+
+from .stats import summarize_us
+
+MAX_FAILED = 10_000
+
+
+class PublishRun:
+    """Numbers, schedule and outcome of one run: ``records`` holds ``(g, t_ns, error, us)`` per call."""
+
+    def __init__(self, first: int = 0, seconds: float | None = None, rate: float | None = None, count: int = 0) -> None:
+        self.first, self.next, self.rate, self.last = first, first, rate, first + count if count else math.inf
+        self.started = self.last_return = time.monotonic()
+        self.until = self.started + seconds if seconds else math.inf
+        self.stopped = False
+        self.records: list[tuple[int, int, str | None, int]] = []
+        self._lock = threading.Lock()  # OS threads share one run
+
+    def take(self) -> tuple[int, float] | None:
+        """The next number and the seconds to wait until it is due; None once the run is over."""
+        with self._lock:
+            now = time.monotonic()
+            due = self.started + (self.next - self.first) / self.rate if self.rate else now
+            if self.stopped or max(due, now) >= self.until or self.next >= self.last:
+                return None
+            self.next += 1
+            return self.next - 1, max(0.0, due - now)
+
+    def done(self, g: int, t_ns: int, started_ns: int, error: str | None) -> None:
+        self.records.append((g, t_ns, error, (time.perf_counter_ns() - started_ns) // 1000))
+        self.last_return = time.monotonic()
+
+    def result(self) -> dict:
+        """``first``, ``count`` (numbers taken), ``failed`` (taken but not published), ``errors``,
+        ``seconds`` (start to last return), ``publishes_per_s`` and call ``latency`` (ms)."""
+        ok = {g: us for g, _, error, us in self.records if error is None}
+        errors = Counter(error for _, _, error, _ in self.records if error is not None)
+        count = self.next - self.first
+        if count > len(self.records):
+            errors["unanswered"] += count - len(self.records)
+        took = max(1e-9, self.last_return - self.started)
+        return {
+            "first": self.first,
+            "count": count,
+            "ok": len(ok),
+            "failed": [g for g in range(self.first, self.next) if g not in ok][:MAX_FAILED],
+            "errors": dict(errors),
+            "seconds": round(took, 3),
+            "publishes_per_s": round(len(ok) / took, 1),
+            "latency": summarize_us(ok.values()),
+        }
+
+
+def run_threads(run: PublishRun, call: Callable[[int], str | None], callers: int) -> None:
+    """``callers`` threads (greenlets, once gevent patched ``threading``) calling ``call(g)``."""
+
+    def caller() -> None:
+        while (taken := run.take()) is not None:
+            g, wait = taken
+            time.sleep(wait)  # sleep(0) too: under gevent a greenlet yields between calls, as a view does
+            t, started = time.time_ns(), time.perf_counter_ns()
+            try:
+                error = call(g)
+            except Exception as exc:  # BackendUnavailable, OutcomeUnknown, ...
+                error = type(exc).__name__
+            run.done(g, t, started, error)
+
+    threads = [threading.Thread(target=caller) for _ in range(callers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+async def drive(run: PublishRun, call: Callable[[int], Awaitable[str | None]], callers: int) -> None:
+    """The asyncio form of :func:`run_threads`; a call cancelled in flight counts as unanswered."""
+
+    async def caller() -> None:
+        while (taken := run.take()) is not None:
+            g, wait = taken
+            await asyncio.sleep(wait)
+            t, started = time.time_ns(), time.perf_counter_ns()
+            try:
+                error = await call(g)
+            except Exception as exc:  # network errors, timeouts, a channel layer's own errors
+                error = type(exc).__name__
+            run.done(g, t, started, error)
+
+    await asyncio.gather(*(caller() for _ in range(callers)))
+
+
+def emit(event: str, **fields) -> None:
+    sys.stdout.write(json.dumps({"event": event, **fields}, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
+def ready_then_go() -> None:
+    """Say ``ready``, then wait for the orchestrator's ``go`` (it opens its measuring window first)."""
+    emit("ready")
+    if not sys.stdin.readline():
+        sys.exit("stdin closed before go: the orchestrator is gone")
+
+
+def finish(run: PublishRun) -> None:
+    """Print the result, then wait for EOF: the orchestrator reads our CPU time before we exit."""
+    emit("result", **run.result())
+    sys.stdin.read()
