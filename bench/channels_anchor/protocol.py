@@ -13,31 +13,19 @@ CHANNEL_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}:[A-Za-z0-9_.@=-]{1,128}$")
 _GROUP_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
-def valid_channel(channel: str) -> bool:
-    return bool(CHANNEL_RE.match(channel))
-
-
 def group_for(channel: str) -> str:
     """Channels group of a channel: ``public:bench`` -> ``public.bench``.
 
     Group names allow only ``[a-zA-Z0-9._-]`` and fewer than 100 characters:
-    ``:`` becomes ``.``, ``@``/``=`` become ``-40-``/``-3D-``, and a name still
-    too long is replaced by its hash. (Collisions are possible in theory; the
-    benchmark uses one plain channel.)
+    ``:`` becomes ``.``, other unsafe characters ``-<hex>-``, and a name still
+    too long is replaced by its hash.
     """
     group = _GROUP_UNSAFE.sub(lambda m: f"-{ord(m.group()):02X}-", channel.replace(":", ".", 1))
-    if len(group) >= 99:
-        group = "h." + hashlib.sha1(channel.encode()).hexdigest()
-    return group
+    return group if len(group) < 99 else "h." + hashlib.sha1(channel.encode()).hexdigest()
 
 
 def dumps(obj) -> str:
     return json.dumps(obj, separators=(",", ":"))
-
-
-def subscribed(channel: str) -> str:
-    """The project's first message for a fresh subscription without ``since``."""
-    return dumps({"type": "subscribed", "channel": channel, "last_id": None, "recovered": True})
 
 
 def message(channel: str, message_id: str, data_json: str) -> str:
@@ -46,30 +34,18 @@ def message(channel: str, message_id: str, data_json: str) -> str:
 
 
 def error(code: str, reason: str, channel: str | None = None) -> str:
-    fields = {"type": "error", "code": code, "reason": reason}
-    if channel is not None:
-        fields["channel"] = channel
-    return dumps(fields)
+    return dumps({"type": "error", "code": code, "reason": reason, **({"channel": channel} if channel else {})})
 
 
 class IdClock:
-    """``<ms>-<seq>`` ids that strictly increase within this process.
-
-    Channels has no message ids; this imitates a Redis Stream's: the current
-    millisecond, and a sequence number when the clock has not moved on (or
-    went back).
-    """
+    """``<ms>-<seq>`` ids that strictly increase in this process: Channels has none; this imitates a Redis Stream's."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._ms = 0
-        self._seq = 0
+        self._ms = self._seq = 0
 
     def next(self) -> str:
         now = time.time_ns() // 1_000_000
         with self._lock:
-            if now > self._ms:
-                self._ms, self._seq = now, 0
-            else:
-                self._seq += 1
+            self._ms, self._seq = (now, 0) if now > self._ms else (self._ms, self._seq + 1)
             return f"{self._ms}-{self._seq}"

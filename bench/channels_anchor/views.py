@@ -1,4 +1,4 @@
-"""HTTP views: the publish API (async) and a plain page for the view probe."""
+"""HTTP views: the publish API (async, as a Channels user would write it) and a plain page."""
 
 from __future__ import annotations
 
@@ -11,9 +11,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, JsonR
 
 from . import protocol
 
-#: the project's OFFLOAD_MAX_MESSAGE_BYTES default
-MAX_MESSAGE_BYTES = 65536
-
+MAX_MESSAGE_BYTES = 65536  # the project's OFFLOAD_MAX_MESSAGE_BYTES default
 _ids = protocol.IdClock()
 
 
@@ -22,19 +20,17 @@ def _error(status: int, code: str, reason: str) -> JsonResponse:
 
 
 async def publish(request: HttpRequest, channel: str) -> HttpResponse:
-    """``POST /api/publish/<channel>``, as in docs/protocol.md: ``{"id": "<ms>-<seq>"}``.
+    """``POST /api/publish/<channel>`` as in docs/protocol.md, answering ``{"id": "<ms>-<seq>"}``.
 
-    An async view: under ASGI it runs on the server's event loop and awaits
-    ``group_send`` directly (no thread hop). The envelope is encoded once here
-    and every consumer forwards the same text.
+    Async: under ASGI it awaits ``group_send`` on the server's event loop (no
+    thread hop). The envelope is encoded once; every consumer forwards it.
     """
     if request.method != "POST":
         return HttpResponseNotAllowed(["POST"])
-    key = settings.API_KEY
-    if not key:
-        return _error(403, "api_disabled", "API_KEY is not configured")
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+    if not settings.API_KEY:
+        return _error(403, "api_disabled", "API_KEY is not configured")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.API_KEY.encode()):
         return _error(401, "unauthorized", "missing or wrong bearer key")
     if len(request.body) > MAX_MESSAGE_BYTES:
         return _error(413, "message_too_large", f"body larger than {MAX_MESSAGE_BYTES} bytes")
@@ -42,7 +38,7 @@ async def publish(request: HttpRequest, channel: str) -> HttpResponse:
         data = json.loads(request.body)
     except (ValueError, RecursionError):
         return _error(400, "bad_json", "body is not valid JSON")
-    if not protocol.valid_channel(channel):
+    if not protocol.CHANNEL_RE.match(channel):
         return _error(400, "invalid_channel", "bad channel name")
     message_id = _ids.next()
     text = protocol.message(channel, message_id, protocol.dumps(data))
@@ -51,9 +47,5 @@ async def publish(request: HttpRequest, channel: str) -> HttpResponse:
 
 
 def probe(request: HttpRequest) -> HttpResponse:
-    """``GET /probe/``: a small page from an ordinary *sync* view.
-
-    Under ASGI Django runs sync views in its thread executor, which is what a
-    Channels user's regular views get; the benchmark's view probe can time it.
-    """
-    return HttpResponse("<!doctype html><title>probe</title><p>ok</p>\n", content_type="text/html; charset=utf-8")
+    """``GET /probe/``: a sync view (run in Django's thread executor, as a Channels user's views are)."""
+    return HttpResponse("<!doctype html><title>probe</title><p>ok</p>\n")
