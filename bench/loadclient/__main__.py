@@ -1,7 +1,9 @@
-"""``python -m bench.loadclient ROLE CONFIG_JSON``: run one client role on uvloop.
+"""``python -m bench.loadclient ROLE CONFIG_JSON``: one client role on uvloop, JSON lines on stdin/stdout.
 
-The config carries ``deadline_s``: past it the client exits on its own, so a
-lost orchestrator never leaves load running.
+The orchestrator writes commands (``{"cmd": ...}``) to stdin and reads
+events (``{"event": ...}``) from stdout, which carries nothing else (logs go
+to stderr). EOF on stdin means "stop now"; past ``deadline_s`` the client
+exits by itself, so a lost orchestrator never leaves load running.
 """
 
 from __future__ import annotations
@@ -14,37 +16,52 @@ import traceback
 
 import uvloop
 
-from . import backpressure, fanout, httppub, load, manychannels, probe
-from .channel import Channel
+from bench.publoop import emit
 
-ROLES = {"probe": probe.run, "load": load.run, "fanout": fanout.run}
-ROLES.update({"manychannels": manychannels.run, "httppub": httppub.run})
-ROLES.update({"backpressure": backpressure.run, "stalled": backpressure.run_stalled})
+from . import load, stalled, subscribers
+
+ROLES = {"subscribers": subscribers.run, "load": load.run, "stalled": stalled.run}
+
+
+class Channel:
+    """Commands from stdin as a queue; ``{"cmd": "eof"}`` once stdin closes."""
+
+    emit = staticmethod(emit)
+
+    def __init__(self) -> None:
+        self.commands: asyncio.Queue[dict] = asyncio.Queue()
+
+    async def start(self) -> Channel:
+        reader = asyncio.StreamReader()
+        await asyncio.get_running_loop().connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        self._task = asyncio.create_task(self._read(reader))
+        return self
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        while line := await reader.readline():
+            await self.commands.put(json.loads(line))
+        await self.commands.put({"cmd": "eof"})
+
+    async def next(self) -> dict:
+        return await self.commands.get()
 
 
 async def main(role: str, cfg: dict) -> int:
     chan = await Channel().start()
-    deadline = asyncio.timeout(cfg.get("deadline_s", 600))
+    deadline = asyncio.timeout(cfg.get("deadline_s", 900))
     try:
         async with deadline:
             await ROLES[role](cfg, chan)
         return 0
     except Exception as exc:
         traceback.print_exc()
-        if isinstance(exc, TimeoutError) and deadline.expired():
-            chan.emit("error", reason=f"deadline of {cfg.get('deadline_s')} s reached")
-        else:
-            chan.emit("error", reason=f"{type(exc).__name__}: {exc!r}")
+        expired = isinstance(exc, TimeoutError) and deadline.expired()
+        emit("error", reason=f"deadline of {cfg.get('deadline_s')} s reached" if expired else repr(exc))
         return 1
 
 
-def run() -> None:
+if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] not in ROLES:
         sys.exit(f"usage: python -m bench.loadclient {{{','.join(ROLES)}}} CONFIG_JSON")
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 1,000+ sockets
+    resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)  # 10,000 sockets
     sys.exit(uvloop.run(main(sys.argv[1], json.loads(sys.argv[2]))))
-
-
-if __name__ == "__main__":
-    run()

@@ -1,22 +1,18 @@
-"""Measuring tools: windows on publish time, a delivery ledger, open-loop tickers.
+"""Measuring tools of the load clients: windows on publish time, series, a delivery ledger, loop lag.
 
-* A sample belongs to the window in which its *request* started (publish
-  time for broadcasts, send time for view probes), not to the one in which
-  it finished: a delivery delayed past the window's end still counts against
-  the window that caused it.
-* Tickers are open-loop (a request every period whether or not the previous
-  one finished), so a stalled server shows as high latency instead of fewer
-  samples (no coordinated omission); a cap on outstanding requests keeps them
-  bounded.
+A sample belongs to the window in which its *request* started (publish time
+for deliveries, send time for view probes), not the one in which it ended:
+a delivery delayed past the window's end still counts against the window
+that caused it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from bench.stats import summarize_us
 
 
 @dataclass
@@ -30,7 +26,7 @@ class Window:
 
 
 class Series:
-    """(started_ns, value) samples; ``within(window)`` picks a window's values."""
+    """(started_ns, value in µs) samples, picked by window."""
 
     def __init__(self) -> None:
         self.t: list[int] = []
@@ -40,91 +36,73 @@ class Series:
         self.t.append(started_ns)
         self.v.append(value)
 
-    def within(self, window: Window) -> list[int]:
-        return [v for t, v in zip(self.t, self.v, strict=True) if window.holds(t)]
+    def pairs(self, window: Window) -> list[tuple[int, int]]:
+        return [(t, v) for t, v in zip(self.t, self.v, strict=True) if window.holds(t)]
 
-    def timeline(self, window: Window, bucket_s: float = 1.0) -> list[tuple[float, list[int]]]:
-        """Samples grouped by ``bucket_s`` of start time from the window's start."""
+    def within(self, window: Window) -> list[int]:
+        return [v for _, v in self.pairs(window)]
+
+    def slowest(self, window: Window) -> list[int]:
+        """The slowest delivery of each publish (they share its ``t``): how long one took to reach all."""
+        worst: dict[int, int] = {}
+        for t, v in self.pairs(window):
+            worst[t] = max(v, worst.get(t, 0))
+        return list(worst.values())
+
+    def timeline(self, window: Window) -> list[list[float]]:
+        """``[second of the window, p50, p99, n]`` per second of start time (for the plots)."""
         buckets: dict[int, list[int]] = {}
-        for t, v in zip(self.t, self.v, strict=True):
-            if window.holds(t):
-                buckets.setdefault(int((t - window.start_ns) / 1e9 / bucket_s), []).append(v)
-        return [(k * bucket_s, buckets[k]) for k in sorted(buckets)]
+        for t, v in self.pairs(window):
+            buckets.setdefault((t - window.start_ns) // 1_000_000_000, []).append(v)
+        return [[k, *(summarize_us(buckets[k])[q] for q in ("p50", "p99")), len(buckets[k])] for k in sorted(buckets)]
 
 
 class Ledger:
-    """How many times each subscriber got each sequence number (lost / duplicate)."""
+    """How often each subscriber got each of its channel's messages (by the channel's own numbering,
+    ``bench/spread.py``): lost and duplicate deliveries, in total and of the worst subscriber."""
 
-    def __init__(self, subscribers: int) -> None:
+    def __init__(self, subscribers: int, channels: int) -> None:
+        self.channels = channels
         self.counts = [bytearray() for _ in range(subscribers)]
+        self.misrouted = 0  # deliveries of another channel's message
 
-    def record(self, index: int, seq: int) -> None:
-        counts = self.counts[index]
-        if seq >= len(counts):
-            counts.extend(bytes(seq + 1024 - len(counts)))
-        if counts[seq] < 255:
-            counts[seq] += 1
+    def record(self, index: int, g: int) -> None:
+        if g % self.channels != index % self.channels:
+            self.misrouted += 1
+            return
+        slot, counts = g // self.channels, self.counts[index]
+        if slot >= len(counts):
+            counts.extend(bytes(slot + 1024 - len(counts)))
+        if counts[slot] < 255:
+            counts[slot] += 1
 
-    def tally(self, seqs: list[int]) -> dict:
-        """Lost and duplicate deliveries of ``seqs`` over all subscribers."""
-        lost = dup = 0
-        for counts in self.counts:
-            size = len(counts)
-            for seq in seqs:
-                c = counts[seq] if seq < size else 0
-                if c == 0:
-                    lost += 1
-                elif c > 1:
-                    dup += c - 1
-        return {"expected": len(seqs) * len(self.counts), "lost": lost, "dup": dup}
-
-
-@dataclass
-class Ticker:
-    """Run ``action(started_ns)`` every ``period`` seconds, open-loop, until stopped."""
-
-    period: float
-    action: Callable[[int], Awaitable[None]]
-    max_outstanding: int = 200
-    skipped: int = 0
-    outstanding: set = field(default_factory=set)
-    running: bool = True
-
-    async def run(self) -> None:
-        next_at = time.monotonic()
-        while self.running:
-            if len(self.outstanding) < self.max_outstanding:
-                task = asyncio.create_task(self.action(time.time_ns()))
-                self.outstanding.add(task)
-                task.add_done_callback(self.outstanding.discard)
-            else:
-                self.skipped += 1
-            next_at += self.period
-            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-
-    async def drain(self, timeout: float) -> None:
-        """Stop ticking and give requests in flight ``timeout`` s to finish."""
-        self.running = False
-        if self.outstanding:
-            _, pending = await asyncio.wait(set(self.outstanding), timeout=timeout)
-            for task in pending:
-                task.cancel()
-            if pending:
-                print(f"{len(pending)} requests still pending after {timeout} s: cancelled", file=sys.stderr)
+    def tally(self, per_channel: list[list[int]]) -> dict:
+        out = dict.fromkeys(("expected", "lost", "dup", "max_lost_per_subscriber", "max_dup_per_subscriber"), 0)
+        out.update(subscribers_with_loss=0, subscribers_with_dup=0)
+        for index, counts in enumerate(self.counts):
+            slots, size, lost, dup = per_channel[index % self.channels], len(counts), 0, 0
+            for slot in slots:
+                c = counts[slot] if slot < size else 0
+                lost += c == 0
+                dup += max(0, c - 1)
+            out["expected"] += len(slots)
+            out["lost"], out["dup"] = out["lost"] + lost, out["dup"] + dup
+            out["max_lost_per_subscriber"] = max(out["max_lost_per_subscriber"], lost)
+            out["max_dup_per_subscriber"] = max(out["max_dup_per_subscriber"], dup)
+            out["subscribers_with_loss"] += lost > 0
+            out["subscribers_with_dup"] += dup > 0
+        return out
 
 
 class LoopLag:
-    """How late this process's own event loop wakes up (client-side delay)."""
+    """How late this process's own event loop wakes up: a client-bound run shows here."""
 
     def __init__(self, period: float = 0.05) -> None:
         self.period = period
         self.series = Series()
-        self.running = True
 
     async def run(self) -> None:
-        while self.running:
-            before = time.perf_counter_ns()
-            started = time.time_ns()
+        while True:
+            before, started = time.perf_counter_ns(), time.time_ns()
             await asyncio.sleep(self.period)
-            late_us = (time.perf_counter_ns() - before) // 1000 - int(self.period * 1e6)
-            self.series.add(started, max(0, late_us))
+            self.series.add(started, max(0, (time.perf_counter_ns() - before) // 1000 - int(self.period * 1e6)))

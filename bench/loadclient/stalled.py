@@ -1,0 +1,261 @@
+"""Websockets that stop reading once subscribed, watched from the kernel's side (slow consumers).
+
+``{"cmd": "stall", "name", "count", "returning"}`` opens ``count`` raw
+websockets with a small ``SO_RCVBUF`` on the channel, reads until the
+server's ``subscribed`` reply and then stops reading. Every ``poll_s`` it
+asks the kernel (sock_diag, same host) about the *server's* end of each
+connection: the bytes the server's kernel holds for it, and when it leaves
+ESTABLISHED (the server closed its socket), which a client that does not
+read cannot see. A witness socket reads normally and counts messages. The
+first ``returning`` sockets read again ``resume_after`` messages after the
+server's kernel buffer for them stopped growing (once the server's queue
+limit must have been reached, inside its 2 s closing grace): they show which
+close frame the server queued. The others read only after the server closed
+its end: how a client that never comes back sees its stream end.
+``{"cmd": "release"}`` reports each socket (``released``) and closes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import socket
+import struct
+import sys
+import time
+from collections import Counter
+
+TCP_STATES = {"01": "ESTABLISHED", "04": "FIN_WAIT1", "05": "FIN_WAIT2", "06": "TIME_WAIT", "07": "CLOSE"}
+
+
+class FrameScanner:
+    """Walks server frames (unmasked) in a byte stream, keeping only what the report needs."""
+
+    def __init__(self) -> None:
+        self.buffer, self.frames, self.messages = b"", 0, 0
+        self.texts: list[bytes] = []  # the first few text payloads (the subscribed reply)
+        self.close_code: int | None = None
+        self.close_reason = ""
+
+    def feed(self, data: bytes) -> None:
+        buf, at = self.buffer + data, 0
+        while len(buf) - at >= 2:
+            n, head = buf[at + 1] & 0x7F, 2
+            if n >= 126:
+                head = 4 if n == 126 else 10
+                if len(buf) - at < head:
+                    break
+                n = int.from_bytes(buf[at + 2 : at + head], "big")
+            if len(buf) - at < head + n:
+                break
+            opcode, payload = buf[at] & 0x0F, buf[at + head : at + head + n]
+            self.frames += 1
+            if opcode == 1:
+                self.messages += 1
+                if len(self.texts) < 4:
+                    self.texts.append(payload)
+            elif opcode == 8 and self.close_code is None:
+                self.close_code = struct.unpack("!H", payload[:2])[0] if n >= 2 else 1005
+                self.close_reason = payload[2:].decode(errors="replace")
+            at += head + n
+        self.buffer = buf[at:]
+
+
+class Stalled:
+    """One raw websocket that stops reading once subscribed; times are seconds since it stopped."""
+
+    def __init__(self, index: int, returning: bool = False) -> None:
+        self.index, self.returning, self.scanner = index, returning, FrameScanner()
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setblocking(False)
+        self.port, self.stopped_at, self.tx_max = 0, 0.0, 0
+        self.kernel_full_s = self.resumed_s = self.close_frame_s = self.dropped_s = None
+        self.messages_at_growth: int | None = None
+        self.state_at_drop: str | None = None
+        self.drain: dict | None = None
+
+    async def open(self, host: str, port: int, path: str, rcvbuf: int | None) -> None:
+        loop = asyncio.get_running_loop()
+        if rcvbuf:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connect: the window scale
+        key = base64.b64encode(os.urandom(16)).decode()
+        async with asyncio.timeout(10):
+            await loop.sock_connect(self.sock, (host, port))
+            self.port = self.sock.getsockname()[1]
+            await loop.sock_sendall(
+                self.sock,
+                (
+                    f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                    f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nOrigin: http://{host}:{port}\r\n\r\n"
+                ).encode(),
+            )
+            data = b""
+            while b"\r\n\r\n" not in data:
+                if not (chunk := await loop.sock_recv(self.sock, 4096)):
+                    raise ConnectionError("closed during the handshake")
+                data += chunk
+            head, rest = data.split(b"\r\n\r\n", 1)
+            if not head.startswith(b"HTTP/1.1 101"):
+                raise ConnectionError(f"handshake refused: {head[:80]!r}")
+            self.scanner.feed(rest)
+            while not any(b'"type":"subscribed"' in t for t in self.scanner.texts):
+                if self.scanner.texts or not (chunk := await loop.sock_recv(self.sock, 4096)):
+                    raise ConnectionError(f"not subscribed: {self.scanner.texts[:1]!r}")
+                self.scanner.feed(chunk)
+        self.stopped_at = time.monotonic()  # from here on nothing reads this socket until read_rest()
+
+    async def read_rest(self, timeout: float) -> None:
+        """Read again until the stream ends: what did the server leave for us?"""
+        got, ended = 0, "timeout"
+        try:
+            async with asyncio.timeout(timeout):
+                while chunk := await asyncio.get_running_loop().sock_recv(self.sock, 1 << 20):
+                    got += len(chunk)
+                    self.scanner.feed(chunk)
+                    if self.scanner.close_code is not None and self.close_frame_s is None:
+                        self.close_frame_s = time.monotonic() - self.stopped_at
+                ended = "eof"
+        except TimeoutError:
+            pass
+        except ConnectionResetError:
+            ended = "reset"
+        s = self.scanner
+        self.drain = {
+            "bytes": got,
+            "frames": s.frames,
+            "ended": ended,
+            "close_code": s.close_code,
+            "close_reason": s.close_reason,
+        }
+
+    async def read_forever(self) -> None:
+        """The witness: reads and counts messages as any healthy client would."""
+        while chunk := await asyncio.get_running_loop().sock_recv(self.sock, 1 << 20):
+            self.scanner.feed(chunk)
+
+    def report(self) -> dict:
+        def seconds(value: float | None) -> float | None:
+            return None if value is None else round(value, 3)
+
+        return {
+            "index": self.index,
+            "returning": self.returning,
+            "server_tx_queue_max": self.tx_max,
+            "kernel_full_s": seconds(self.kernel_full_s),
+            "resumed_s": seconds(self.resumed_s),
+            "close_frame_s": seconds(self.close_frame_s),
+            "dropped_s": seconds(self.dropped_s),
+            "state_at_drop": self.state_at_drop,
+            "drain": self.drain,
+        }
+
+
+class SocketDiag:
+    """The kernel's view of the *server's* end of a loopback connection (sock_diag netlink, as ``ss``).
+
+    One exact lookup per socket (microseconds), where ``/proc/net/tcp`` would
+    list every socket of the machine on every poll.
+    """
+
+    def __init__(self) -> None:
+        self.nl = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 4)  # NETLINK_SOCK_DIAG
+        self.seq = 0
+
+    def server_end(self, server_port: int, client_port: int) -> tuple[str, int]:
+        """``(state, bytes the server's kernel holds unacknowledged)``; ``"gone"`` if no such socket."""
+        self.seq += 1
+        addr = socket.inet_aton("127.0.0.1") + bytes(12)
+        sockid = (
+            struct.pack("!HH", server_port, client_port) + addr + addr + struct.pack("=III", 0, 2**32 - 1, 2**32 - 1)
+        )
+        req = struct.pack("=BBBxI", socket.AF_INET, socket.IPPROTO_TCP, 0, 2**32 - 1) + sockid
+        self.nl.send(struct.pack("=LHHLL", 16 + len(req), 20, 1, self.seq, 0) + req)  # SOCK_DIAG_BY_FAMILY, REQUEST
+        while struct.unpack_from("=L", (data := self.nl.recv(65536)), 8)[0] != self.seq:
+            pass
+        # NLMSG_ERROR: no such socket; a lookup that found no connection may answer with the listener
+        if struct.unpack_from("=H", data, 4)[0] == 2 or struct.unpack_from("!H", data, 22)[0] != client_port:
+            return "gone", 0
+        return f"{data[17]:02X}", struct.unpack_from("=I", data, 16 + 4 + 48 + 8)[0]
+
+
+def _report_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        print(f"stalled client task failed: {task.exception()!r}", file=sys.stderr)
+
+
+class StalledGroup:
+    """The stalled sockets of one window, their witness and the watcher that polls the kernel."""
+
+    def __init__(self, cfg: dict, count: int, returning: int) -> None:
+        self.cfg, self.diag, self.tasks, self.reads = cfg, SocketDiag(), set(), set()
+        self.sockets = [Stalled(i, returning=i < returning) for i in range(count)]
+        self.witness = Stalled(-1)
+
+    def start(self, coro, *groups: set) -> None:
+        task = asyncio.create_task(coro)
+        task.add_done_callback(_report_failure)
+        for group in (self.tasks, *groups):
+            group.add(task)
+            task.add_done_callback(group.discard)
+
+    async def open(self) -> dict:
+        host, port, path = self.cfg["host"], self.cfg["port"], f"/ws/?channel={self.cfg['channel']}"
+        await self.witness.open(host, port, path, None)
+        opened = await asyncio.gather(
+            *(s.open(host, port, path, self.cfg["rcvbuf"]) for s in self.sockets), return_exceptions=True
+        )
+        errors = Counter(f"{type(e).__name__}: {e}"[:120] for e in opened if isinstance(e, BaseException))
+        self.sockets = [s for s, e in zip(self.sockets, opened, strict=True) if not isinstance(e, BaseException)]
+        self.start(self.witness.read_forever())
+        self.start(self.watch())
+        rcvbuf = self.sockets[0].sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) if self.sockets else None
+        return {
+            "count": len(self.sockets),
+            "returning": sum(s.returning for s in self.sockets),
+            "errors": dict(errors),
+            "rcvbuf": rcvbuf,
+        }
+
+    async def watch(self) -> None:
+        read_timeout = self.cfg.get("read_timeout_s", 5.0)
+        while True:
+            now, seen = time.monotonic(), self.witness.scanner.messages
+            for s in (s for s in self.sockets if s.dropped_s is None):
+                state, tx = self.diag.server_end(self.cfg["port"], s.port)
+                if state != "01":  # the server closed its end (or it is gone)
+                    s.dropped_s, s.state_at_drop = now - s.stopped_at, TCP_STATES.get(state, state)
+                    if s.resumed_s is None:
+                        self.start(s.read_rest(read_timeout), self.reads)
+                elif s.resumed_s is None and tx > s.tx_max:  # the server's kernel still takes data for it
+                    s.tx_max, s.kernel_full_s, s.messages_at_growth = tx, now - s.stopped_at, seen
+                elif s.resumed_s is None and s.returning and s.messages_at_growth is not None:
+                    if seen >= s.messages_at_growth + self.cfg["resume_after"]:
+                        s.resumed_s = now - s.stopped_at
+                        self.start(s.read_rest(read_timeout), self.reads)
+            await asyncio.sleep(self.cfg.get("poll_s", 0.1))
+
+    async def release(self) -> dict:
+        """Let reads still running end (EOF or their timeout), stop watching, report and close."""
+        if self.reads:
+            await asyncio.wait(set(self.reads), timeout=self.cfg.get("read_timeout_s", 5.0) + 1)
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for s in [*self.sockets, self.witness]:
+            s.sock.close()
+        self.diag.nl.close()
+        return {"sockets": [s.report() for s in self.sockets], "witness_messages": self.witness.scanner.messages}
+
+
+async def run(cfg: dict, chan) -> None:
+    group: StalledGroup | None = None
+    while (cmd := await chan.next())["cmd"] not in ("stop", "eof"):
+        if cmd["cmd"] == "stall":
+            group = StalledGroup(cfg, int(cmd["count"]), int(cmd.get("returning", 0)))
+            chan.emit("stalled", name=cmd["name"], **await group.open())
+        elif cmd["cmd"] == "release" and group is not None:
+            chan.emit("released", **await group.release())
+            group = None
+    if group is not None:
+        await group.release()

@@ -1,0 +1,191 @@
+"""The measuring client: websocket subscribers, plus the HTTP publisher and the view probe when asked.
+
+Works against the project and the Channels anchor alike (same protocol).
+Subscriber ``i`` listens on channel ``i % C`` and every publish, whoever
+sends it, carries ``{"t": ns, "seq": g}`` (``bench/spread.py``), so each
+delivery's latency is its arrival time minus ``t`` (one clock: same
+machine) and lost/duplicate deliveries are counted per subscriber.
+
+Config: ``host``, ``port``, ``subscribers`` (0: a publisher or probe only),
+``channel`` or ``channels``, ``api_key``, ``payload`` (bytes per published
+message), ``probe_path`` and ``probe_ms`` (a view probe, open loop),
+``connect_concurrency``, ``connect_timeout``, ``start_at_ns`` (processes of a
+connect storm start together), ``drain_s``.
+
+Commands (answers in brackets):
+
+* ``open`` / ``close`` ``{name}``: a measuring window [``opened`` / ``closed``
+  with ``open_sockets`` and ``own``: this process's publishes in it];
+* ``publish {first, rate | streams, seconds}``: HTTP publishes through
+  ``POST /api/publish/<channel>``, open loop at ``rate``/s or in ``streams``
+  closed-loop streams, for ``seconds`` (else until ``stop``) [``published``
+  with the run's result when it ends];
+* ``expect {name, first, count, failed}``: publishes of another process in
+  that window, for lost/duplicate counts;
+* ``ping`` [``pong`` with deliveries so far and those expected: a backlog
+  still arriving shows];
+* ``stop``: waits ``drain_s`` for late deliveries [``summary`` of every window].
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import time
+from collections import Counter
+
+from bench.publoop import PublishRun, drive
+from bench.spread import expected, names, parse_stamp, stamp
+from bench.stats import summarize_us
+
+from . import http
+from .measure import Ledger, LoopLag, Series, Window
+from .ws import SubscriberPool
+
+CDF_POINTS = 200
+OPEN_LOOP_CALLERS = 200  # requests in flight at most in an open-loop run
+
+
+class Client:
+    def __init__(self, cfg: dict, chan) -> None:
+        self.cfg, self.chan, self.names = cfg, chan, names(cfg)
+        n, host, port = cfg["subscribers"], cfg["host"], cfg["port"]
+        self.ledger, self.latency, self.arrivals = Ledger(n, len(self.names)), Series(), []
+        self.pool = SubscriberPool(
+            lambda i: f"ws://{host}:{port}/ws/?channel={self.names[i % len(self.names)]}", n, self.on_data
+        )
+        self.headers = {"Authorization": f"Bearer {cfg.get('api_key')}", "Content-Type": "application/json"}
+        self.windows: dict[str, Window] = {}
+        self.expects: dict[str, list[dict]] = {}
+        self.runs: list[PublishRun] = []  # this process's HTTP publish runs
+        self.probe: PublishRun | None = None
+        self.lag = LoopLag()
+        self.tasks: list[asyncio.Task] = []
+
+    def on_data(self, index: int, raw: bytes, received_ns: int) -> None:
+        t, g = parse_stamp(raw)
+        self.ledger.record(index, g)
+        self.latency.add(t, (received_ns - t) // 1000)
+        self.arrivals.append(received_ns)
+
+    async def post(self, g: int) -> str | None:
+        path = f"/api/publish/{self.names[g % len(self.names)]}"
+        body = stamp(g, int(self.cfg.get("payload", 0)))
+        status, _, _ = await http.request(
+            self.cfg["host"], self.cfg["port"], "POST", path, headers=self.headers, body=body
+        )
+        return None if status == 200 else str(status)
+
+    async def get_view(self, _g: int) -> str | None:
+        status, _, _ = await http.request(self.cfg["host"], self.cfg["port"], "GET", self.cfg["probe_path"])
+        return None if status == 200 else str(status)
+
+    async def publish(self, cmd: dict) -> None:
+        run = PublishRun(int(cmd.get("first", 0)), cmd.get("seconds"), cmd.get("rate"))
+        self.runs.append(run)
+        await drive(run, self.post, int(cmd.get("streams") or OPEN_LOOP_CALLERS))
+        if cmd.get("seconds"):
+            self.chan.emit("published", **run.result())
+
+    def own(self, w: Window) -> dict | None:
+        """This process's publishes that started in ``w``: ``first``, ``count``, ``failed``, call latency."""
+        records = [r for run in self.runs for r in run.records if w.holds(r[1])]
+        if not records:
+            return None
+        gs = [r[0] for r in records]
+        ok = {g for g, _, error, _ in records if error is None}
+        return {
+            "first": min(gs),
+            "count": max(gs) - min(gs) + 1,
+            "failed": [g for g in range(min(gs), max(gs) + 1) if g not in ok],
+            "errors": dict(Counter(e for *_, e, _ in records if e)),
+            "latency": summarize_us(us for *_, e, us in records if e is None),
+        }
+
+    def handle(self, cmd: dict) -> None:
+        kind, name = cmd["cmd"], cmd.get("name")
+        if kind == "open":
+            self.windows[name] = Window(name, time.time_ns())
+            self.chan.emit("opened", name=name)
+        elif kind == "close":
+            self.windows[name].end_ns = time.time_ns()
+            self.chan.emit("closed", name=name, open_sockets=self.pool.open_count(), own=self.own(self.windows[name]))
+        elif kind == "publish":
+            self.tasks.append(asyncio.create_task(self.publish(cmd)))
+        elif kind == "expect":
+            self.expects.setdefault(name, []).append(cmd)
+        elif kind == "ping":  # answered only once the loop got round to it: a backlog shows
+            due = expected([e for es in self.expects.values() for e in es], len(self.names))
+            subs_on = [len(range(c, self.pool.n, len(self.names))) for c in range(len(self.names))]
+            self.chan.emit(
+                "pong", arrivals=len(self.arrivals), expected=sum(len(s) * subs_on[c] for c, s in enumerate(due))
+            )
+
+    def figures(self, w: Window) -> dict:
+        """Everything measured in one window (see the module docstring)."""
+        seconds, own = (w.end_ns - w.start_ns) / 1e9, self.own(w)
+        ranges = self.expects.get(w.name, [])  # this process's own publishes too: told like any other
+        b = summarize_us(self.latency.within(w), CDF_POINTS)
+        b.update(self.ledger.tally(expected(ranges, len(self.names))))
+        arrived = bisect.bisect_left(self.arrivals, w.end_ns) - bisect.bisect_left(self.arrivals, w.start_ns)
+        b.update(
+            arrived_in_window=arrived,
+            deliveries_per_s=round(arrived / seconds, 1),
+            expected_per_s=round(b["expected"] / seconds, 1),
+            publishes=sum(r["count"] - len(r["failed"]) for r in ranges),
+            all_reached=summarize_us(self.latency.slowest(w)),
+            timeline=self.latency.timeline(w),
+        )
+        closes = [code for t, _, code in self.pool.disconnects if w.holds(t)]
+        out = {
+            "seconds": round(seconds, 2),
+            "start_ns": w.start_ns,
+            "end_ns": w.end_ns,
+            "broadcast": b,
+            "publish": {**own["latency"], "failed": own["errors"]} if own else summarize_us([]),
+            "client_loop_lag": summarize_us(self.lag.series.within(w)),
+            "disconnects": {"count": len(closes), "codes": dict(Counter(str(c) for c in closes))},
+        }
+        if self.probe is not None:
+            views = Series()
+            for _, t, error, us in self.probe.records:
+                if error is None:
+                    views.add(t, us)
+            failed = Counter(str(e) for _, t, e, _ in self.probe.records if e and w.holds(t))
+            out["view"] = {
+                **summarize_us(views.within(w), CDF_POINTS),
+                "failed": dict(failed),
+                "timeline": views.timeline(w),
+            }
+        return out
+
+
+async def run(cfg: dict, chan) -> None:
+    client = Client(cfg, chan)
+    if cfg.get("start_at_ns"):  # connect storms: several processes start together
+        await asyncio.sleep(max(0.0, (cfg["start_at_ns"] - time.time_ns()) / 1e9))
+    connect_s = await client.pool.connect(cfg.get("connect_concurrency", 100), cfg.get("connect_timeout", 5.0))
+    chan.emit("ready", connect_s=round(connect_s, 3), connect_errors=dict(client.pool.errors))
+    client.tasks.append(asyncio.create_task(client.lag.run()))
+    if cfg.get("probe_path"):
+        client.probe = PublishRun(rate=1000 / cfg["probe_ms"])
+        client.tasks.append(asyncio.create_task(drive(client.probe, client.get_view, OPEN_LOOP_CALLERS)))
+    while (cmd := await chan.next())["cmd"] not in ("stop", "eof"):
+        client.handle(cmd)
+    for run_ in [*client.runs, client.probe]:
+        if run_ is not None:
+            run_.stopped = True
+    await asyncio.sleep(float(cfg.get("drain_s", 2.0)))  # deliveries of the last publishes
+    for task in client.tasks:
+        task.cancel()
+    await asyncio.gather(*client.tasks, return_exceptions=True)
+    client.arrivals.sort()
+    windows = {name: client.figures(w) for name, w in client.windows.items() if w.end_ns}
+    chan.emit(
+        "summary",
+        windows=windows,
+        misrouted=client.ledger.misrouted,
+        subscribe_errors=dict(client.pool.errors),
+        disconnects=len(client.pool.disconnects),
+    )
+    await client.pool.close()
