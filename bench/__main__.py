@@ -1,21 +1,24 @@
-"""``python -m bench [SCENARIO]`` (project .venv): run a scenario, write and print the report.
+"""``python -m bench [SCENARIO]`` (project .venv): run a scenario, write and print its report.
 
+``python -m bench --render RESULTS.json...`` renders saved results again
+(Markdown and PNG beside the JSON), e.g. after a change of the tables.
 ``make bench`` runs it after creating both virtualenvs; knobs are ``BENCH_*``
-environment variables (see ``bench/config.py``). Servers and clients are
-stopped on every way out (normal end, error, Ctrl-C, SIGTERM).
+environment variables (``bench/config.py``, each scenario's ``KNOBS``).
+Servers and clients are stopped on every way out (end, error, Ctrl-C, SIGTERM).
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import signal
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from . import config, report
+from .harness import Bench
 from .progress import Progress
 from .scenarios import SCENARIOS
 
@@ -25,37 +28,29 @@ def _terminate(signum, frame):
 
 
 def main(argv: list[str]) -> int:
+    if argv[1:2] == ["--render"]:
+        for path in map(Path, argv[2:]):
+            print(render(json.loads(path.read_text()), path.with_suffix(""), config.Config.from_env()))
+        return 0
     name = argv[1] if len(argv) > 1 else "offload"
     if name not in SCENARIOS:
         print(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}", file=sys.stderr)
         return 2
-    scenario = SCENARIOS[name]
-    cfg = config.from_env()
+    cfg, scenario = config.Config.from_env(), SCENARIOS[name]
     if not Path(cfg.client_python).exists():
         print(f"{cfg.client_python} is missing: run `make bench` (it creates the bench venv)", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _terminate)
-
     started = datetime.datetime.now()
-    stem = f"{started:%Y-%m-%d-%H%M%S}-{name}"
-    out_dir = Path(cfg.out_dir)
-    logs = out_dir / f"{stem}-logs"
-    progress = Progress(scenario.plan(cfg))
-    results = {
-        "scenario": name,
-        "started": started.isoformat(timespec="seconds"),
-        "command": _command(name),
-        "config": cfg.as_dict(),
-        "derived": {
-            "download_kib_per_s": cfg.download_bytes_per_s // 1024,
-            "task_seconds": cfg.task_seconds,
-        },
-        "machine": report.machine(),
-    }
-    t0 = time.monotonic()
+    stem = Path(cfg.out_dir) / f"{started:%Y-%m-%d-%H%M%S}-{name}"
+    logs, progress = stem.with_name(stem.name + "-logs"), Progress()
+    results = {"scenario": name, "started": started.isoformat(timespec="seconds"), "command": _command(name)}
+    results.update(scale=cfg.scale, knobs=config.knobs(scenario.PREFIX, scenario.KNOBS, cfg.scale))
+    results["machine"] = report.machine()
     try:
         with tempfile.TemporaryDirectory(prefix=f"offload-bench-{name}-") as work:
-            results.update(scenario.run(cfg, Path(work), logs, progress))
+            with Bench(cfg, Path(work), logs, progress) as bench:
+                results.update(scenario.run(bench, results["knobs"]))
     except KeyboardInterrupt:
         progress.clear()
         print("\ninterrupted: servers and clients stopped", file=sys.stderr)
@@ -64,28 +59,31 @@ def main(argv: list[str]) -> int:
         progress.clear()
         print(f"\nbenchmark failed; logs in {logs}", file=sys.stderr)
         raise
-    results["elapsed_s"] = round(time.monotonic() - t0, 1)
-    results["warnings"] = scenario.warnings(results)
-    progress.finish(f"measured in {results['elapsed_s']:.0f} s; drawing the plot")
+    progress.step(f"measured in {(datetime.datetime.now() - started).total_seconds():.0f} s; drawing the plot")
+    progress.clear()
+    print(render(results, stem, cfg), f"\nlogs: {logs}")
+    return 1 if cfg.strict and any(v["met"] is False for v in results["verdict"].values()) else 0
 
-    markdown = scenario.markdown(results)
-    paths = report.write(results, markdown, out_dir, stem)
+
+def render(results: dict, stem: Path, cfg: config.Config) -> str:
+    """Write the JSON (first: a report that fails to render can be rendered again), Markdown and PNG of
+    ``results``; returns the Markdown and where the files are."""
+    scenario, paths = SCENARIOS[results["scenario"]], report.paths(stem)
+    paths["json"].write_text(json.dumps(results, indent=1) + "\n")
+    results["warnings"] = scenario.warnings(results)
+    markdown, results["plot"] = scenario.markdown(results), scenario.plot(results)
+    paths["json"].write_text(json.dumps(results, indent=1) + "\n")
+    paths["md"].write_text(markdown)
     error = report.plot(cfg.client_python, paths["json"], paths["png"])
-    print(markdown)
-    for kind, path in paths.items():
-        if kind != "png" or error is None:
-            print(f"{kind}: {path}")
-    print(f"logs: {logs}")
     if error:
         print(f"plot failed: {error}", file=sys.stderr)
-    missed = [mode for mode, v in results["verdict"].items() if mode == "offload" and not v["met"]]
-    return 1 if cfg.strict and missed else 0
+    return markdown + "\n" + "\n".join(f"{kind}: {p}" for kind, p in paths.items() if kind != "png" or not error)
 
 
 def _command(name: str) -> str:
     """How to reproduce this run (the BENCH_* knobs that were set)."""
     knobs = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("BENCH_") and k != "BENCH_CLIENT_PYTHON"]
-    return " ".join([*knobs, "make bench" if name == "offload" else f"python -m bench {name}"])
+    return " ".join([*knobs, f"python -m bench {name}"])
 
 
 if __name__ == "__main__":

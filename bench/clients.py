@@ -1,10 +1,10 @@
-"""Load clients as subprocesses of the bench venv, spoken to in JSON lines.
+"""Helper processes of a run, spoken to in JSON lines: load clients and publishers.
 
-The orchestrator writes commands (``{"cmd": ...}``) to a client's stdin and
-reads events (``{"event": ...}``) from its stdout; the client's stderr goes
-to a log file. If the orchestrator dies, the client sees EOF on stdin and
-exits; it also stops by itself at its own deadline, so no run can leave a
-client behind.
+The orchestrator writes commands (``{"cmd": ...}``) to a process's stdin and
+reads events (``{"event": ...}``) from its stdout; its stderr goes to a log
+file. If the orchestrator dies, the process sees EOF on stdin and exits; a
+load client also stops by itself at its deadline, so no run can leave one
+behind.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from .config import PROJECT_DIR
@@ -26,27 +25,24 @@ class ClientError(RuntimeError):
     pass
 
 
-class ClientProcess:
-    """``<bench python> -m bench.loadclient <role> <config json>``."""
+class Process:
+    """``argv`` run from the project directory; ``label`` names its CPU group in the reports."""
 
-    def __init__(self, python: str, role: str, config: dict, log_path: Path) -> None:
-        self.role = role
-        self.log_path = log_path
+    def __init__(self, argv: list[str], label: str, log_path: Path) -> None:
+        self.label, self.log_path = label, log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(log_path, "ab")
-        env = dict(os.environ, PYTHONPATH=str(PROJECT_DIR), PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(
-            [python, "-m", "bench.loadclient", role, json.dumps(config)],
-            cwd=PROJECT_DIR,
-            env=env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            start_new_session=True,  # Ctrl-C reaches the orchestrator, which stops us in order
-        )
-        log.close()
+        with open(log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                argv,
+                cwd=PROJECT_DIR,
+                env=dict(os.environ, PYTHONPATH=str(PROJECT_DIR), PYTHONUNBUFFERED="1"),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                start_new_session=True,  # Ctrl-C reaches the orchestrator, which stops us in order
+            )
         self.events: queue.Queue = queue.Queue()
-        self._reader = threading.Thread(target=self._read, name=f"{role}-stdout", daemon=True)
+        self._reader = threading.Thread(target=self._read, name=f"{label}-stdout", daemon=True)
         self._reader.start()
 
     @property
@@ -54,7 +50,6 @@ class ClientProcess:
         return self.proc.pid
 
     def _read(self) -> None:
-        assert self.proc.stdout is not None
         for line in self.proc.stdout:
             try:
                 self.events.put(json.loads(line))
@@ -63,30 +58,27 @@ class ClientProcess:
         self.events.put({"event": "exit"})
 
     def send(self, cmd: str, **fields) -> None:
-        assert self.proc.stdin is not None
         try:
             self.proc.stdin.write((json.dumps({"cmd": cmd, **fields}) + "\n").encode())
             self.proc.stdin.flush()
-        except (BrokenPipeError, OSError) as exc:
-            raise ClientError(f"{self.role} client is gone ({exc}); log: {self.log_path}\n{self.log_tail()}") from exc
+        except OSError as exc:
+            raise ClientError(f"{self.label} is gone ({exc}); log {self.log_path}:\n{self.log_tail()}") from exc
 
-    def wait(self, event: str, timeout: float, tick: Callable[[dict | None], None] | None = None) -> dict:
-        """The next ``event`` (others are passed to ``tick``); ``tick(None)`` runs every 0.2 s."""
+    def wait(self, event: str, timeout: float, progress=None) -> dict:
+        """The next ``event`` (others are dropped); redraws ``progress`` while waiting."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
                 item = self.events.get(timeout=0.2)
             except queue.Empty:
-                if tick:
-                    tick(None)
+                if progress is not None:
+                    progress.draw()
                 continue
             if item.get("event") == event:
                 return item
-            if item.get("event") in ("exit", "error"):
-                raise ClientError(f"{self.role} client failed: {item}; log: {self.log_path}\n{self.log_tail()}")
-            if tick:
-                tick(item)
-        raise ClientError(f"{self.role} client: no {event!r} within {timeout:.0f} s; log: {self.log_path}")
+            if item.get("event") in ("exit", "error", "garbage"):
+                raise ClientError(f"{self.label} failed: {item}; log {self.log_path}:\n{self.log_tail()}")
+        raise ClientError(f"{self.label}: no {event!r} within {timeout:.0f} s; log {self.log_path}")
 
     def log_tail(self, chars: int = 3000) -> str:
         try:
@@ -95,19 +87,18 @@ class ClientProcess:
             return ""
 
     def close(self, timeout: float = 15) -> None:
-        """Ask it to stop (closing stdin), then TERM, then KILL: only this pid."""
+        """EOF on stdin (its own way out), then TERM, then KILL: only this pid."""
         if self.proc.poll() is None:
             try:
-                self.proc.stdin.close()  # EOF: the client's own way out
+                self.proc.stdin.close()
             except OSError:
                 pass
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.send_signal(signal.SIGTERM)
+            for action, wait in ((None, timeout), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+                if action is not None:
+                    self.proc.send_signal(action)
                 try:
-                    self.proc.wait(5)
+                    self.proc.wait(wait)
+                    break
                 except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(5)
+                    continue
         self._reader.join(2)

@@ -1,19 +1,22 @@
-"""Results on disk: ``<stamp>-<scenario>.json`` / ``.md`` / ``.png`` in bench/results/.
+"""Results on disk: ``<stamp>-<scenario>.json`` / ``.md`` / ``.png`` in bench/results/, and the table helpers.
 
-The JSON holds everything (config, machine, every repeat, medians, verdict)
-so later scenarios and comparisons can be computed from it; the Markdown is
-the human table (also printed); the PNG is drawn by ``bench.plot`` in the
-bench venv, where matplotlib lives.
+The JSON holds everything (knobs, machine, every window, verdict), so a
+report can be rendered again from it (``python -m bench --render``); the
+Markdown is the human table (also printed); the PNG is drawn by
+``bench.plot`` in the bench venv, where matplotlib lives. Tables are data:
+a list of ``(heading, getter)`` columns applied to rows of results.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 from .config import PROJECT_DIR
+
+Column = tuple[str, Callable[[dict], object]]
 
 
 def cell(value, suffix: str = "") -> str:
@@ -26,30 +29,146 @@ def cell(value, suffix: str = "") -> str:
     return f"{value}{suffix}"
 
 
-def latency_cells(summary: dict) -> list[str]:
-    """p50, p90, p99 and max of a latency summary (``bench.stats``), as cells."""
-    return [cell(summary[q]) for q in ("p50", "p90", "p99", "max")]
-
-
 def table(head: list[str], rows: list[list[str]]) -> str:
     """A GitHub Markdown table (first column left-aligned, the rest right-aligned)."""
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join([":---"] + ["---:"] * (len(head) - 1)) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-def verdict_table(verdict: dict, first: str = "target", number: str = ",") -> str:
-    """The targets table of a scenario's ``verdict`` ({name: {value, op, target, met}})."""
+def _text(value) -> str:
+    return value if isinstance(value, str) else cell(value)
+
+
+def columns_table(columns: list[Column], rows: list[tuple[str, dict]], first: str = "window") -> str:
+    """One row per ``(title, item)``, a cell per column; an item with an ``error`` shows it instead."""
+    out = []
+    for title, item in rows:
+        if "error" in item:
+            out.append([f"{title}: FAILED ({item['error'][:160]})"] + [""] * len(columns))
+        else:
+            out.append([title] + [_text(get(item)) for _, get in columns])
+    return table([first] + [head for head, _ in columns], out)
+
+
+def grid(first: str, rows: list[tuple[str, Callable]], columns: list[tuple[str, Callable]]) -> str:
+    """The transposed form: one row per ``(title, getter)``, the cell of a column is ``column(getter)``."""
+    return table(
+        [first] + [head for head, _ in columns], [[t] + [_text(f(get)) for _, f in columns] for t, get in rows]
+    )
+
+
+def latency(of=lambda w: w["broadcast"], prefix: str = "") -> list[Column]:
+    """p50, p90, p99 and max columns of a latency summary (``bench.stats``), by default the deliveries'."""
+    return [(f"{prefix}{q} ms", lambda w, q=q: of(w)[q]) for q in ("p50", "p90", "p99", "max")]
+
+
+def cpu(group: str, head: str | None = None) -> Column:
+    return (head or f"{group} %core", lambda w: w["cpu"]["groups"].get(group, {}).get("core_pct"))
+
+
+def lost_dup(w: dict) -> str:
+    return f"{w['broadcast'].get('lost', '—')} / {w['broadcast'].get('dup', '—')}"
+
+
+DELIVERIES: Column = ("deliveries/s", lambda w: w["broadcast"]["deliveries_per_s"])
+LOST: Column = ("lost / dup", lost_dup)
+API_P99: Column = ("publish API p99 ms", lambda w: w["publish"]["p99"])
+SERVER_US: Column = ("server µs/delivery", lambda w: w["server_us_per_delivery"])
+LAG: Column = ("client lag p99 ms", lambda w: w["client_loop_lag"]["p99"])
+DRAIN: Column = ("drain s", lambda w: w.get("drain_s"))
+
+
+def verdict(items: dict[str, tuple]) -> dict:
+    """``{name: (value, op, target)}`` -> ``{name: {value, op, target, met}}``; op ``""``: no target."""
+    ops = {"<=": lambda v, t: v <= t, ">=": lambda v, t: v >= t}
+    return {
+        name: {"value": v, "op": op, "target": t, "met": None if v is None or not op else ops[op](v, t)}
+        for name, (v, op, t) in items.items()
+    }
+
+
+def verdict_table(verdict: dict, first: str = "target") -> str:
+    """The targets table of a scenario's ``verdict``."""
     rows = []
     for name, v in verdict.items():
-        state = "not measured" if v["met"] is None else ("met" if v["met"] else "**MISSED**")
-        rows.append([name, cell(v["value"]), f"{v['op']} {v['target']:{number}}", state])
+        state = "for comparison" if not v["op"] else "not measured" if v["met"] is None else "met"
+        state = "**MISSED**" if v["met"] is False else state
+        rows.append([name, cell(v["value"]), f"{v['op']} {v['target']:,}" if v["op"] else "—", state])
     return table([first, "measured", "target", "state"], rows)
 
 
-def warning_lines(warnings: list[str] | None) -> list[str]:
-    """The "Warnings" paragraph closing a scenario's Markdown (nothing when there are none)."""
-    return ["", "**Warnings**:", ""] + [f"* {x}" for x in warnings] if warnings else []
+def fill(template: str, knobs: dict | None = None, **values) -> str:
+    """A paragraph template (``str.format``) filled with ``knobs`` (as set) and figures (as table cells)."""
+    text = {
+        k: f"{v:,}" if isinstance(v, int) else f"{v:g}" if isinstance(v, float) else v for k, v in (knobs or {}).items()
+    }
+    return template.format(**text, **{k: v if isinstance(v, str) else cell(v) for k, v in values.items()})
+
+
+def heading(results: dict, title: str, text: str) -> list[str]:
+    """The title and the run's first paragraph (how to reproduce it, where, what)."""
+    m = results["machine"]
+    return [
+        f"## {title}, {results['started']}",
+        "",
+        f"`{results['command']}` on {m['cpus']} CPUs, commit {m['commit']}; {text}",
+        "",
+    ]
+
+
+def closing(results: dict, first: str = "target") -> list[str]:
+    """The verdict table and the "Warnings" paragraph that end every report."""
+    lines = [verdict_table(results["verdict"], first)] if results["verdict"] else []
+    warnings = results.get("warnings")
+    return lines + (["", "**Warnings**:", ""] + [f"* {x}" for x in warnings] if warnings else [])
+
+
+def _blue(name: str) -> bool:
+    return name.startswith(("ours", "baseline")) or (name.startswith("offloading") and "disabled" not in name)
+
+
+def colours(names: list[str]) -> dict[str, str]:
+    """Ours in blues, Channels setups (and whatever is compared with ours) in reds."""
+    blues = iter(["tab:blue", "tab:cyan", "navy", "tab:purple", "tab:green", "steelblue"])
+    reds = iter(["tab:red", "tab:orange", "tab:brown", "tab:pink", "darkred", "salmon"])
+    return {n: next(blues if _blue(n) else reds, "tab:gray") for n in names}
+
+
+def _series(windows: dict[str, dict], style, x, y) -> list[dict]:
+    colour = colours(list(windows))
+    return [{"label": n, "x": x(w), "y": y(w), "style": style(n), "color": colour[n]} for n, w in windows.items()]
+
+
+def cdf(title: str, curves: dict[str, dict], style=lambda name: "-") -> dict:
+    """A CDF panel of latency summaries (their ``cdf_ms``) by label."""
+    return {"kind": "cdf", "title": title, "series": _series(curves, style, lambda s: s.get("cdf_ms") or [], len)}
+
+
+def timeline(title: str, windows: dict[str, dict], style=lambda name: "-", marks=()) -> dict:
+    """The per-second delivery p99 of each window."""
+    rows = lambda w: w["broadcast"]["timeline"]  # noqa: E731
+    series = _series(windows, style, lambda w: [r[0] for r in rows(w)], lambda w: [r[2] for r in rows(w)])
+    return {
+        "kind": "lines",
+        "title": title,
+        "ylabel": "p99 per second (ms, log)",
+        "log": True,
+        "series": series,
+        "marks": list(marks),
+    }
+
+
+def bars(title: str, ylabel: str, values: dict[str, float | None], **more) -> dict:
+    colour = colours(list(values))
+    return {
+        "kind": "bars",
+        "title": title,
+        "ylabel": ylabel,
+        "labels": list(values),
+        "values": list(values.values()),
+        "colors": [colour[n] for n in values],
+        **more,
+    }
 
 
 def machine() -> dict:
@@ -59,16 +178,13 @@ def machine() -> dict:
             ["git", "describe", "--always", "--dirty"], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=10
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
+        commit = ""
     return {"cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg(), "commit": commit or "unknown"}
 
 
-def write(results: dict, markdown: str, out_dir: Path, stem: str) -> dict[str, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md", "png": out_dir / f"{stem}.png"}
-    paths["json"].write_text(json.dumps(results, indent=1) + "\n")
-    paths["md"].write_text(markdown)
-    return paths
+def paths(stem: Path) -> dict[str, Path]:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    return {kind: stem.with_name(f"{stem.name}.{kind}") for kind in ("json", "md", "png")}
 
 
 def plot(python: str, json_path: Path, png_path: Path) -> str | None:
@@ -85,3 +201,19 @@ def plot(python: str, json_path: Path, png_path: Path) -> str | None:
     except (OSError, subprocess.SubprocessError) as exc:
         return str(exc)
     return None if done.returncode == 0 else done.stderr[-2000:]
+
+
+def window_warnings(where: str, w: dict, client: str = "clients", lost: bool = True) -> list[str]:
+    """What makes one window's figures doubtful: the reader should see it next to them."""
+    b, cpu, lag, out = w["broadcast"], w["cpu"]["groups"], w["client_loop_lag"]["p99"] or 0, []
+    if lost and (b.get("lost") or b.get("dup")):
+        out.append(f"{where}: {b['lost']} lost, {b['dup']} duplicate deliveries")
+    if w["disconnects"]["count"]:
+        out.append(f"{where}: {w['disconnects']['count']} websockets closed {w['disconnects']['codes']}")
+    if lag > 20:
+        out.append(f"{where}: the event loop of the {client} lagged (p99 {lag} ms)")
+    if cpu.get(client, {}).get("core_pct", 0) > 85:
+        out.append(f"{where}: {client} at {cpu[client]['core_pct']:.0f}% of a core: client-bound")
+    if cpu["other"]["core_pct"] > 20:
+        out.append(f"{where}: other processes used {cpu['other']['core_pct']:.0f}% of a core (noisy box)")
+    return out

@@ -1,13 +1,12 @@
-"""One server under test: var dir, uWSGI via LiveServer, a logged-in user, its pids.
+"""One server under test: uWSGI via LiveServer, a logged-in user, its processes and memory.
 
-The server is started exactly as the integration tests start it
-(``offload.testing.LiveServer``: ``uwsgi --ini uwsgi.ini`` from the project's
-.venv, its own var dir and embedded Redis, a free loopback port), so the
-benchmark measures the shipped configuration, not a benchmark-only one. Only
-environment overrides differ (``WORKERS``, ``OFFLOAD_INLINE``, ...).
-
-Processes are found from the master's pid and the Redis pidfile, never by
-name: other uWSGI instances titled "offload uWSGI ..." run on this machine.
+The server starts exactly as the integration tests start it
+(``offload.testing.LiveServer``: ``uwsgi --ini uwsgi.ini`` from the
+project's .venv, its own var dir and embedded Redis, a free loopback port),
+so the bench measures the shipped configuration; only environment overrides
+differ (``WORKERS``, ``OFFLOAD_INLINE``, ...). Processes are found from the
+master's pid and the Redis pidfile, never by name: other uWSGI instances run
+on this machine.
 """
 
 from __future__ import annotations
@@ -22,6 +21,14 @@ from offload.testing import LiveServer
 from .cpu import descendants
 
 
+def rss_kib(pid: int | None) -> int | None:
+    """Resident memory of one process (KiB), None if it is gone."""
+    try:
+        return int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text())[1])
+    except (OSError, TypeError):
+        return None
+
+
 def make_file(path: Path, size_mb: int) -> Path:
     """A file of ``size_mb`` MiB of incompressible bytes (written once per run)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -33,85 +40,67 @@ def make_file(path: Path, size_mb: int) -> Path:
 
 
 class BenchServer:
-    """A LiveServer with the benchmark's environment and helpers.
+    """A LiveServer with the bench's environment; ``downloads`` are linked into ``files/downloads/``."""
 
-    Args:
-        var_dir: a fresh directory (database, static, Redis, spool, files).
-        env: environment overrides, e.g. ``{"OFFLOAD_INLINE": "1"}``.
-        downloads: files to hard-link (copy across filesystems) into
-            ``<var_dir>/files/downloads/`` under their own names.
-    """
+    host = "127.0.0.1"
+    label = "ours (one uWSGI worker)"
 
-    def __init__(self, var_dir: Path, env: dict[str, str], downloads: list[Path] = ()) -> None:
+    def __init__(self, var_dir: Path, env: dict[str, str], downloads: list[Path] = (), name: str = "ours") -> None:
         var_dir.mkdir(parents=True, exist_ok=True)
         self.live = LiveServer(var_dir, env=env)
         if "OFFLOAD_INLINE" not in env:  # never inherit "offloading disabled" by accident
             self.live.env.pop("OFFLOAD_INLINE", None)
-        self.var_dir = var_dir
-        self.downloads = list(downloads)
-
-    @property
-    def host(self) -> str:
-        return "127.0.0.1"
-
-    @property
-    def port(self) -> int:
-        return self.live.port
+        self.var_dir, self.downloads, self.name = var_dir, list(downloads), name
+        self.port, self.api_key, self.redis_url = self.live.port, self.live.api_key, self.live.redis_url
 
     def start(self) -> BenchServer:
         self.live.prepare()
-        target_dir = self.var_dir / "files" / "downloads"
-        target_dir.mkdir(parents=True, exist_ok=True)
+        self.live.manage("create_demo_users")  # the demo's users (password "demo"), whatever prepare() runs
+        (target := self.var_dir / "files" / "downloads").mkdir(parents=True, exist_ok=True)
         for source in self.downloads:
-            target = target_dir / source.name
             try:
-                os.link(source, target)
+                os.link(source, target / source.name)
             except OSError:
-                shutil.copyfile(source, target)
+                shutil.copyfile(source, target / source.name)
         self.live.start()
         return self
 
-    def stop(self, log_copy: Path | None = None) -> None:
-        """Stop uWSGI and its Redis (by pid), then keep the uWSGI log if asked."""
+    def stop(self, log_copy: Path) -> None:
+        """Stop uWSGI and its Redis (by pid), then keep the uWSGI log."""
         self.live.stop()
-        if log_copy is not None and self.live.log_path.exists():
+        if self.live.log_path.exists():
             log_copy.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(self.live.log_path, log_copy)
+
+    @property
+    def pid(self) -> int | None:
+        """The (first) worker: what the scenarios measure."""
+        return next(iter(self.pids("worker")), None)
 
     def login(self, username: str = "alice") -> dict:
         """Cookies, CSRF token and personal channel of a logged-in demo user."""
         session = self.live.http()
-        session.login(username)
-        _, _, body = session.request("GET", "/rooms/general/")
-        match = re.search(rb"user:(\d+)", body)
+        session.login(username, "demo")
+        match = re.search(rb"user:(\d+)", session.request("GET", "/rooms/general/")[2])
         if not match:
             raise RuntimeError("could not find the user's channel on /rooms/general/")
-        return {
-            "cookie": session.cookie_header(),
-            "csrftoken": session.cookie("csrftoken") or "",
-            "user_channel": f"user:{match.group(1).decode()}",
-        }
-
-    # -- processes ----------------------------------------------------------
-
-    def _tree(self) -> list[int]:
-        return descendants(self.live.proc.pid) if self.live.proc else []
+        cookie, csrf = session.cookie_header(), session.cookie("csrftoken") or ""
+        return {"cookie": cookie, "csrftoken": csrf, "user_channel": f"user:{match[1].decode()}"}
 
     def pids(self, role: str) -> list[int]:
-        """pids of ``master``, ``worker``, ``spooler`` or ``redis`` (by process title under our master)."""
+        """pids of ``master``, ``worker``, ``spooler`` (by process title under our master) or ``redis``."""
         if role == "redis":
             try:
-                return descendants(int((self.var_dir / "redis.pid").read_text().strip()))
+                return descendants(int((self.var_dir / "redis.pid").read_text()))
             except (FileNotFoundError, ValueError):
                 return []
         found = []
-        for pid in self._tree():
+        for pid in descendants(self.live.proc.pid) if self.live.proc else []:
             try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    title = f.read().replace(b"\0", b" ").decode(errors="replace")
+                title = Path(f"/proc/{pid}/cmdline").read_bytes()
             except FileNotFoundError:
                 continue
-            if f"uWSGI {role}" in title:
+            if f"uWSGI {role}".encode() in title.replace(b"\0", b" "):
                 found.append(pid)
         return found
 

@@ -1,15 +1,14 @@
-"""Scenarios: one module each, registered by name for ``python -m bench NAME``.
+"""Scenarios: one module each, registered by name for ``python -m bench NAME`` (in ``make bench`` order).
 
-A scenario module provides ``plan(cfg)`` (progress steps with expected
-seconds), ``run(cfg, work_dir, logs_dir, progress)`` (returns the results
-dict that goes to JSON, with ``"scenario": NAME``) and ``markdown(results)``.
-``bench.plot`` has the matching PNG drawing, keyed by the same name.
+A scenario module has ``PREFIX`` and ``KNOBS`` (its ``BENCH_<PREFIX><NAME>``
+knobs and their presets, ``bench/config.py``), ``run(bench, knobs)`` (the
+results that go to JSON, with a ``verdict``), ``markdown(results)``,
+``warnings(results)`` and ``plot(results)`` (the PNG's panels, as data).
 """
 
 from __future__ import annotations
 
 from . import backpressure, fanout, manychannels, offload, publish
 
-SCENARIOS = {"offload": offload, "fanout": fanout}
-SCENARIOS.update({"manychannels": manychannels, "publish": publish})
-SCENARIOS.update({"backpressure": backpressure})
+SCENARIOS = {"offload": offload, "fanout": fanout, "manychannels": manychannels, "publish": publish}
+SCENARIOS["backpressure"] = backpressure

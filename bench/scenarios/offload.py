@@ -1,13 +1,14 @@
 """Offloading on vs off: websocket broadcast and view latency under heavy load.
 
 Load: ``downloads`` slow clients reading a large protected file, ``tasks``
-report tasks running, ``subscribers`` websockets getting ``rate`` messages/s.
-Measured in two windows per server (idle: subscribers + publisher + view
-probe only; loaded: the same plus the load), on two servers started in the
-same run: ``offload`` (X-Sendfile through offload threads, tasks in the
-spooler) and ``inline`` (``OFFLOAD_INLINE=1``: the file streamed by a Python
-generator, the task run inside the POST view). Each mode is compared with
-its own idle figures, so the ratios do not depend on the other server.
+report tasks running, ``subscribers`` websockets getting ``rate`` messages/s
+(``POST /api/publish/``) and a view probe (``GET /accounts/login/``). Two
+windows per server (idle: subscribers, publisher and probe only; loaded:
+the same plus the load), on two servers started in the same run:
+``offload`` (X-Sendfile through offload threads, tasks in the spooler) and
+``inline`` (``OFFLOAD_INLINE=1``: the file streamed by a Python generator,
+the task run inside the POST view). Each mode is compared with its own idle
+window, so the ratios do not depend on the other server.
 
 Target (the issue): with offloading, p99 broadcast latency and p99 view
 latency stay within 2x of idle.
@@ -15,352 +16,232 @@ latency stay within 2x of idle.
 
 from __future__ import annotations
 
-import os
-import time
-from pathlib import Path
-
-from ..clients import ClientProcess
-from ..config import BenchConfig
-from ..cpu import CpuMeter
-from ..progress import Progress
-from ..report import cell, table, warning_lines
-from ..server import BenchServer, make_file
+from .. import report
+from ..harness import Bench
+from ..report import cell
+from ..server import make_file
 from ..stats import median_merge, ratio
 
-NAME = "offload"
-MODES = {
-    "offload": {"label": "offloading", "env": {}},
-    "inline": {"label": "offloading disabled", "env": {"OFFLOAD_INLINE": "1"}},
+PREFIX = ""  # BENCH_SECONDS, BENCH_SUBSCRIBERS, ...
+KNOBS = {
+    "seconds": (20.0, 10.0),  # each window; at most 50 (report tasks stop after 60 s)
+    "warmup": (5.0, 3.0),
+    "settle": (3.0, 3.0),  # after the load started, before the loaded window
+    "subscribers": (1000, 100),
+    "rate": (10.0, 10.0),
+    "probe_ms": (100.0, 100.0),
+    "downloads": (50, 5),
+    "file_mb": (100, 10),
+    "download_kbps": (1024, 1024),  # lowered so that no download ends inside the window
+    "tasks": (4, 4),
+    "task_rows": (200_000, 200_000),
+    "repeats": (2, 1),
+    "modes": (["offload", "inline"], ["offload", "inline"]),
+    "connect_concurrency": (50, 50),
 }
-SERVER_ENV = {
-    "WORKERS": "1",
-    "CORES": "2000",
-    # one spooler per task (uwsgi.ini takes the count only from uWSGI's own variable)
-    "UWSGI_SPOOLER_PROCESSES": "4",
-    # every subscriber comes from 127.0.0.1: lift the per-IP connection limit (default 200)
-    "OFFLOAD_MAX_CONNECTIONS_PER_IP": "1000000",
-}
-CHANNEL = "public:bench"
-VIEW_PATH = "/accounts/login/"
-DOWNLOAD_NAME = "big.bin"
-TARGET = 2.0
+MODES = {"offload": ("offloading", {}), "inline": ("offloading disabled", {"OFFLOAD_INLINE": "1"})}
+# one spooler per task (uwsgi.ini takes the count only from uWSGI's own variable)
+SERVER_ENV = {"WORKERS": "1", "CORES": "2000", "UWSGI_SPOOLER_PROCESSES": "4"}
+SERVER_ENV["OFFLOAD_MAX_CONNECTIONS_PER_IP"] = "1000000"
+CHANNEL, VIEW_PATH, DOWNLOAD_NAME, TARGET = "public:bench", "/accounts/login/", "big.bin", 2.0
 
 
-def plan(cfg: BenchConfig) -> list[tuple[str, float]]:
-    per_mode = [
-        ("start", 6.0),
-        ("connect", 2 + cfg.subscribers / 250),
-        ("warmup", cfg.warmup),
-        ("idle", cfg.seconds + 0.5),
-        ("load", cfg.settle + 2),
-        ("loaded", cfg.seconds + 0.5),
-        ("stop", 6.0),
-    ]
-    return [("file", 1 + cfg.file_mb / 300)] + per_mode * (len(cfg.modes) * cfg.repeats)
-
-
-def _wait(seconds: float, progress: Progress) -> None:
-    deadline = time.monotonic() + seconds
-    while (left := deadline - time.monotonic()) > 0:
-        time.sleep(min(0.2, left))
-        progress.draw()
-
-
-def _window(probe: ClientProcess, name: str, cfg: BenchConfig, meter: CpuMeter, server: BenchServer, progress):
-    """Open one measuring window; CPU and uWSGI counters are read at its edges."""
-    counters_before = server.counters()
-    probe.send("window", name=name, seconds=cfg.seconds)
-    probe.wait("window_started", 10)
-    cpu_before = meter.snapshot()
-    ended = probe.wait("window_ended", cfg.seconds + 60, lambda _: progress.draw())
-    cpu_after = meter.snapshot()
-    counters_after = server.counters()
+def derived(k: dict) -> dict:
+    """Tasks outlast the loaded window (the view caps them at 60 s); no download finishes inside it."""
+    limit = k["file_mb"] * 2**20 / ((k["settle"] + k["seconds"]) * 1.5)
     return {
-        "cpu": CpuMeter.delta(cpu_before, cpu_after),
-        "server": {"before": counters_before, "after": counters_after},
-        "open_sockets_at_end": ended["open_sockets"],
+        "task_seconds": min(60.0, k["settle"] + k["seconds"] + 10),
+        "download_bps": int(min(k["download_kbps"] * 1024, limit)),
     }
 
 
-def _load_figures(load_summary: dict, window: dict) -> dict:
-    """Downloads in flight, their throughput and running tasks, inside the window."""
-    start, end = window["start_ns"], window["end_ns"]
-    samples = [s for s in load_summary["samples"] if start <= s[0] <= end]
-    events = [e for e in load_summary["task_events"] if start <= e[0] < end]
-    out = {
-        "downloads_in_flight_min": min((s[1] for s in samples), default=None),
-        "downloads_in_flight_max": max((s[1] for s in samples), default=None),
-        "download_mb_per_s": None,
-        "tasks_progressing": len({e[1] for e in events if e[2] == "running"}),
-        "task_progress_events": len(events),
-        "tasks_done_in_window": len({e[1] for e in events if e[2] == "done"}),
-    }
-    if len(samples) >= 2 and samples[-1][0] > samples[0][0]:
-        seconds = (samples[-1][0] - samples[0][0]) / 1e9
-        out["download_mb_per_s"] = round((samples[-1][2] - samples[0][2]) / seconds / 2**20, 1)
-    return out
+def run(bench: Bench, k: dict) -> dict:
+    if not 0 < k["seconds"] <= 50:
+        raise SystemExit("BENCH_SECONDS is at most 50: report tasks stop after 60 s (view cap)")
+    bench.step(f"writing a {k['file_mb']} MiB file")
+    big = make_file(bench.work / "files" / DOWNLOAD_NAME, k["file_mb"])
+    runs: dict[str, list] = {mode: [] for mode in k["modes"]}
+    for rep in range(k["repeats"]):
+        for mode in k["modes"] if rep % 2 == 0 else k["modes"][::-1]:  # alternate: no order bias
+            with bench.scope():
+                runs[mode].append(run_mode(bench, k, mode, rep, big))
+    summary = {mode: median_merge(results) for mode, results in runs.items()}
+    items = {}
+    for m, s in summary.items():
+        s["ratios"] = {
+            f"{x}_{q}": ratio(s["loaded"][x][q], s["idle"][x][q]) for x in ("broadcast", "view") for q in ("p50", "p99")
+        }
+        for x in ("broadcast", "view"):  # inline: for comparison, no target
+            items[f"{MODES[m][0]}: {x} p99, loaded / idle"] = (
+                s["ratios"][f"{x}_p99"],
+                "<=" if m == "offload" else "",
+                TARGET,
+            )
+    return {"derived": derived(k), "runs": runs, "summary": summary, "verdict": report.verdict(items)}
 
 
-def run_mode(cfg: BenchConfig, mode: str, rep: int, work: Path, logs: Path, big: Path, progress: Progress) -> dict:
-    """One server: idle window, then loaded window; everything stopped on the way out."""
-    label = f"[{mode} {rep + 1}/{cfg.repeats}]"
-    server = BenchServer(work / f"var-{mode}-{rep}", {**SERVER_ENV, **MODES[mode]["env"]}, [big])
-    probe = load = None
-    progress.step(f"{label} starting uWSGI")
-    try:
-        server.start()
-        session = server.login("alice")
-        deadline = cfg.warmup + cfg.settle + 2 * cfg.seconds + 300
-        probe = ClientProcess(
-            cfg.client_python,
-            "probe",
-            {
-                "host": server.host,
-                "port": server.port,
-                "channel": CHANNEL,
-                "api_key": server.live.api_key,
-                "subscribers": cfg.subscribers,
-                "rate": cfg.rate,
-                "probe_path": VIEW_PATH,
-                "probe_ms": cfg.probe_ms,
-                "connect_concurrency": cfg.connect_concurrency,
-                "deadline_s": deadline,
-            },
-            logs / f"{mode}-{rep}-probe.log",
-        )
-        progress.step(f"{label} connecting {cfg.subscribers} websockets")
-        ready = probe.wait("ready", 180, lambda _: progress.draw())
-        meter = CpuMeter(
-            {
-                "uWSGI worker": lambda: server.pids("worker"),
-                "spoolers": lambda: server.pids("spooler"),
-                "uWSGI master": lambda: server.pids("master"),
-                "Redis": lambda: server.pids("redis"),
-                "probe client": lambda: [probe.pid],
-                "load client": lambda: [load.pid] if load else [],
-                "orchestrator": lambda: [os.getpid()],
-            }
-        )
-        progress.step(f"{label} warm-up (publishing)")
-        _wait(cfg.warmup, progress)
-        progress.step(f"{label} idle window")
-        idle = _window(probe, "idle", cfg, meter, server, progress)
-
-        progress.step(f"{label} starting {cfg.downloads} downloads + {cfg.tasks} tasks")
-        counters_before_load = server.counters()
-        load = ClientProcess(
-            cfg.client_python,
-            "load",
-            {
-                "host": server.host,
-                "port": server.port,
-                **session,
-                "path": f"/downloads/{DOWNLOAD_NAME}",
-                "downloads": cfg.downloads,
-                "rate_bps": cfg.download_bytes_per_s,
-                "rcvbuf": 64 * 1024,
-                "tasks": cfg.tasks,
-                "task_seconds": cfg.task_seconds,
-                "task_rows": cfg.task_rows,
-                "deadline_s": deadline,
-            },
-            logs / f"{mode}-{rep}-load.log",
-        )
-        load.send("start")
-        loaded_event = load.wait("loaded", 90, lambda _: progress.draw())
-        _wait(cfg.settle, progress)
-        progress.step(f"{label} loaded window")
-        loaded = _window(probe, "loaded", cfg, meter, server, progress)
-
-        progress.step(f"{label} stopping")
-        load.send("stop")
-        load_summary = load.wait("summary", 60)
-        counters_after_load = server.counters()
-        probe.send("stop")
-        probe_summary = probe.wait("summary", 60)
-    finally:
-        for client in (load, probe):
-            if client is not None:
-                client.close()
-        server.stop(log_copy=logs / f"{mode}-{rep}-uwsgi.log")
-
-    windows = probe_summary["windows"]
-    idle.update(windows["idle"])
-    loaded.update(windows["loaded"])
-    loaded["load"] = _load_figures(load_summary, windows["loaded"])
-    # uWSGI counts a request as offloaded when it hands it over (at the start of a download)
-    loaded["load"]["offloaded_requests"] = counters_after_load.get("offloaded_requests", 0) - counters_before_load.get(
-        "offloaded_requests", 0
+def run_mode(bench: Bench, k: dict, mode: str, rep: int, big) -> dict:
+    """One server: idle window, then loaded window."""
+    label, name = f"[{mode} {rep + 1}/{k['repeats']}]", f"{mode}-{rep}"
+    bench.step(f"{label} starting uWSGI")
+    server = bench.server(name, {**SERVER_ENV, **MODES[mode][1]}, [big])
+    session = server.login()
+    groups = {f"uWSGI {role}": lambda role=role: server.pids(role) for role in ("worker", "spooler", "master")}
+    meter = bench.meter({**groups, "Redis": lambda: server.pids("redis")}, ("probe client", "load client"))
+    bench.step(f"{label} connecting {k['subscribers']} websockets")
+    how = dict(
+        channel=CHANNEL, probe_path=VIEW_PATH, probe_ms=k["probe_ms"], connect_concurrency=k["connect_concurrency"]
     )
-    loaded["load"]["download_requests"] = load_summary["downloads"]["statuses"].get("200", 0)
+    probe = bench.subscribers(server, f"{name}-probe", k["subscribers"], "probe client", **how)
+    ready = probe.wait("ready", 180, bench.progress)
+    probe.send("publish", rate=k["rate"])
+    bench.step(f"{label} warm-up (publishing)")
+    bench.sleep(k["warmup"])
+    windows = {}
+    for window in ("idle", "loaded"):
+        if window == "loaded":
+            bench.step(f"{label} starting {k['downloads']} downloads + {k['tasks']} tasks")
+            load, load_start, counters = start_load(bench, k, server, session, name)
+            bench.sleep(k["settle"])
+        bench.step(f"{label} {window} window")
+        before = server.counters()
+        windows[window] = bench.window(meter, window, [probe], k["seconds"])
+        windows[window]["server"] = {"before": before, "after": server.counters()}
+    bench.step(f"{label} stopping")
+    load.send("stop")
+    load_summary = load.wait("summary", 60, bench.progress)
+    bench.collect([probe], windows)
+    windows["loaded"]["load"] = load_figures(load_summary, windows["loaded"], counters, server.counters())
+    load_summary = {key: load_summary[key] for key in ("downloads", "reports")}
     return {
         "mode": mode,
         "connect_s": ready["connect_s"],
-        "idle": idle,
-        "loaded": loaded,
-        "load_start": loaded_event,
-        "load_summary": {k: load_summary[k] for k in ("downloads", "reports")},
-        "probe_total": probe_summary["total"],
+        **windows,
+        "load_start": load_start,
+        "load_summary": load_summary,
     }
 
 
-def verdict(summary: dict) -> dict:
-    """loaded/idle ratios of p50/p99 broadcast and view latency per mode, and the target."""
-    out = {}
-    for mode, result in summary.items():
-        ratios = {
-            f"{kind}_{q}": ratio(result["loaded"][kind][q], result["idle"][kind][q])
-            for kind in ("broadcast", "view")
-            for q in ("p50", "p99")
-        }
-        met = all(r is not None and r <= TARGET for r in (ratios["broadcast_p99"], ratios["view_p99"]))
-        out[mode] = {"ratios": ratios, "target": TARGET, "met": met}
-    return out
+def start_load(bench: Bench, k: dict, server, session: dict, name: str):
+    """The load client, started: (it, its ``loaded`` event, uWSGI counters before)."""
+    counters = server.counters()
+    d, how = derived(k), dict(path=f"/downloads/{DOWNLOAD_NAME}", downloads=k["downloads"], tasks=k["tasks"], **session)
+    how.update(rate_bps=d["download_bps"], rcvbuf=64 * 1024, task_seconds=d["task_seconds"], task_rows=k["task_rows"])
+    load = bench.client("load", "load client", f"{name}-load", host=server.host, port=server.port, **how)
+    load.send("start")
+    return load, load.wait("loaded", 90, bench.progress), counters
 
 
-def run(cfg: BenchConfig, work: Path, logs: Path, progress: Progress) -> dict:
-    progress.step(f"writing a {cfg.file_mb} MiB file")
-    big = make_file(work / "files" / DOWNLOAD_NAME, cfg.file_mb)
-    runs: dict[str, list] = {mode: [] for mode in cfg.modes}
-    for rep in range(cfg.repeats):
-        order = cfg.modes if rep % 2 == 0 else list(reversed(cfg.modes))  # alternate: no order bias
-        for mode in order:
-            runs[mode].append(run_mode(cfg, mode, rep, work, logs, big, progress))
-    summary = {mode: median_merge(results) for mode, results in runs.items()}
-    return {"scenario": NAME, "runs": runs, "summary": summary, "verdict": verdict(summary)}
+def load_figures(load: dict, window: dict, before: dict, after: dict) -> dict:
+    """Downloads in flight, their throughput and running tasks, inside the window."""
+    start, end = window["start_ns"], window["end_ns"]
+    samples = [s for s in load["samples"] if start <= s[0] <= end]
+    events = [e for e in load["task_events"] if start <= e[0] < end]
+    seconds = (samples[-1][0] - samples[0][0]) / 1e9 if len(samples) > 1 else 0
+    return {
+        "downloads_in_flight_min": min((s[1] for s in samples), default=None),
+        "download_mb_per_s": round((samples[-1][2] - samples[0][2]) / seconds / 2**20, 1) if seconds else None,
+        "tasks_progressing": len({e[1] for e in events if e[2] == "running"}),
+        "task_progress_events": len(events),
+        "download_requests": load["downloads"]["statuses"].get("200", 0),
+        # uWSGI counts a request as offloaded when it hands it over (at the start of a download)
+        "offloaded_requests": after.get("offloaded_requests", 0) - before.get("offloaded_requests", 0),
+    }
 
 
-# -- Markdown ---------------------------------------------------------------
+LATENCY_ROWS = [  # (title, figure of a window)
+    ("broadcast p50 (ms)", lambda w: w["broadcast"]["p50"]),
+    ("**broadcast p99 (ms)**", lambda w: w["broadcast"]["p99"]),
+    ("broadcast max (ms)", lambda w: w["broadcast"]["max"]),
+    ("view p50 (ms)", lambda w: w["view"]["p50"]),
+    ("**view p99 (ms)**", lambda w: w["view"]["p99"]),
+    ("publish API p99 (ms)", lambda w: w["publish"]["p99"]),
+    ("deliveries/s", lambda w: w["broadcast"]["deliveries_per_s"]),
+    ("expected deliveries/s", lambda w: w["broadcast"]["expected_per_s"]),
+    ("lost / duplicate deliveries", lambda w: f"{w['broadcast']['lost']} / {w['broadcast']['dup']}"),
+    ("view probes (failed)", lambda w: f"{w['view']['n']} ({sum(w['view']['failed'].values())})"),
+    ("client loop lag p99 (ms)", lambda w: w["client_loop_lag"]["p99"]),
+]
+LOAD_ROWS = [
+    (title, lambda w, key=key: w["load"][key])
+    for title, key in (
+        ("downloads in flight, min", "downloads_in_flight_min"),
+        ("download throughput (MiB/s)", "download_mb_per_s"),
+        ("tasks progressing", "tasks_progressing"),
+        ("task progress messages", "task_progress_events"),
+        ("download requests (200)", "download_requests"),
+        ("... of them offloaded (uWSGI stats)", "offloaded_requests"),
+    )
+] + [("worker RSS at end (MiB)", lambda w: w["server"]["after"].get("worker_rss_mb"))]
 
 
-def _lost(window: dict) -> str:
-    b = window["broadcast"]
-    return f"{b['lost']} / {b['dup']}"
+def _columns(summary: dict, ratios: bool = True) -> list[tuple]:
+    """idle, loaded (and loaded/idle) of each mode: the cell of a row is ``column(row's getter)``."""
+    cols = []
+    for mode, s in ((m, summary[m]) for m in MODES if m in summary):
+        cols += [(f"{MODES[mode][0]}: {w}", lambda get, s=s, w=w: get(s[w])) for w in ("idle", "loaded")]
+        if ratios:
+            cols.append(("loaded/idle", lambda get, s=s: _ratio(get(s["loaded"]), get(s["idle"]))))
+    return cols
+
+
+def _ratio(loaded, idle) -> str:
+    return cell(ratio(loaded, idle), "x") if isinstance(loaded, (int, float)) else ""
 
 
 def markdown(results: dict) -> str:
-    summary, verdicts, cfg = results["summary"], results["verdict"], results["config"]
-    modes = [m for m in MODES if m in summary]
-    head = ["figure"]
-    for mode in modes:
-        name = MODES[mode]["label"]
-        head += [f"{name}: idle", f"{name}: loaded", "loaded/idle"]
-
-    def row(title: str, get, fmt=cell, with_ratio=True) -> list[str]:
-        cells = [title]
-        for mode in modes:
-            idle, loaded = get(summary[mode]["idle"]), get(summary[mode]["loaded"])
-            cells += [fmt(idle), fmt(loaded)]
-            cells.append(cell(ratio(loaded, idle), suffix="x") if with_ratio else "")
-        return cells
-
-    latency_rows = [
-        row("broadcast p50 (ms)", lambda w: w["broadcast"]["p50"]),
-        row("**broadcast p99 (ms)**", lambda w: w["broadcast"]["p99"]),
-        row("broadcast max (ms)", lambda w: w["broadcast"]["max"]),
-        row("view p50 (ms)", lambda w: w["view"]["p50"]),
-        row("**view p99 (ms)**", lambda w: w["view"]["p99"]),
-        row("publish API p99 (ms)", lambda w: w["publish"]["p99"]),
-        row("deliveries/s", lambda w: w["broadcast"]["deliveries_per_s"], with_ratio=False),
-        row("expected deliveries/s", lambda w: w["broadcast"]["expected_per_s"], with_ratio=False),
-        row("lost / duplicate deliveries", _lost, fmt=str, with_ratio=False),
-        row("view probes (failed)", lambda w: f"{w['view']['n']} ({sum(w['view']['failed'].values())})", str, False),
-        row("client loop lag p99 (ms)", lambda w: w["client_loop_lag"]["p99"], with_ratio=False),
-    ]
-
-    load_head = ["during the loaded window", *(MODES[m]["label"] for m in modes)]
-    load_rows = []
-    for title, get in (
-        (f"downloads in flight, min (of {cfg['downloads']})", lambda r: r["loaded"]["load"]["downloads_in_flight_min"]),
-        ("download throughput (MiB/s)", lambda r: r["loaded"]["load"]["download_mb_per_s"]),
-        (f"tasks progressing (of {cfg['tasks']})", lambda r: r["loaded"]["load"]["tasks_progressing"]),
-        ("task progress messages", lambda r: r["loaded"]["load"]["task_progress_events"]),
-        ("download requests (200)", lambda r: r["loaded"]["load"]["download_requests"]),
-        ("... of them offloaded (uWSGI stats)", lambda r: r["loaded"]["load"]["offloaded_requests"]),
-        ("spooler processes", lambda r: r["loaded"]["server"]["after"].get("spooler_processes")),
-        ("worker RSS at end (MiB)", lambda r: r["loaded"]["server"]["after"].get("worker_rss_mb")),
-    ):
-        load_rows.append([title, *(cell(get(summary[m])) for m in modes)])
-
-    groups = list(summary[modes[0]]["loaded"]["cpu"]["groups"])
-    cpu_head = ["CPU, % of one core", *(f"{MODES[m]['label']}: {w}" for m in modes for w in ("idle", "loaded"))]
+    k, d, summary = results["knobs"], results["derived"], results["summary"]
     cpu_rows = [
-        [g, *(cell(summary[m][w]["cpu"]["groups"][g]["core_pct"]) for m in modes for w in ("idle", "loaded"))]
-        for g in groups
+        (g, lambda w, g=g: report.cpu(g)[1](w)) for g in next(iter(summary.values()))["loaded"]["cpu"]["groups"]
     ]
-    cpu_rows.append(
-        [
-            "machine busy (% of all cores)",
-            *(cell(summary[m][w]["cpu"]["machine_pct"]) for m in modes for w in ("idle", "loaded")),
-        ]
+    cpu_rows.append(("machine busy (% of all cores)", lambda w: w["cpu"]["machine_pct"]))
+    loaded = [(MODES[m][0], lambda get, m=m: get(summary[m]["loaded"])) for m in MODES if m in summary]
+    text = (
+        f"{k['subscribers']} websocket subscribers, {k['rate']:g} broadcasts/s, view probe `GET {VIEW_PATH}` every "
+        f"{k['probe_ms']:g} ms; load = {k['downloads']} slow downloads of a {k['file_mb']} MiB file at "
+        f"{d['download_bps'] // 1024} KiB/s each + {k['tasks']} report tasks ({k['task_rows']:,} rows over "
+        f"{d['task_seconds']:g} s). Windows of {k['seconds']:g} s, {k['repeats']} repeat(s), medians. One uWSGI "
+        f"worker (gevent, {SERVER_ENV['CORES']} cores), embedded Redis. Target: p99 broadcast and view latency "
+        f"loaded within {TARGET:g}x of idle with offloading."
     )
-
     lines = [
-        f"## Offloading benchmark, {results['started']}",
-        "",
-        f"`{results['command']}` on {results['machine']['cpus']} CPUs, commit {results['machine']['commit']}: "
-        f"{cfg['subscribers']} websocket subscribers, {cfg['rate']:g} broadcasts/s, view probe "
-        f"`GET {VIEW_PATH}` every {cfg['probe_ms']:g} ms; load = {cfg['downloads']} slow downloads of a "
-        f"{cfg['file_mb']} MiB file at {results['derived']['download_kib_per_s']} KiB/s each + {cfg['tasks']} report "
-        f"tasks ({cfg['task_rows']:,} rows over {results['derived']['task_seconds']:g} s). "
-        f"Windows of {cfg['seconds']:g} s; {cfg['repeats']} repeat(s), medians shown. One uWSGI worker "
-        f"(gevent, {SERVER_ENV['CORES']} cores), embedded Redis.",
-        "",
-        table(head, latency_rows),
-        "",
-        table(load_head, load_rows),
-        "",
-        table(cpu_head, cpu_rows),
-        "",
-        f"**Target** (p99 broadcast and p99 view latency loaded within {TARGET:g}x of idle, with offloading):",
+        *report.heading(results, "Offloading benchmark", text),
+        report.grid("figure", LATENCY_ROWS, _columns(summary)),
         "",
     ]
-    per_run = {
-        mode: ", ".join(
-            f"{cell(ratio(r['loaded']['broadcast']['p99'], r['idle']['broadcast']['p99']), suffix='x')}"
-            f" / {cell(ratio(r['loaded']['view']['p99'], r['idle']['view']['p99']), suffix='x')}"
-            for r in results["runs"][mode]
-        )
-        for mode in modes
+    lines += [report.grid("during the loaded window", LOAD_ROWS, loaded), ""]
+    lines += [report.grid("CPU, % of one core", cpu_rows, _columns(summary, ratios=False)), ""]
+    return "\n".join(lines + report.closing(results)) + "\n"
+
+
+def plot(results: dict) -> dict:
+    curves = {f"{MODES[m][0]}, {w}": s[w] for m, s in results["summary"].items() for w in ("idle", "loaded")}
+    style = lambda name: "-" if name.endswith("loaded") else ":"  # noqa: E731
+    ratios = {
+        f"{MODES[m][0]}: {n.replace('_', ' ')}": v
+        for m, s in results["summary"].items()
+        for n, v in s["ratios"].items()
     }
-    for mode in modes:
-        v = verdicts[mode]
-        r = v["ratios"]
-        state = "met" if v["met"] else "NOT met"
-        if mode == "inline":
-            state = "for comparison (no target)"
-        lines.append(
-            f"* {MODES[mode]['label']}: broadcast p99 {cell(r['broadcast_p99'], suffix='x')}, "
-            f"view p99 {cell(r['view_p99'], suffix='x')} of idle: {state} "
-            f"(each run, broadcast / view p99: {per_run[mode]})"
-        )
-    lines += warning_lines(results.get("warnings"))
-    return "\n".join(lines) + "\n"
+    title = (
+        f"offload benchmark {results['started']}: {results['knobs']['subscribers']} subscribers, idle (dotted), loaded"
+    )
+    panels = [report.cdf("websocket broadcast latency", {n: w["broadcast"] for n, w in curves.items()}, style)]
+    panels.append(
+        report.cdf(f"Django view latency (GET {VIEW_PATH})", {n: w["view"] for n, w in curves.items()}, style)
+    )
+    panels.append(report.timeline("broadcast p99 per second", curves, style))
+    return {"title": title, "panels": [*panels, report.bars("loaded / idle", "ratio (log)", ratios, target=TARGET)]}
 
 
 def warnings(results: dict) -> list[str]:
-    """Things that make a figure doubtful, per run: the reader should see them next to it."""
-    cfg, out = results["config"], []
+    k, out = results["knobs"], []
     for mode, runs in results["runs"].items():
-        for number, result in enumerate(runs, 1):
+        for number, r in enumerate(runs, 1):
             for name in ("idle", "loaded"):
-                w, where = result[name], f"{mode} run {number} {name}"
-                b, lag, cpu = w["broadcast"], w["client_loop_lag"]["p99"] or 0, w["cpu"]["groups"]
-                if b["lost"] or b["dup"]:
-                    out.append(f"{where}: {b['lost']} lost, {b['dup']} duplicate deliveries")
-                if w["disconnects"]["count"]:
-                    out.append(f"{where}: {w['disconnects']['count']} websockets closed {w['disconnects']['codes']}")
-                if lag > 20:
-                    out.append(f"{where}: the probe client's event loop lagged (p99 {lag} ms)")
-                if cpu["probe client"]["core_pct"] > 70:
-                    out.append(f"{where}: the probe client used {cpu['probe client']['core_pct']:.0f}% of a core")
-                if cpu["other"]["core_pct"] > 20:
-                    out.append(f"{where}: other processes used {cpu['other']['core_pct']:.0f}% of a core (noisy box)")
-            load, where = result["loaded"]["load"], f"{mode} run {number}"
-            if (load["downloads_in_flight_min"] or 0) < cfg["downloads"]:
-                out.append(f"{where}: at times only {load['downloads_in_flight_min']} of {cfg['downloads']} downloads")
-            if load["tasks_progressing"] < cfg["tasks"]:
-                out.append(
-                    f"{where}: only {load['tasks_progressing']} of {cfg['tasks']} tasks progressed in the window"
-                )
+                out += report.window_warnings(f"{mode} run {number} {name}", r[name], "probe client")
+            load, where = r["loaded"]["load"], f"{mode} run {number}"
+            if (load["downloads_in_flight_min"] or 0) < k["downloads"]:
+                out.append(f"{where}: at times only {load['downloads_in_flight_min']} of {k['downloads']} downloads")
+            if load["tasks_progressing"] < k["tasks"]:
+                out.append(f"{where}: only {load['tasks_progressing']} of {k['tasks']} tasks progressed in the window")
     return out

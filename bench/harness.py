@@ -1,0 +1,267 @@
+"""The skeleton every scenario runs on: servers, helper processes, measuring windows, collection.
+
+A scenario is a sequence of *windows*. Subscriber clients
+(``bench.loadclient.subscribers``) open a window, something publishes (the
+client itself over HTTP, or a publisher process alone), the window closes,
+and every client is told which publishes it must have received; CPU per
+process group is read at the window's edges. At the end the clients report
+every window's figures, which are merged across processes. ``Bench`` owns
+every server and process it starts and stops them (by pid) on every way
+out, and each Channels setup of a comparison runs in a :meth:`Bench.scope`
+of its own, so one broken setup loses nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .channels_anchor.server import ChannelsServer
+from .clients import Process
+from .config import Config
+from .cpu import CpuMeter
+from .progress import Progress
+from .server import BenchServer, rss_kib
+
+#: the server environment of the websocket scenarios: one worker, 2,000 cores, no per-IP cap
+SERVER_ENV = {"WORKERS": "1", "CORES": "2000", "OFFLOAD_MAX_CONNECTIONS_PER_IP": "1000000"}
+SERVER_ENV["OFFLOAD_STATS_INTERVAL"] = "0"
+COUNTS = ("expected", "lost", "dup", "arrived_in_window", "deliveries_per_s", "expected_per_s", "n")
+
+
+class Bench:
+    def __init__(self, cfg: Config, work: Path, logs: Path, progress: Progress) -> None:
+        self.cfg, self.work, self.logs, self.progress = cfg, work, logs, progress
+        self.live: list = []  # servers and processes, in start order
+
+    def __enter__(self) -> Bench:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop_after(0)
+
+    @contextmanager
+    def scope(self) -> Iterator[None]:
+        """Whatever starts inside the block is stopped when it ends."""
+        mark = len(self.live)
+        try:
+            yield
+        finally:
+            self.stop_after(mark)
+
+    def stop_after(self, mark: int) -> None:
+        while len(self.live) > mark:
+            self.stop(self.live[-1])
+
+    def stop(self, thing) -> None:
+        self.live.remove(thing)
+        if isinstance(thing, BenchServer):
+            thing.stop(self.logs / f"{thing.name}-uwsgi.log")
+        elif isinstance(thing, ChannelsServer):
+            thing.stop()
+        else:
+            thing.close()
+
+    def step(self, label: str) -> None:
+        self.progress.step(label)
+
+    def sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(0.2, left))
+            self.progress.draw()
+
+    # -- what runs ---------------------------------------------------------------
+
+    def server(self, name: str, env: dict, downloads: list[Path] = ()) -> BenchServer:
+        self.live.append(server := BenchServer(self.work / f"var-{name}", env, downloads, name))
+        return server.start()
+
+    def anchor(self, combo: str, redis_url: str) -> ChannelsServer:
+        anchor = ChannelsServer(combo, redis_url, self.logs / f"channels-{combo}.log")
+        self.live.append(anchor)
+        return anchor.start()
+
+    def process(self, argv: list[str], label: str, log: str) -> Process:
+        self.live.append(proc := Process(argv, label, self.logs / f"{log}.log"))
+        return proc
+
+    def client(self, role: str, label: str, name: str, **config) -> Process:
+        """A load client in the bench venv (``bench.loadclient``)."""
+        argv = [self.cfg.client_python, "-m", "bench.loadclient", role, json.dumps({"deadline_s": 1800, **config})]
+        return self.process(argv, label, name)
+
+    def subscribers(self, target, name: str, n: int, label: str = "clients", **config) -> Process:
+        """Subscriber client of ``target`` (ours or a Channels setup); ``n`` 0: a publisher or probe only."""
+        return self.client(
+            "subscribers",
+            label,
+            name,
+            host=target.host,
+            port=target.port,
+            api_key=target.api_key,
+            subscribers=n,
+            **config,
+        )
+
+    def publisher(self, target, name: str, **config) -> Process:
+        """Ours (``offload.publish()``, ``bench/publisher.py``) or a Channels setup's ``group_send``."""
+        if isinstance(target, ChannelsServer):
+            config.update(layer=target.layer, prefix=target.prefix, redis_url=target.redis_url)
+            argv = [str(target.python), "-m", "bench.channels_anchor.publisher", json.dumps(config)]
+        else:
+            config.update(redis_url=target.redis_url, var_dir=str(self.work / "publisher-var"))
+            argv = [
+                sys.executable,
+                "-m",
+                "bench.publisher",
+                json.dumps({"mode": "gevent", "concurrency": 16, **config}),
+            ]
+        pub = self.process(argv, "publisher", f"{name}-publisher")
+        pub.wait("ready", 60, self.progress)
+        return pub
+
+    def meter(self, server: dict[str, Callable[[], list[int]]], labels: tuple = ("clients", "publisher")) -> CpuMeter:
+        """CPU groups: the server's, one per label of helper processes (those alive), the orchestrator."""
+        groups = dict(server)
+        for label in labels:
+            groups[label] = lambda label=label: [p.pid for p in self.live if getattr(p, "label", None) == label]
+        return CpuMeter({**groups, "orchestrator": lambda: [os.getpid()]})
+
+    # -- measuring ---------------------------------------------------------------
+
+    def connect(self, target, name: str, n: int, processes: int = 1, meter: CpuMeter | None = None, **config):
+        """``n`` subscribers over ``processes`` clients, connected: (clients, connect time, retries, the server's
+        RSS per socket and, with ``meter``, CPU from the start to the last ``ready``)."""
+        rss0, before = rss_kib(target.pid), meter.snapshot() if meter else None
+        clients = [
+            self.subscribers(target, f"{name}{i or ''}", n // processes + (i < n % processes), **config)
+            for i in range(processes)
+        ]
+        readies = [c.wait("ready", 120 + n / 20, self.progress) for c in clients]
+        info = {"sockets": n, "connect_s": max(r["connect_s"] for r in readies)}
+        info["connect_errors"] = dict(sum((Counter(r["connect_errors"]) for r in readies), Counter()))
+        if meter:
+            info["cpu"] = CpuMeter.delta(before, meter.snapshot())
+        self.sleep(2)  # the server settles before its memory is read
+        rss1 = rss_kib(target.pid)
+        per_socket = round((rss1 - rss0) / n, 2) if rss0 and rss1 and n else None
+        return clients, {**info, "idle_rss": {"before_kib": rss0, "after_kib": rss1, "per_socket_kib": per_socket}}
+
+    def window(self, meter: CpuMeter, name: str, clients: list[Process], seconds: float, **publishers) -> dict:
+        """One window of ``seconds`` on every client, in which ``publishers`` publish (:meth:`_publish`); CPU
+        is read at its edges. Every publish in it is then made known to every client: the clients' own (the
+        ``own`` of ``closed``) and the publisher's result, unless the same publishes (the same first number)."""
+        for c in clients:
+            c.send("open", name=name)
+        for c in clients:
+            c.wait("opened", 30, self.progress)
+        before = meter.snapshot()
+        result = self._publish(seconds, **publishers)
+        after = meter.snapshot()
+        if publishers.get("pub"):
+            self.stop(publishers["pub"])  # after its CPU was read
+        for c in clients:
+            c.send("close", name=name)
+        closed = [c.wait("closed", 120, self.progress) for c in clients]
+        ranges = {r["first"]: r for r in [e["own"] for e in closed if e["own"]] + ([result] if result else [])}
+        for c in clients:
+            for r in ranges.values():
+                c.send("expect", name=name, first=r["first"], count=r["count"], failed=r["failed"])
+        out = {"cpu": CpuMeter.delta(before, after), "open_sockets": sum(e["open_sockets"] for e in closed)}
+        out["next"] = max((r["first"] + r["count"] for r in ranges.values()), default=0)
+        return {**out, "publisher": result} if result else out
+
+    def _publish(self, seconds: float, pub: Process | None = None, http: Process | None = None, **how) -> dict | None:
+        """``pub`` (a publisher process, set up with its numbers) runs, and/or ``http`` (a client) publishes
+        over HTTP for ``seconds`` (``how``: ``first`` and ``rate`` or ``streams``); without either, a pause.
+        Returns the publisher's result (``pub``'s if both)."""
+        if pub is None and http is None:
+            return self.sleep(seconds)
+        if http is not None:
+            http.send("publish", seconds=seconds, **how)
+        result = None
+        if pub is not None:
+            pub.send("go")
+            result = pub.wait("result", seconds + 60, self.progress)
+        if http is not None:
+            published = http.wait("published", seconds + 60, self.progress)
+        return result or published
+
+    def drain(self, clients: list[Process], limit: float, quiet: float = 2.0) -> float:
+        """Wait until every expected delivery arrived, or nothing arrived for ``quiet`` s, or ``limit`` s passed
+        (a server working off a backlog); returns the seconds taken."""
+        started = last_change = time.monotonic()
+        last = -1
+        while (now := time.monotonic()) - started < limit:
+            for c in clients:
+                c.send("ping")
+            pongs = [c.wait("pong", max(30.0, limit), self.progress) for c in clients]
+            arrived = sum(p["arrivals"] for p in pongs)
+            if arrived != last:
+                last, last_change = arrived, now
+            if arrived >= sum(p["expected"] for p in pongs) or now - last_change >= quiet:
+                break
+            time.sleep(0.25)
+        return round(time.monotonic() - started, 2)
+
+    def collect(self, clients: list[Process], windows: dict[str, dict]) -> dict:
+        """Stop the clients and merge their figures into ``windows``: counts added, the worst percentile of
+        the processes; server CPU per delivery. Returns what the clients saw outside windows."""
+        for c in clients:
+            c.send("stop")
+        summaries = [c.wait("summary", 180, self.progress) for c in clients]
+        for c in clients:
+            self.stop(c)
+        for name, w in windows.items():
+            w.update(merge([s["windows"][name] for s in summaries if name in s["windows"]]))
+            used, arrived = w["cpu"]["groups"].get("server", {}).get("cpu_s"), w["broadcast"]["arrived_in_window"]
+            w["server_us_per_delivery"] = round(used / arrived * 1e6, 3) if used is not None and arrived else None
+        return {
+            "misrouted": sum(s["misrouted"] for s in summaries),
+            "disconnects": sum(s["disconnects"] for s in summaries),
+        }
+
+    def anchors(self, combos: list[str], redis_url: str, run_one: Callable[[ChannelsServer], dict]) -> dict:
+        """Each Channels setup in turn against ``redis_url``; a broken one is recorded as an error."""
+        out = {}
+        for combo in combos:
+            try:
+                with self.scope():
+                    self.step(f"[channels-{combo}] starting")
+                    anchor = self.anchor(combo, redis_url)
+                    out[combo] = {"label": anchor.label, **run_one(anchor)}
+            except Exception as exc:
+                out[combo] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+        return out
+
+
+def merge(parts: list[dict]) -> dict:
+    """One window seen by several client processes: the figures of the one with the most deliveries,
+    counts added and the worst percentiles (a publish probe's ``publish`` figures come from that probe)."""
+    if len(parts) == 1:
+        return parts[0]
+    out = dict(max(parts, key=lambda p: p["broadcast"]["n"]))
+    b = out["broadcast"] = dict(out["broadcast"])
+    for key in COUNTS:
+        b[key] = round(sum(p["broadcast"].get(key) or 0 for p in parts), 1)
+    for key in ("p50", "p90", "p99", "p999", "max"):
+        b[key] = max((p["broadcast"][key] for p in parts if p["broadcast"][key] is not None), default=None)
+    out["publish"] = max((p["publish"] for p in parts), key=lambda x: x["n"])
+    codes = sum((Counter(p["disconnects"]["codes"]) for p in parts), Counter())
+    out["disconnects"] = {"count": sum(p["disconnects"]["count"] for p in parts), "codes": dict(codes)}
+    return out
+
+
+def raise_nofile() -> list[int]:
+    """Soft RLIMIT_NOFILE to the hard limit (servers and clients inherit it: 10,000 sockets); the old pair."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return [soft, hard]
