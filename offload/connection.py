@@ -1,71 +1,53 @@
-"""One websocket's life, on its own request greenlet (the uWSGI/gevent edge).
+"""One websocket's I/O, on its own greenlet (the uWSGI/gevent edge).
 
 Theory of operation
 -------------------
 uWSGI performs the handshake (``uwsgi.websocket_handshake``, on the request's
-own greenlet). From then on the connection owns ``uwsgi.connection_fd()``:
+own greenlet). From then on the connection owns the client's fd (a duplicate
+once it left the request: :func:`offload.sockets.detach`). The protocol's
+rules, states and timers live in
+:class:`offload.websocket_protocol.WebSocketProtocol` (sans-I/O, its
+transition table and tests need no socket and no clock); this module is the
+thin loop around it:
 
-* Reading: client frames are *not* read with uWSGI's unsafe receive path; the
-  greenlet reads raw bytes and feeds :class:`offload.frames.FrameReader`
-  (wsproto).
-* Writing: every frame (data and control) goes through :meth:`WebSocket.send_frame`,
-  callable from any greenlet. When nothing is pending it is one non-blocking
-  ``os.write`` of complete frame bytes, done by the caller: the hub writes a
-  message it framed once to every socket without waking their greenlets.
-  Whatever the kernel does not take is queued and flushed by a write watcher
-  when the socket drains; a socket whose queue would grow past
+* Reading: raw bytes from the fd go to the protocol (never to uWSGI's unsafe
+  receive path); the messages it yields go to the endpoint. One wake-up reads
+  at most ``_READS_PER_WAKE`` chunks, so a flooding socket cannot keep the
+  worker's other sockets waiting.
+* Writing: every frame (data, and the protocol's control frames) goes through
+  :meth:`WebSocket.send_frame`, callable from any greenlet. When nothing is
+  pending it is one non-blocking ``os.write`` of complete frame bytes, done
+  by the caller: the hub writes a message it framed once to every socket
+  without waking their greenlets (:meth:`WebSocket.offer`). Whatever the
+  kernel does not take is queued and flushed by a write watcher when the
+  socket drains; a socket whose queue would grow past
   ``OFFLOAD_MAX_QUEUED_BYTES`` is a slow consumer and is closed (1008). One
   writer at a time (gevent is cooperative and a write never yields), so
   frames never interleave.
-* Limits: every client frame (data, each fragment of a message, ping, pong)
-  takes a token from the connection's bucket; a client over its rate is
-  closed with 1008, and one that keeps sending while we close is dropped.
-  One wake-up reads at most ``_READS_PER_WAKE`` chunks, so a flooding socket
-  cannot keep the worker's other sockets waiting.
 
 The greenlet sleeps on one event, set by: the fd became readable (a libev io
-watcher), a close was requested, or the next timer. Each wake-up it drains
-everything readable.
-
-Lifecycle::
-
-    state     event                                   next
-    --------  --------------------------------------  --------
-    OPEN      peer close frame -> echo it             CLOSED
-    OPEN      close(code) by us -> send close frame   CLOSING
-    OPEN      protocol error -> close 1002/1007/1009  CLOSED
-    OPEN      no pong/data within ping timeout        CLOSED (1011)
-    OPEN      outgoing queue over the limit           CLOSING (1008)
-    OPEN      client frames over the rate limit       CLOSING (1008)
-    CLOSING   client frames over the rate limit       CLOSED
-    OPEN      queued bytes stuck for the ping timeout CLOSED
-    CLOSING   peer close frame, EOF or 2 s timeout    CLOSED
+watcher), the queue drained, a close was requested, or the next deadline of
+the protocol or the endpoint. The clock is injected (``clock``).
 """
 
 from __future__ import annotations
 
-import enum
 import errno
 import logging
 import os
 import random
 import time
 from collections import deque
+from collections.abc import Callable
 
 import gevent
 import gevent.event
-import gevent.socket
 
 from . import conf
 from .closes import Disconnect
 from .frames import (
     BinaryReceived,
-    CloseReceived,
-    FragmentReceived,
     FrameReader,
-    PingReceived,
-    PongReceived,
-    ProtocolFailure,
     TextReceived,
     frame_binary,
     frame_text,
@@ -73,13 +55,13 @@ from .frames import (
 from .limits import ConnectionSlots, TokenBucket, cooldowns
 from .policies import Identity
 from .sockets import close_now, detach, shutdown_write
+from .websocket_protocol import Dropped, RateLimited, State, WebSocketProtocol
 
-__all__ = ["Endpoint", "WebSocket", "close_all", "close_user", "open_connections"]
+__all__ = ["Endpoint", "State", "WebSocket", "close_all", "close_user", "open_connections"]
 
 
 log = logging.getLogger("offload.connection")
 
-_CLOSE_GRACE = 2.0  # seconds to wait for the peer's close frame
 _READ_SIZE = 65536
 _READS_PER_WAKE = 16  # chunks read per wake-up before the other greenlets get a turn
 _open: set[WebSocket] = set()
@@ -102,12 +84,6 @@ def close_user(user_id: int, why: Disconnect) -> int:
     for ws in closing:
         ws.disconnect(why)
     return len(closing)
-
-
-class State(enum.IntEnum):
-    OPEN = 0
-    CLOSING = 1
-    CLOSED = 2
 
 
 class Endpoint:
@@ -137,7 +113,7 @@ class Endpoint:
 
 
 class WebSocket:
-    """An upgraded connection: outgoing queue, reader, timers."""
+    """An upgraded connection: the protocol, the outgoing queue, the loop."""
 
     def __init__(
         self,
@@ -146,29 +122,44 @@ class WebSocket:
         query: dict[str, list[str]],
         worker_id: int = 0,
         slots: ConnectionSlots | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.fd = fd
         self.identity = identity
         self.query = query
         self.worker_id = worker_id
-        self.state = State.OPEN
-        self.close_code: int | None = None
-        self._reader = FrameReader(conf.get("OFFLOAD_MAX_MESSAGE_BYTES"))
+        self._clock = clock
+        interval = conf.get("OFFLOAD_PING_INTERVAL")
+        self.protocol = WebSocketProtocol(
+            FrameReader(conf.get("OFFLOAD_MAX_MESSAGE_BYTES")),
+            (
+                TokenBucket(conf.get("OFFLOAD_MAX_MESSAGES_PER_SECOND"), conf.get("OFFLOAD_MESSAGE_BURST"), clock),
+                TokenBucket(
+                    conf.get("OFFLOAD_MAX_CONTROL_FRAMES_PER_SECOND"), conf.get("OFFLOAD_CONTROL_FRAME_BURST"), clock
+                ),
+            ),
+            ping_interval=interval,
+            ping_timeout=conf.get("OFFLOAD_PING_TIMEOUT"),
+            now=clock(),
+            # Sockets that connected together (a storm, a reload) do not all ping together.
+            first_ping_in=interval * random.uniform(0.5, 1.0),
+        )
         self._out: deque[bytes | memoryview] = deque()
         self._queued_bytes = 0
         self._max_queued = conf.get("OFFLOAD_MAX_QUEUED_BYTES")
         self._wake = gevent.event.Event()
-        self._ping_interval = conf.get("OFFLOAD_PING_INTERVAL")
-        self._ping_timeout = conf.get("OFFLOAD_PING_TIMEOUT")
-        self._closing_since = 0.0
         self._stuck_since: float | None = None
         self._slots = slots
-        self._bucket = TokenBucket(conf.get("OFFLOAD_MAX_MESSAGES_PER_SECOND"), conf.get("OFFLOAD_MESSAGE_BURST"))
-        self._control_bucket = TokenBucket(
-            conf.get("OFFLOAD_MAX_CONTROL_FRAMES_PER_SECOND"), conf.get("OFFLOAD_CONTROL_FRAME_BURST")
-        )
         self._write_watcher = gevent.get_hub().loop.io(fd, 2)
         self._owns_fd = False
+
+    @property
+    def state(self) -> State:
+        return self.protocol.state
+
+    @property
+    def close_code(self) -> int | None:
+        return self.protocol.close_code
 
     # -- API for endpoints and the hub (any greenlet) --------------------------
 
@@ -187,7 +178,7 @@ class WebSocket:
         queued as by :meth:`send_frame`. One ``os.write`` and nothing else:
         this runs once per socket for every message of a channel.
         """
-        if self.state or self._out:  # State.OPEN is 0
+        if self.protocol.state or self._out:  # State.OPEN is 0
             return False
         try:
             written = os.write(self.fd, frames)
@@ -205,17 +196,14 @@ class WebSocket:
 
         Nothing is sent once the connection is closing.
         """
-        if self.state is State.OPEN:
+        if self.protocol.state is State.OPEN:
             self._write(frame)
 
     def close(self, code: int, reason: str = "") -> None:
         """Start the closing handshake with ``code`` (from any greenlet)."""
-        if self.state is State.OPEN:
-            self.close_code = code
-            self._write(self._reader.close(code, reason))
-            if self.state is State.OPEN:
-                self.state = State.CLOSING
-                self._closing_since = time.monotonic()
+        if self.protocol.state is State.OPEN:
+            self.protocol.close(code, reason, self._clock())
+            self._flush_protocol()
             self._wake.set()
 
     def disconnect(self, why: Disconnect) -> None:
@@ -242,6 +230,14 @@ class WebSocket:
 
     # -- writing ------------------------------------------------------------------
 
+    def _flush_protocol(self) -> None:
+        """Write the protocol's control frames (pongs, pings, close frames), then its FIN if due."""
+        for data in self.protocol.data_to_send():
+            self._write(data)
+        if self.protocol.send_fin and not self._out:
+            self.protocol.send_fin = False
+            shutdown_write(self.fd)
+
     def _write(self, data: bytes | memoryview) -> None:
         out = self._out
         if not out:
@@ -255,7 +251,7 @@ class WebSocket:
             if written != len(data):
                 self._queue_unsent(data, written)
             return
-        if self._queued_bytes + len(data) > self._max_queued and self.state is State.OPEN:
+        if self._queued_bytes + len(data) > self._max_queued and self.protocol.state is State.OPEN:
             # The client does not read. Keep the frame being written (it may
             # be half sent), drop the rest, never slow the others down.
             head = out.popleft()
@@ -274,7 +270,7 @@ class WebSocket:
         rest = memoryview(data)[written:]
         self._out.append(rest)
         self._queued_bytes += len(rest)
-        self._stuck_since = time.monotonic()
+        self._stuck_since = self._clock()
         self._write_watcher.start(self._on_writable)
 
     def _on_writable(self) -> None:
@@ -287,7 +283,7 @@ class WebSocket:
                 self._queued_bytes -= written
                 if written < len(data):
                     out[0] = memoryview(data)[written:]
-                    self._stuck_since = time.monotonic()
+                    self._stuck_since = self._clock()
                     return
                 out.popleft()
         except BlockingIOError:
@@ -304,19 +300,12 @@ class WebSocket:
         self._out.clear()
         self._queued_bytes = 0
         self._write_watcher.stop()
-        self.state = State.CLOSED
+        self.protocol.connection_lost()
         self._wake.set()
 
     def detach(self) -> None:
-        """Take the socket over from uWSGI, freeing the request's async core.
-
-        The connection keeps a duplicate of the client fd; uWSGI then ends
-        the request as usual and closes its own fd, while the TCP connection
-        stays open through ours. An open websocket then costs no uWSGI core
-        (each core keeps about 20 KB: its request struct and header buffer),
-        only its Python objects, and ``CORES`` bounds concurrent *requests*
-        rather than open sockets. Call it before any data is exchanged.
-        """
+        """Take the socket over from uWSGI, freeing the request's async core
+        (:func:`offload.sockets.detach`). Call it before any data is exchanged."""
         self._write_watcher.stop()
         self.fd = detach(self.fd)
         self._owns_fd = True
@@ -329,21 +318,15 @@ class WebSocket:
         watcher = gevent.get_hub().loop.io(self.fd, 1)
         watcher.start(self._wake.set)
         _open.add(self)
-        now = time.monotonic()
-        self._last_heard = now
-        # The first ping comes after a random 0.5-1 interval: sockets that
-        # connected together (a storm, a reload) do not all ping together.
-        self._next_ping = now + self._ping_interval * random.uniform(0.5, 1.0)
-        self._ping_sent: float | None = None
         try:
             endpoint.on_open()
-            while self.state is not State.CLOSED:
+            while self.protocol.state is not State.CLOSED:
                 self._wake.wait(timeout=self._timeout(endpoint))
                 self._wake.clear()
                 self._read(endpoint)
-                if self.state is State.OPEN:
+                if self.protocol.state is State.OPEN:
                     endpoint.on_wake()
-                self._timers()
+                self._tick()
         except Exception:
             log.exception("websocket endpoint failed")
             self.disconnect(Disconnect.INTERNAL_ERROR)
@@ -353,7 +336,7 @@ class WebSocket:
             _open.discard(self)
             if self._slots is not None:
                 self._slots.release()
-            self.state = State.CLOSED
+            self.protocol.connection_lost()
             self._out.clear()
             self._queued_bytes = 0
             try:
@@ -364,22 +347,16 @@ class WebSocket:
                 close_now(self.fd)
 
     def _timeout(self, endpoint: Endpoint) -> float:
-        if self._ping_sent is not None:  # one ping at a time: wait for its answer
-            deadline = self._ping_sent + self._ping_timeout
-        else:
-            deadline = self._next_ping
-        if self.state is State.CLOSING:
-            deadline = min(deadline, self._closing_since + _CLOSE_GRACE)
-        if self._stuck_since is not None:
-            deadline = min(deadline, self._stuck_since + self._ping_timeout)
+        deadline = self.protocol.next_deadline(self._stuck_since)
         extra = endpoint.next_deadline()
         if extra is not None:
             deadline = min(deadline, extra)
-        return max(0.0, deadline - time.monotonic())
+        return max(0.0, deadline - self._clock())
 
     def _read(self, endpoint: Endpoint) -> None:
+        protocol = self.protocol
         for _ in range(_READS_PER_WAKE):
-            if self.state is State.CLOSED:
+            if protocol.state is State.CLOSED:
                 return
             try:
                 data = os.read(self.fd, _READ_SIZE)
@@ -389,71 +366,26 @@ class WebSocket:
                 if exc.errno == errno.EINTR:
                     continue
                 data = b""
-            self._last_heard = now = time.monotonic()
-            self._ping_sent = None
-            if self.state is State.CLOSING and now - self._closing_since >= _CLOSE_GRACE:
-                self.state = State.CLOSED  # a client that keeps sending after our close
-                return
-            for event in self._reader.events(data or None):
-                if not self._handle(event, endpoint):
-                    break  # over the rate limit: leave the rest unparsed
+            for event in protocol.receive(data or None, self._clock()):
+                if isinstance(event, RateLimited):  # logged before the close frame leaves
+                    peer = self._slots.ip if self._slots is not None else ""
+                    log.info("websocket peer %s sends frames faster than its rate limit: closing it with 1008", peer)
+                    cooldowns.penalise(peer, conf.get("OFFLOAD_ABUSE_COOLDOWN"))
+                self._flush_protocol()  # pongs before what the endpoint answers next
+                if isinstance(event, TextReceived):
+                    endpoint.on_text(event.text)
+                elif isinstance(event, BinaryReceived):
+                    endpoint.on_binary(event.data)
+            self._flush_protocol()
             if not data:
-                self.state = State.CLOSED
                 return
         # More is readable (the io watcher fires again): the other sockets first.
 
-    def _handle(self, event, endpoint: Endpoint) -> bool:
-        """Act on one client event; False when no more should be parsed now."""
-        if not isinstance(event, (CloseReceived, ProtocolFailure)) and not (
-            self._bucket.allow()
-            and (not isinstance(event, (PingReceived, PongReceived)) or self._control_bucket.allow())
-        ):
-            if self.state is State.OPEN:
-                peer = self._slots.ip if self._slots is not None else ""
-                log.info("websocket peer %s sends frames faster than its rate limit: closing it with 1008", peer)
-                self.disconnect(Disconnect.RATE_LIMIT)
-                cooldowns.penalise(peer, conf.get("OFFLOAD_ABUSE_COOLDOWN"))
-            else:
-                self.state = State.CLOSED  # still flooding after our close frame: drop it
-            return False
-        if isinstance(event, TextReceived):
-            if self.state is State.OPEN:
-                endpoint.on_text(event.text)
-        elif isinstance(event, BinaryReceived):
-            if self.state is State.OPEN:
-                endpoint.on_binary(event.data)
-        elif isinstance(event, PingReceived):
-            self._write(self._reader.pong(event.payload))
-        elif isinstance(event, (PongReceived, FragmentReceived)):
-            pass  # counted above; any received byte already counts as a sign of life
-        elif isinstance(event, CloseReceived):
-            self.close_code = event.code
-            self._write(self._reader.close(event.code))
-            self.state = State.CLOSED
-        elif isinstance(event, ProtocolFailure):
-            # Send the close frame, then keep reading (and discarding) until the
-            # client closes or the grace period ends: closing with its bytes
-            # unread would make the kernel reset the connection and drop the
-            # close frame before the client reads it. A FIN right after the
-            # close frame tells the client at once that nothing else follows.
-            self.close(event.code, event.reason)
-            if not self._out:
-                shutdown_write(self.fd)
-        return self.state is not State.CLOSED
-
-    def _timers(self) -> None:
-        now = time.monotonic()
-        if self.state is State.CLOSING and now - self._closing_since >= _CLOSE_GRACE:
-            self.state = State.CLOSED
-        elif self._stuck_since is not None and now - self._stuck_since >= self._ping_timeout:
-            log.info("websocket peer stopped reading for %.0f s: dropping it", self._ping_timeout)
-            self.state = State.CLOSED
-        elif self._ping_sent is not None and now - self._ping_sent >= self._ping_timeout:
-            log.info("websocket peer did not answer a ping for %.0f s: dropping it", self._ping_timeout)
-            self.state = State.CLOSED  # a dead peer cannot receive a close frame
-        elif self.state is State.OPEN and self._ping_sent is None and now >= self._next_ping:
-            self._write(self._reader.ping(b"%d" % int(now * 1000)))
-            self._ping_sent = now
-            self._next_ping = now + self._ping_interval
+    def _tick(self) -> None:
+        result = self.protocol.tick(self._clock(), self._stuck_since)
+        if isinstance(result, Dropped):
+            log.info("%s", result.why)
+        elif result:  # a ping went out: this socket is alive, keep counting it
+            self._flush_protocol()
             if self._slots is not None:
                 self._slots.refresh()

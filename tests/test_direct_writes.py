@@ -44,7 +44,7 @@ def test_offer_writes_to_open_sockets_and_refuses_the_others():
     queued.send_frame(b"x" * 10_000_000)  # far more than the kernel takes: the rest stays queued
     assert queued.queued_bytes > 0
     closing, _ = socket_pair()
-    closing.state = State.CLOSING
+    closing.close(1000)  # closing: its close frame went out, nothing else may
 
     # The hub delivers the ordinary way to every socket that refuses (closing, or bytes queued).
     assert [ws.offer(b"frame") for ws in (plain, queued, closing)] == [True, False, False]
