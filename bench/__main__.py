@@ -19,7 +19,6 @@ from pathlib import Path
 
 from . import config, report
 from .harness import Bench
-from .progress import Progress
 from .scenarios import SCENARIOS
 
 
@@ -43,24 +42,21 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     started = datetime.datetime.now()
     stem = Path(cfg.out_dir) / f"{started:%Y-%m-%d-%H%M%S}-{name}"
-    logs, progress = stem.with_name(stem.name + "-logs"), Progress()
+    logs = stem.with_name(stem.name + "-logs")
     results = {"scenario": name, "started": started.isoformat(timespec="seconds"), "command": _command(name)}
     results.update(scale=cfg.scale, knobs=config.knobs(scenario.PREFIX, scenario.KNOBS, cfg.scale))
     results["machine"] = report.machine()
     try:
         with tempfile.TemporaryDirectory(prefix=f"offload-bench-{name}-") as work:
-            with Bench(cfg, Path(work), logs, progress) as bench:
+            with Bench(cfg, Path(work), logs) as bench:
                 results.update(scenario.run(bench, results["knobs"]))
     except KeyboardInterrupt:
-        progress.clear()
         print("\ninterrupted: servers and clients stopped", file=sys.stderr)
         return 130
     except Exception:
-        progress.clear()
         print(f"\nbenchmark failed; logs in {logs}", file=sys.stderr)
         raise
-    progress.step(f"measured in {(datetime.datetime.now() - started).total_seconds():.0f} s; drawing the plot")
-    progress.clear()
+    print(f"measured in {(datetime.datetime.now() - started).total_seconds():.0f} s; drawing the plot", file=sys.stderr)
     print(render(results, stem, cfg), f"\nlogs: {logs}")
     return 1 if cfg.strict and any(v["met"] is False for v in results["verdict"].values()) else 0
 

@@ -64,15 +64,13 @@ class Process:
         except OSError as exc:
             raise ClientError(f"{self.label} is gone ({exc}); log {self.log_path}:\n{self.log_tail()}") from exc
 
-    def wait(self, event: str, timeout: float, progress=None) -> dict:
-        """The next ``event`` (others are dropped); redraws ``progress`` while waiting."""
+    def wait(self, event: str, timeout: float) -> dict:
+        """The next ``event`` (others are dropped)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                item = self.events.get(timeout=0.2)
+                item = self.events.get(timeout=min(1.0, max(0.01, deadline - time.monotonic())))
             except queue.Empty:
-                if progress is not None:
-                    progress.draw()
                 continue
             if item.get("event") == event:
                 return item

@@ -27,7 +27,6 @@ from .channels_anchor.server import ChannelsServer
 from .clients import Process
 from .config import Config
 from .cpu import CpuMeter
-from .progress import Progress
 from .server import BenchServer, rss_kib
 
 #: the server environment of the websocket scenarios: one worker, 2,000 cores, no per-IP cap
@@ -37,8 +36,8 @@ COUNTS = ("expected", "lost", "dup", "arrived_in_window", "deliveries_per_s", "e
 
 
 class Bench:
-    def __init__(self, cfg: Config, work: Path, logs: Path, progress: Progress) -> None:
-        self.cfg, self.work, self.logs, self.progress = cfg, work, logs, progress
+    def __init__(self, cfg: Config, work: Path, logs: Path) -> None:
+        self.cfg, self.work, self.logs, self.started = cfg, work, logs, time.monotonic()
         self.live: list = []  # servers and processes, in start order
 
     def __enter__(self) -> Bench:
@@ -61,71 +60,56 @@ class Bench:
             self.stop(self.live[-1])
 
     def stop(self, thing) -> None:
+        """Stop a server or process (by pid), whatever else stays."""
         self.live.remove(thing)
-        if isinstance(thing, BenchServer):
-            thing.stop(self.logs / f"{thing.name}-uwsgi.log")
-        elif isinstance(thing, ChannelsServer):
-            thing.stop()
-        else:
-            thing.close()
+        thing.close()
+
+    def ask(self, clients: list[Process], cmd: str, event: str, timeout: float = 120, **fields) -> list[dict]:
+        """``cmd`` to every client, then each one's answer (they work meanwhile in parallel)."""
+        for c in clients:
+            c.send(cmd, **fields)
+        return [c.wait(event, timeout) for c in clients]
 
     def step(self, label: str) -> None:
-        self.progress.step(label)
+        """What the run does now, on stderr: a stuck step is visible in the log too."""
+        print(f"[{time.monotonic() - self.started:5.0f}s] {label}", file=sys.stderr, flush=True)
 
     def sleep(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            time.sleep(min(0.2, left))
-            self.progress.draw()
+        time.sleep(seconds)
 
     # -- what runs ---------------------------------------------------------------
 
+    def start(self, thing):
+        """``thing`` (a server or a process), started and owned: stopped on the way out."""
+        self.live.append(thing)
+        return thing.start() if hasattr(thing, "start") else thing
+
     def server(self, name: str, env: dict, downloads: list[Path] = ()) -> BenchServer:
-        self.live.append(server := BenchServer(self.work / f"var-{name}", env, downloads, name))
-        return server.start()
+        return self.start(BenchServer(self.work / f"var-{name}", env, downloads, self.logs / f"{name}-uwsgi.log"))
 
     def anchor(self, combo: str, redis_url: str) -> ChannelsServer:
-        anchor = ChannelsServer(combo, redis_url, self.logs / f"channels-{combo}.log")
-        self.live.append(anchor)
-        return anchor.start()
-
-    def process(self, argv: list[str], label: str, log: str) -> Process:
-        self.live.append(proc := Process(argv, label, self.logs / f"{log}.log"))
-        return proc
+        return self.start(ChannelsServer(combo, redis_url, self.logs / f"channels-{combo}.log"))
 
     def client(self, role: str, label: str, name: str, **config) -> Process:
-        """A load client in the bench venv (``bench.loadclient``)."""
+        """A load client in the bench venv (``bench.loadclient``); ``label`` is its CPU group."""
         argv = [self.cfg.client_python, "-m", "bench.loadclient", role, json.dumps({"deadline_s": 1800, **config})]
-        return self.process(argv, label, name)
+        return self.start(Process(argv, label, self.logs / f"{name}.log"))
 
     def subscribers(self, target, name: str, n: int, label: str = "clients", **config) -> Process:
         """Subscriber client of ``target`` (ours or a Channels setup); ``n`` 0: a publisher or probe only."""
-        return self.client(
-            "subscribers",
-            label,
-            name,
-            host=target.host,
-            port=target.port,
-            api_key=target.api_key,
-            subscribers=n,
-            **config,
-        )
+        config.update(host=target.host, port=target.port, api_key=target.api_key, subscribers=n)
+        return self.client("subscribers", label, name, **config)
 
     def publisher(self, target, name: str, **config) -> Process:
-        """Ours (``offload.publish()``, ``bench/publisher.py``) or a Channels setup's ``group_send``."""
+        """Ours (``offload.publish()``, ``bench/publisher.py``) or a Channels setup's ``group_send``, ready."""
         if isinstance(target, ChannelsServer):
             config.update(layer=target.layer, prefix=target.prefix, redis_url=target.redis_url)
-            argv = [str(target.python), "-m", "bench.channels_anchor.publisher", json.dumps(config)]
+            argv = [str(target.python), "-m", "bench.channels_anchor.publisher"]
         else:
-            config.update(redis_url=target.redis_url, var_dir=str(self.work / "publisher-var"))
-            argv = [
-                sys.executable,
-                "-m",
-                "bench.publisher",
-                json.dumps({"mode": "gevent", "concurrency": 16, **config}),
-            ]
-        pub = self.process(argv, "publisher", f"{name}-publisher")
-        pub.wait("ready", 60, self.progress)
+            config = {"mode": "gevent", "concurrency": 16, **config, "redis_url": target.redis_url}
+            argv, config["var_dir"] = [sys.executable, "-m", "bench.publisher"], str(self.work / "publisher-var")
+        pub = self.start(Process([*argv, json.dumps(config)], "publisher", self.logs / f"{name}-publisher.log"))
+        pub.wait("ready", 60)
         return pub
 
     def meter(self, server: dict[str, Callable[[], list[int]]], labels: tuple = ("clients", "publisher")) -> CpuMeter:
@@ -145,7 +129,7 @@ class Bench:
             self.subscribers(target, f"{name}{i or ''}", n // processes + (i < n % processes), **config)
             for i in range(processes)
         ]
-        readies = [c.wait("ready", 120 + n / 20, self.progress) for c in clients]
+        readies = [c.wait("ready", 120 + n / 20) for c in clients]
         info = {"sockets": n, "connect_s": max(r["connect_s"] for r in readies)}
         info["connect_errors"] = dict(sum((Counter(r["connect_errors"]) for r in readies), Counter()))
         if meter:
@@ -159,18 +143,13 @@ class Bench:
         """One window of ``seconds`` on every client, in which ``publishers`` publish (:meth:`_publish`); CPU
         is read at its edges. Every publish in it is then made known to every client: the clients' own (the
         ``own`` of ``closed``) and the publisher's result, unless the same publishes (the same first number)."""
-        for c in clients:
-            c.send("open", name=name)
-        for c in clients:
-            c.wait("opened", 30, self.progress)
+        self.ask(clients, "open", "opened", name=name)
         before = meter.snapshot()
         result = self._publish(seconds, **publishers)
         after = meter.snapshot()
         if publishers.get("pub"):
             self.stop(publishers["pub"])  # after its CPU was read
-        for c in clients:
-            c.send("close", name=name)
-        closed = [c.wait("closed", 120, self.progress) for c in clients]
+        closed = self.ask(clients, "close", "closed", name=name)
         ranges = {r["first"]: r for r in [e["own"] for e in closed if e["own"]] + ([result] if result else [])}
         for c in clients:
             for r in ranges.values():
@@ -190,9 +169,9 @@ class Bench:
         result = None
         if pub is not None:
             pub.send("go")
-            result = pub.wait("result", seconds + 60, self.progress)
+            result = pub.wait("result", seconds + 60)
         if http is not None:
-            published = http.wait("published", seconds + 60, self.progress)
+            published = http.wait("published", seconds + 60)
         return result or published
 
     def drain(self, clients: list[Process], limit: float, quiet: float = 2.0) -> float:
@@ -201,9 +180,7 @@ class Bench:
         started = last_change = time.monotonic()
         last = -1
         while (now := time.monotonic()) - started < limit:
-            for c in clients:
-                c.send("ping")
-            pongs = [c.wait("pong", max(30.0, limit), self.progress) for c in clients]
+            pongs = self.ask(clients, "ping", "pong", max(30.0, limit))
             arrived = sum(p["arrivals"] for p in pongs)
             if arrived != last:
                 last, last_change = arrived, now
@@ -215,9 +192,7 @@ class Bench:
     def collect(self, clients: list[Process], windows: dict[str, dict]) -> dict:
         """Stop the clients and merge their figures into ``windows``: counts added, the worst percentile of
         the processes; server CPU per delivery. Returns what the clients saw outside windows."""
-        for c in clients:
-            c.send("stop")
-        summaries = [c.wait("summary", 180, self.progress) for c in clients]
+        summaries = self.ask(clients, "stop", "summary", 180)
         for c in clients:
             self.stop(c)
         for name, w in windows.items():

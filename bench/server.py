@@ -42,15 +42,14 @@ def make_file(path: Path, size_mb: int) -> Path:
 class BenchServer:
     """A LiveServer with the bench's environment; ``downloads`` are linked into ``files/downloads/``."""
 
-    host = "127.0.0.1"
-    label = "ours (one uWSGI worker)"
+    host, name, label = "127.0.0.1", "ours", "ours (one uWSGI worker)"
 
-    def __init__(self, var_dir: Path, env: dict[str, str], downloads: list[Path] = (), name: str = "ours") -> None:
+    def __init__(self, var_dir: Path, env: dict[str, str], downloads: list[Path], log_copy: Path) -> None:
         var_dir.mkdir(parents=True, exist_ok=True)
         self.live = LiveServer(var_dir, env=env)
         if "OFFLOAD_INLINE" not in env:  # never inherit "offloading disabled" by accident
             self.live.env.pop("OFFLOAD_INLINE", None)
-        self.var_dir, self.downloads, self.name = var_dir, list(downloads), name
+        self.var_dir, self.downloads, self.log_copy = var_dir, list(downloads), log_copy
         self.port, self.api_key, self.redis_url = self.live.port, self.live.api_key, self.live.redis_url
 
     def start(self) -> BenchServer:
@@ -65,12 +64,12 @@ class BenchServer:
         self.live.start()
         return self
 
-    def stop(self, log_copy: Path) -> None:
+    def close(self) -> None:
         """Stop uWSGI and its Redis (by pid), then keep the uWSGI log."""
         self.live.stop()
         if self.live.log_path.exists():
-            log_copy.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(self.live.log_path, log_copy)
+            self.log_copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.live.log_path, self.log_copy)
 
     @property
     def pid(self) -> int | None:

@@ -92,10 +92,10 @@ class ChannelsServer:
                         return self
             except OSError:
                 time.sleep(0.1)
-        self.stop()
+        self.close()
         raise RuntimeError(f"{self.name} did not start; log {self.log_path}:\n{self.log_path.read_text()[-3000:]}")
 
-    def stop(self) -> None:
+    def close(self) -> None:
         """SIGTERM, then SIGKILL after 10 s: only the process we started."""
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:

@@ -92,10 +92,10 @@ def run(bench: Bench, k: dict) -> dict:
     # the queue limit plus about half a second, well inside the server's 2 s closing grace
     how = {"rcvbuf": k["rcvbuf"], "resume_after": k["queue"] + max(3, round(k["rate"] / 2)), "channel": CHANNEL}
     stalled = bench.client("stalled", "stalled client", "stalled", host=server.host, port=server.port, **how)
-    ready = fast.wait("ready", 180, bench.progress)
+    ready = fast.wait("ready", 180)
     bench.step(f"warm-up: {k['rate']:g} x {k['payload'] // 1024} KiB messages/s")
     fast.send("publish", first=0, rate=k["rate"], seconds=k["warmup"])
-    first = fast.wait("published", k["warmup"] + 60, bench.progress)["count"]
+    first = fast.wait("published", k["warmup"] + 60)["count"]
     run_rss, windows = RssSampler(worker, 0.5), {}
     for rep in range(k["repeats"]):
         for kind in ("baseline", "stalled") if rep % 2 == 0 else ("stalled", "baseline"):  # no order bias
@@ -121,9 +121,9 @@ def window(bench: Bench, k: dict, meter, worker: int, fast, stalled, name: str, 
     w = bench.window(meter, name, [fast], k["seconds"], http=fast, first=first, rate=k["rate"])
     w["rss"] = sampler.stop()
     if stalled:
-        opened = stalled.wait("stalled", 30, bench.progress)
+        opened = stalled.wait("stalled", 30)
         stalled.send("release")
-        released = stalled.wait("released", 60, bench.progress)
+        released = stalled.wait("released", 60)
         w["stalled"] = stalled_figures(released["sockets"], k["stalled"], k["seconds"])
         w["stalled"].update(sockets=released["sockets"], witness_messages=released["witness_messages"])
         w["stalled"].update(errors=opened["errors"], rcvbuf=opened["rcvbuf"])

@@ -68,7 +68,7 @@ def run_ours(bench: Bench, k: dict, server) -> dict:
     with bench.scope():  # 1. fixed rate, then saturation steps
         bench.step(f"[ours] connecting {k['small']}")
         probe = bench.subscribers(server, "ours-small-probe", 0, channel=CHANNEL)  # API timings wait for no delivery
-        probe.wait("ready", 60, bench.progress)
+        probe.wait("ready", 60)
         clients, info = bench.connect(server, "ours-small", k["small"], k["small_clients"], channel=CHANNEL)
         out.update(small_connect_s=info["connect_s"], small_rss=info["idle_rss"])
         clients.insert(0, probe)

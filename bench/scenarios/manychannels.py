@@ -76,7 +76,7 @@ def with_target(bench: Bench, k: dict, target, n: int, redis: list[int], rate: f
         if api:
             bench.step(f"[{target.name}] {k['api_rate']:,.0f} publishes/s through the HTTP API")
             http = bench.subscribers(target, f"{target.name}-http", 0, "publisher", channels=k["channels"])
-            http.wait("ready", 60, bench.progress)
+            http.wait("ready", 60)
             how = {"first": windows["publish"]["next"], "rate": k["api_rate"]}
             windows["api"] = bench.window(meter, "api", [subs], k["api_seconds"], http=http, **how)
             windows["api"]["drain_s"] = bench.drain([subs], k["drain"])

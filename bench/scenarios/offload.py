@@ -23,36 +23,24 @@ from ..server import make_file
 from ..stats import median_merge, ratio
 
 PREFIX = ""  # BENCH_SECONDS, BENCH_SUBSCRIBERS, ...
-KNOBS = {
-    "seconds": (20.0, 10.0),  # each window; at most 50 (report tasks stop after 60 s)
-    "warmup": (5.0, 3.0),
-    "settle": (3.0, 3.0),  # after the load started, before the loaded window
-    "subscribers": (1000, 100),
-    "rate": (10.0, 10.0),
-    "probe_ms": (100.0, 100.0),
-    "downloads": (50, 5),
-    "file_mb": (100, 10),
-    "download_kbps": (1024, 1024),  # lowered so that no download ends inside the window
-    "tasks": (4, 4),
-    "task_rows": (200_000, 200_000),
-    "repeats": (2, 1),
-    "modes": (["offload", "inline"], ["offload", "inline"]),
-    "connect_concurrency": (50, 50),
-}
+# seconds: each window, at most 50 (report tasks stop after 60 s); settle: after the load started, before the
+# loaded window; download_kbps: lowered so that no download ends inside the window
+KNOBS = dict(seconds=(20.0, 10.0), warmup=(5.0, 3.0), settle=(3.0, 3.0), subscribers=(1000, 100), rate=(10.0, 10.0))
+KNOBS.update(probe_ms=(100.0, 100.0), downloads=(50, 5), file_mb=(100, 10), download_kbps=(1024, 1024), tasks=(4, 4))
+KNOBS.update(task_rows=(200_000,) * 2, repeats=(2, 1), modes=(["offload", "inline"],) * 2, connect_concurrency=(50, 50))
 MODES = {"offload": ("offloading", {}), "inline": ("offloading disabled", {"OFFLOAD_INLINE": "1"})}
 # one spooler per task (uwsgi.ini takes the count only from uWSGI's own variable)
 SERVER_ENV = {"WORKERS": "1", "CORES": "2000", "UWSGI_SPOOLER_PROCESSES": "4"}
 SERVER_ENV["OFFLOAD_MAX_CONNECTIONS_PER_IP"] = "1000000"
 CHANNEL, VIEW_PATH, DOWNLOAD_NAME, TARGET = "public:bench", "/accounts/login/", "big.bin", 2.0
+KINDS = ("broadcast", "view")
 
 
 def derived(k: dict) -> dict:
     """Tasks outlast the loaded window (the view caps them at 60 s); no download finishes inside it."""
     limit = k["file_mb"] * 2**20 / ((k["settle"] + k["seconds"]) * 1.5)
-    return {
-        "task_seconds": min(60.0, k["settle"] + k["seconds"] + 10),
-        "download_bps": int(min(k["download_kbps"] * 1024, limit)),
-    }
+    task_seconds = min(60.0, k["settle"] + k["seconds"] + 10)
+    return {"task_seconds": task_seconds, "download_bps": int(min(k["download_kbps"] * 1024, limit))}
 
 
 def run(bench: Bench, k: dict) -> dict:
@@ -68,15 +56,10 @@ def run(bench: Bench, k: dict) -> dict:
     summary = {mode: median_merge(results) for mode, results in runs.items()}
     items = {}
     for m, s in summary.items():
-        s["ratios"] = {
-            f"{x}_{q}": ratio(s["loaded"][x][q], s["idle"][x][q]) for x in ("broadcast", "view") for q in ("p50", "p99")
-        }
+        s["ratios"] = {f"{x}_{q}": ratio(s["loaded"][x][q], s["idle"][x][q]) for x in KINDS for q in ("p50", "p99")}
         for x in ("broadcast", "view"):  # inline: for comparison, no target
-            items[f"{MODES[m][0]}: {x} p99, loaded / idle"] = (
-                s["ratios"][f"{x}_p99"],
-                "<=" if m == "offload" else "",
-                TARGET,
-            )
+            op = "<=" if m == "offload" else ""  # inline: for comparison
+            items[f"{MODES[m][0]}: {x} p99, loaded / idle"] = (s["ratios"][f"{x}_p99"], op, TARGET)
     return {"derived": derived(k), "runs": runs, "summary": summary, "verdict": report.verdict(items)}
 
 
@@ -89,11 +72,10 @@ def run_mode(bench: Bench, k: dict, mode: str, rep: int, big) -> dict:
     groups = {f"uWSGI {role}": lambda role=role: server.pids(role) for role in ("worker", "spooler", "master")}
     meter = bench.meter({**groups, "Redis": lambda: server.pids("redis")}, ("probe client", "load client"))
     bench.step(f"{label} connecting {k['subscribers']} websockets")
-    how = dict(
-        channel=CHANNEL, probe_path=VIEW_PATH, probe_ms=k["probe_ms"], connect_concurrency=k["connect_concurrency"]
-    )
+    how = {"channel": CHANNEL, "probe_path": VIEW_PATH, "probe_ms": k["probe_ms"]}
+    how["connect_concurrency"] = k["connect_concurrency"]
     probe = bench.subscribers(server, f"{name}-probe", k["subscribers"], "probe client", **how)
-    ready = probe.wait("ready", 180, bench.progress)
+    ready = probe.wait("ready", 180)
     probe.send("publish", rate=k["rate"])
     bench.step(f"{label} warm-up (publishing)")
     bench.sleep(k["warmup"])
@@ -109,17 +91,11 @@ def run_mode(bench: Bench, k: dict, mode: str, rep: int, big) -> dict:
         windows[window]["server"] = {"before": before, "after": server.counters()}
     bench.step(f"{label} stopping")
     load.send("stop")
-    load_summary = load.wait("summary", 60, bench.progress)
+    load_summary = load.wait("summary", 60)
     bench.collect([probe], windows)
     windows["loaded"]["load"] = load_figures(load_summary, windows["loaded"], counters, server.counters())
-    load_summary = {key: load_summary[key] for key in ("downloads", "reports")}
-    return {
-        "mode": mode,
-        "connect_s": ready["connect_s"],
-        **windows,
-        "load_start": load_start,
-        "load_summary": load_summary,
-    }
+    summary = {key: load_summary[key] for key in ("downloads", "reports")}
+    return {"mode": mode, "connect_s": ready["connect_s"], **windows, "load_start": load_start, "load_summary": summary}
 
 
 def start_load(bench: Bench, k: dict, server, session: dict, name: str):
@@ -129,7 +105,7 @@ def start_load(bench: Bench, k: dict, server, session: dict, name: str):
     how.update(rate_bps=d["download_bps"], rcvbuf=64 * 1024, task_seconds=d["task_seconds"], task_rows=k["task_rows"])
     load = bench.client("load", "load client", f"{name}-load", host=server.host, port=server.port, **how)
     load.send("start")
-    return load, load.wait("loaded", 90, bench.progress), counters
+    return load, load.wait("loaded", 90), counters
 
 
 def load_figures(load: dict, window: dict, before: dict, after: dict) -> dict:
@@ -138,15 +114,12 @@ def load_figures(load: dict, window: dict, before: dict, after: dict) -> dict:
     samples = [s for s in load["samples"] if start <= s[0] <= end]
     events = [e for e in load["task_events"] if start <= e[0] < end]
     seconds = (samples[-1][0] - samples[0][0]) / 1e9 if len(samples) > 1 else 0
-    return {
-        "downloads_in_flight_min": min((s[1] for s in samples), default=None),
-        "download_mb_per_s": round((samples[-1][2] - samples[0][2]) / seconds / 2**20, 1) if seconds else None,
-        "tasks_progressing": len({e[1] for e in events if e[2] == "running"}),
-        "task_progress_events": len(events),
-        "download_requests": load["downloads"]["statuses"].get("200", 0),
-        # uWSGI counts a request as offloaded when it hands it over (at the start of a download)
-        "offloaded_requests": after.get("offloaded_requests", 0) - before.get("offloaded_requests", 0),
-    }
+    out = {"downloads_in_flight_min": min((s[1] for s in samples), default=None), "task_progress_events": len(events)}
+    out["download_mb_per_s"] = round((samples[-1][2] - samples[0][2]) / seconds / 2**20, 1) if seconds else None
+    out["tasks_progressing"] = len({e[1] for e in events if e[2] == "running"})
+    out["download_requests"] = load["downloads"]["statuses"].get("200", 0)
+    # uWSGI counts a request as offloaded when it hands it over (at the start of a download)
+    return {**out, "offloaded_requests": after.get("offloaded_requests", 0) - before.get("offloaded_requests", 0)}
 
 
 LATENCY_ROWS = [  # (title, figure of a window)
@@ -189,26 +162,21 @@ def _ratio(loaded, idle) -> str:
     return cell(ratio(loaded, idle), "x") if isinstance(loaded, (int, float)) else ""
 
 
+TEXT = """{subscribers} websocket subscribers, {rate} broadcasts/s, view probe `GET {view}` every {probe_ms} ms; load =
+{downloads} slow downloads of a {file_mb} MiB file at {kib} KiB/s each + {tasks} report tasks ({task_rows} rows over
+{task_seconds} s). Windows of {seconds} s, {repeats} repeat(s), medians. One uWSGI worker (gevent, 2000 cores),
+embedded Redis. Target: p99 broadcast and view latency loaded within {target}x of idle with offloading."""
+
+
 def markdown(results: dict) -> str:
     k, d, summary = results["knobs"], results["derived"], results["summary"]
-    cpu_rows = [
-        (g, lambda w, g=g: report.cpu(g)[1](w)) for g in next(iter(summary.values()))["loaded"]["cpu"]["groups"]
-    ]
+    groups = next(iter(summary.values()))["loaded"]["cpu"]["groups"]
+    cpu_rows = [(g, lambda w, g=g: report.cpu(g)[1](w)) for g in groups]
     cpu_rows.append(("machine busy (% of all cores)", lambda w: w["cpu"]["machine_pct"]))
     loaded = [(MODES[m][0], lambda get, m=m: get(summary[m]["loaded"])) for m in MODES if m in summary]
-    text = (
-        f"{k['subscribers']} websocket subscribers, {k['rate']:g} broadcasts/s, view probe `GET {VIEW_PATH}` every "
-        f"{k['probe_ms']:g} ms; load = {k['downloads']} slow downloads of a {k['file_mb']} MiB file at "
-        f"{d['download_bps'] // 1024} KiB/s each + {k['tasks']} report tasks ({k['task_rows']:,} rows over "
-        f"{d['task_seconds']:g} s). Windows of {k['seconds']:g} s, {k['repeats']} repeat(s), medians. One uWSGI "
-        f"worker (gevent, {SERVER_ENV['CORES']} cores), embedded Redis. Target: p99 broadcast and view latency "
-        f"loaded within {TARGET:g}x of idle with offloading."
-    )
-    lines = [
-        *report.heading(results, "Offloading benchmark", text),
-        report.grid("figure", LATENCY_ROWS, _columns(summary)),
-        "",
-    ]
+    text = report.fill(TEXT, {**k, **d, "kib": d["download_bps"] // 1024, "view": VIEW_PATH, "target": TARGET})
+    lines = [*report.heading(results, "Offloading", text), report.grid("figure", LATENCY_ROWS, _columns(summary))]
+    lines.append("")
     lines += [report.grid("during the loaded window", LOAD_ROWS, loaded), ""]
     lines += [report.grid("CPU, % of one core", cpu_rows, _columns(summary, ratios=False)), ""]
     return "\n".join(lines + report.closing(results)) + "\n"
@@ -217,18 +185,10 @@ def markdown(results: dict) -> str:
 def plot(results: dict) -> dict:
     curves = {f"{MODES[m][0]}, {w}": s[w] for m, s in results["summary"].items() for w in ("idle", "loaded")}
     style = lambda name: "-" if name.endswith("loaded") else ":"  # noqa: E731
-    ratios = {
-        f"{MODES[m][0]}: {n.replace('_', ' ')}": v
-        for m, s in results["summary"].items()
-        for n, v in s["ratios"].items()
-    }
-    title = (
-        f"offload benchmark {results['started']}: {results['knobs']['subscribers']} subscribers, idle (dotted), loaded"
-    )
+    ratios = {f"{MODES[m][0]}: {n}": v for m, s in results["summary"].items() for n, v in s["ratios"].items()}
+    title = f"offload benchmark {results['started']}: {results['knobs']['subscribers']} subscribers"
     panels = [report.cdf("websocket broadcast latency", {n: w["broadcast"] for n, w in curves.items()}, style)]
-    panels.append(
-        report.cdf(f"Django view latency (GET {VIEW_PATH})", {n: w["view"] for n, w in curves.items()}, style)
-    )
+    panels.append(report.cdf(f"view latency (GET {VIEW_PATH})", {n: w["view"] for n, w in curves.items()}, style))
     panels.append(report.timeline("broadcast p99 per second", curves, style))
     return {"title": title, "panels": [*panels, report.bars("loaded / idle", "ratio (log)", ratios, target=TARGET)]}
 

@@ -65,7 +65,7 @@ def paths(bench: Bench, k: dict, target, redis: list[int], names: list[str]) -> 
             how = {"channels": k["channels"], "concurrency": n, "seconds": k["seconds"], "first": first}
             if name == "http":
                 http = bench.subscribers(target, f"{target.name}-http", 0, "publisher", channels=k["channels"])
-                http.wait("ready", 60, bench.progress)
+                http.wait("ready", 60)
                 windows[name] = bench.window(meter, name, [subs], k["seconds"], http=http, first=first, streams=n)
                 bench.stop(http)
             else:  # py_gevent, py_threads: offload.publish() called from greenlets or threads; or group_send
