@@ -70,23 +70,13 @@ class CpuMeter:
         wall, ours, out = max(1e-9, after["t"] - before["t"]), 0.0, {}
         for name, now in after["pids"].items():
             then = before["pids"].get(name, {})
-            used = [
-                [max(0.0, v - w) for v, w in zip(cpu, then.get(pid, (0, 0)), strict=True)] for pid, cpu in now.items()
-            ]
-            user, kernel = sum(u for u, _ in used), sum(k for _, k in used)
+            was = {pid: then.get(pid, (0.0, 0.0)) for pid in now}  # a process first seen now counts from zero
+            user = sum(max(0.0, cpu[0] - was[pid][0]) for pid, cpu in now.items())
+            kernel = sum(max(0.0, cpu[1] - was[pid][1]) for pid, cpu in now.items())
             ours += user + kernel
-            out[name] = {
-                "cpu_s": round(user + kernel, 2),
-                "core_pct": round(100 * (user + kernel) / wall, 1),
-                "sys_s": round(kernel, 2),
-            }
+            out[name] = {"cpu_s": round(user + kernel, 2), "core_pct": round(100 * (user + kernel) / wall, 1)}
+            out[name]["sys_s"] = round(kernel, 2)
         total = after["machine"] - before["machine"]
-        out["other"] = {
-            "cpu_s": round(max(0.0, total - ours), 2),
-            "core_pct": round(100 * max(0.0, total - ours) / wall, 1),
-        }
-        return {
-            "wall_s": round(wall, 2),
-            "groups": out,
-            "machine_pct": round(100 * total / (wall * (os.cpu_count() or 1)), 1),
-        }
+        other = max(0.0, total - ours)
+        out["other"] = {"cpu_s": round(other, 2), "core_pct": round(100 * other / wall, 1)}
+        return {"wall_s": round(wall, 2), "groups": out, "machine_pct": round(100 * total / (wall * os.cpu_count()), 1)}

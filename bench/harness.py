@@ -125,10 +125,8 @@ class Bench:
         """``n`` subscribers over ``processes`` clients, connected: (clients, connect time, retries, the server's
         RSS per socket and, with ``meter``, CPU from the start to the last ``ready``)."""
         rss0, before = rss_kib(target.pid), meter.snapshot() if meter else None
-        clients = [
-            self.subscribers(target, f"{name}{i or ''}", n // processes + (i < n % processes), **config)
-            for i in range(processes)
-        ]
+        share = [n // processes + (i < n % processes) for i in range(processes)]  # n over the processes
+        clients = [self.subscribers(target, f"{name}{i or ''}", m, **config) for i, m in enumerate(share)]
         readies = [c.wait("ready", 120 + n / 20) for c in clients]
         info = {"sockets": n, "connect_s": max(r["connect_s"] for r in readies)}
         info["connect_errors"] = dict(sum((Counter(r["connect_errors"]) for r in readies), Counter()))
@@ -199,10 +197,7 @@ class Bench:
             w.update(merge([s["windows"][name] for s in summaries if name in s["windows"]]))
             used, arrived = w["cpu"]["groups"].get("server", {}).get("cpu_s"), w["broadcast"]["arrived_in_window"]
             w["server_us_per_delivery"] = round(used / arrived * 1e6, 3) if used is not None and arrived else None
-        return {
-            "misrouted": sum(s["misrouted"] for s in summaries),
-            "disconnects": sum(s["disconnects"] for s in summaries),
-        }
+        return {key: sum(s[key] for s in summaries) for key in ("misrouted", "disconnects")}
 
     def anchors(self, combos: list[str], redis_url: str, run_one: Callable[[ChannelsServer], dict]) -> dict:
         """Each Channels setup in turn against ``redis_url``; a broken one is recorded as an error."""

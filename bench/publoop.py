@@ -67,16 +67,9 @@ class PublishRun:
         if count > len(self.records):
             errors["unanswered"] += count - len(self.records)
         took = max(1e-9, self.last_return - self.started)
-        return {
-            "first": self.first,
-            "count": count,
-            "ok": len(ok),
-            "failed": [g for g in range(self.first, self.next) if g not in ok][:MAX_FAILED],
-            "errors": dict(errors),
-            "seconds": round(took, 3),
-            "publishes_per_s": round(len(ok) / took, 1),
-            "latency": summarize_us(ok.values()),
-        }
+        out = {"first": self.first, "count": count, "ok": len(ok), "errors": dict(errors), "seconds": round(took, 3)}
+        out["failed"] = [g for g in range(self.first, self.next) if g not in ok][:MAX_FAILED]
+        return {**out, "publishes_per_s": round(len(ok) / took, 1), "latency": summarize_us(ok.values())}
 
 
 def run_threads(run: PublishRun, call: Callable[[int], str | None], callers: int) -> None:

@@ -52,9 +52,8 @@ def columns_table(columns: list[Column], rows: list[tuple[str, dict]], first: st
 
 def grid(first: str, rows: list[tuple[str, Callable]], columns: list[tuple[str, Callable]]) -> str:
     """The transposed form: one row per ``(title, getter)``, the cell of a column is ``column(getter)``."""
-    return table(
-        [first] + [head for head, _ in columns], [[t] + [_text(f(get)) for _, f in columns] for t, get in rows]
-    )
+    rows = [[t] + [_text(f(get)) for _, f in columns] for t, get in rows]
+    return table([first] + [head for head, _ in columns], rows)
 
 
 def latency(of=lambda w: w["broadcast"], prefix: str = "") -> list[Column]:
@@ -81,10 +80,8 @@ DRAIN: Column = ("drain s", lambda w: w.get("drain_s"))
 def verdict(items: dict[str, tuple]) -> dict:
     """``{name: (value, op, target)}`` -> ``{name: {value, op, target, met}}``; op ``""``: no target."""
     ops = {"<=": lambda v, t: v <= t, ">=": lambda v, t: v >= t}
-    return {
-        name: {"value": v, "op": op, "target": t, "met": None if v is None or not op else ops[op](v, t)}
-        for name, (v, op, t) in items.items()
-    }
+    met = {name: None if v is None or not op else ops[op](v, t) for name, (v, op, t) in items.items()}
+    return {name: {"value": v, "op": op, "target": t, "met": met[name]} for name, (v, op, t) in items.items()}
 
 
 def verdict_table(verdict: dict, first: str = "target") -> str:
@@ -97,23 +94,17 @@ def verdict_table(verdict: dict, first: str = "target") -> str:
     return table([first, "measured", "target", "state"], rows)
 
 
-def fill(template: str, knobs: dict | None = None, **values) -> str:
+def fill(template: str, knobs: dict = {}, **values) -> str:  # noqa: B006 (only read)
     """A paragraph template (``str.format``) filled with ``knobs`` (as set) and figures (as table cells)."""
-    text = {
-        k: f"{v:,}" if isinstance(v, int) else f"{v:g}" if isinstance(v, float) else v for k, v in (knobs or {}).items()
-    }
+    text = {k: f"{v:,}" if isinstance(v, int) else f"{v:g}" if isinstance(v, float) else v for k, v in knobs.items()}
     return template.format(**text, **{k: v if isinstance(v, str) else cell(v) for k, v in values.items()})
 
 
 def heading(results: dict, title: str, text: str) -> list[str]:
     """The title and the run's first paragraph (how to reproduce it, where, what)."""
     m = results["machine"]
-    return [
-        f"## {title}, {results['started']}",
-        "",
-        f"`{results['command']}` on {m['cpus']} CPUs, commit {m['commit']}; {text}",
-        "",
-    ]
+    where = f"`{results['command']}` on {m['cpus']} CPUs, commit {m['commit']}"
+    return [f"## {title}, {results['started']}", "", f"{where}; {text}", ""]
 
 
 def closing(results: dict, first: str = "target") -> list[str]:
@@ -148,27 +139,19 @@ def timeline(title: str, windows: dict[str, dict], style=lambda name: "-", marks
     """The per-second delivery p99 of each window."""
     rows = lambda w: w["broadcast"]["timeline"]  # noqa: E731
     series = _series(windows, style, lambda w: [r[0] for r in rows(w)], lambda w: [r[2] for r in rows(w)])
-    return {
-        "kind": "lines",
-        "title": title,
-        "ylabel": "p99 per second (ms, log)",
-        "log": True,
-        "series": series,
-        "marks": list(marks),
-    }
+    more = {"ylabel": "p99 per second (ms, log)", "log": True, "series": series, "marks": list(marks)}
+    return {"kind": "lines", "title": title, **more}
+
+
+def bars_of(title: str, ylabel: str, items: dict[str, dict], get, **more) -> dict:
+    """A bar per item: ``get(item)``."""
+    return bars(title, ylabel, {name: get(item) for name, item in items.items()}, **more)
 
 
 def bars(title: str, ylabel: str, values: dict[str, float | None], **more) -> dict:
     colour = colours(list(values))
-    return {
-        "kind": "bars",
-        "title": title,
-        "ylabel": ylabel,
-        "labels": list(values),
-        "values": list(values.values()),
-        "colors": [colour[n] for n in values],
-        **more,
-    }
+    more.update(labels=list(values), values=list(values.values()), colors=[colour[n] for n in values])
+    return {"kind": "bars", "title": title, "ylabel": ylabel, **more}
 
 
 def machine() -> dict:
@@ -190,14 +173,9 @@ def paths(stem: Path) -> dict[str, Path]:
 def plot(python: str, json_path: Path, png_path: Path) -> str | None:
     """Draw the PNG in the bench venv; returns an error text instead of raising."""
     try:
-        done = subprocess.run(
-            [python, "-m", "bench.plot", str(json_path), str(png_path)],
-            cwd=PROJECT_DIR,
-            env=dict(os.environ, PYTHONPATH=str(PROJECT_DIR), MPLBACKEND="Agg"),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        env = dict(os.environ, PYTHONPATH=str(PROJECT_DIR), MPLBACKEND="Agg")
+        argv = [python, "-m", "bench.plot", str(json_path), str(png_path)]
+        done = subprocess.run(argv, cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.SubprocessError) as exc:
         return str(exc)
     return None if done.returncode == 0 else done.stderr[-2000:]

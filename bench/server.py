@@ -110,11 +110,10 @@ class BenchServer:
         except OSError as exc:
             return {"error": str(exc)}
         workers = stats.get("workers", [])
-        return {
-            "offloaded_requests": sum(c.get("offloaded_requests", 0) for w in workers for c in w.get("cores", [])),
-            "requests": sum(w.get("requests", 0) for w in workers),
-            "worker_rss_mb": round(sum(w.get("rss", 0) for w in workers) / 2**20, 1),
-            "listen_queue": stats.get("listen_queue"),
-            "listen_queue_errors": stats.get("listen_queue_errors"),
-            "spooler_processes": len(self.pids("spooler")),
-        }
+        out = {key: stats.get(key) for key in ("listen_queue", "listen_queue_errors")}
+        out["offloaded_requests"] = sum(c.get("offloaded_requests", 0) for w in workers for c in w.get("cores", []))
+        out["requests"], out["spooler_processes"] = (
+            sum(w.get("requests", 0) for w in workers),
+            len(self.pids("spooler")),
+        )
+        return {**out, "worker_rss_mb": round(sum(w.get("rss", 0) for w in workers) / 2**20, 1)}

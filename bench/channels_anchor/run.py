@@ -26,9 +26,8 @@ APP = "channels_anchor.asgi:application"
 
 def main(server: str, layer: str, port: str, redis_url: str) -> None:
     os.environ.update(REDIS_URL=redis_url, CHANNEL_LAYER=layer, DJANGO_SETTINGS_MODULE="channels_anchor.settings")
-    spec = importlib.util.spec_from_file_location(
-        "channels_anchor", HERE / "__init__.py", submodule_search_locations=[str(HERE)]
-    )
+    init, where = HERE / "__init__.py", [str(HERE)]
+    spec = importlib.util.spec_from_file_location("channels_anchor", init, submodule_search_locations=where)
     sys.modules["channels_anchor"] = module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     os.chdir(HERE)  # daphne's CLI puts "." on sys.path: this directory holds only the anchor's modules
@@ -40,27 +39,8 @@ def main(server: str, layer: str, port: str, redis_url: str) -> None:
     else:
         from uvicorn.main import main as uvicorn
 
-        uvicorn(
-            [
-                APP,
-                "--port",
-                port,
-                "--backlog",
-                "1024",
-                "--loop",
-                "uvloop",
-                "--http",
-                "httptools",
-                "--ws",
-                "websockets-sansio",
-                "--log-level",
-                "warning",
-                "--no-access-log",
-                "--lifespan",
-                "off",
-            ],
-            prog_name="uvicorn",
-        )
+        options = "--backlog 1024 --loop uvloop --http httptools --ws websockets-sansio --log-level warning"
+        uvicorn([APP, "--port", port, *options.split(), "--no-access-log", "--lifespan", "off"], prog_name="uvicorn")
 
 
 if __name__ == "__main__":

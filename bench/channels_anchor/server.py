@@ -60,10 +60,8 @@ class ChannelsServer:
     def start(self, timeout: float = 30.0) -> ChannelsServer:
         """Spawn it on a free port; return once its sync view answers. Raises with the log's tail."""
         if not self.python.exists():
-            raise RuntimeError(
-                f"{self.python} missing: python3 -m venv bench/.venv-channels && "
-                "bench/.venv-channels/bin/pip install -r bench/requirements-channels.txt"
-            )
+            venv = "python3 -m venv bench/.venv-channels && bench/.venv-channels/bin/pip install -r"
+            raise RuntimeError(f"{self.python} missing: {venv} bench/requirements-channels.txt")
         with socket.socket() as s:
             s.bind((self.host, 0))
             self.port = s.getsockname()[1]

@@ -16,7 +16,7 @@ API_KEY = os.environ.get("API_KEY", "")
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": BACKENDS[os.environ.get("CHANNEL_LAYER", "core")],
-        "CONFIG": {"hosts": [os.environ.get("REDIS_URL", "")], "prefix": os.environ.get("CHANNELS_PREFIX", "asgi")},
+        "CONFIG": {"hosts": [os.environ.get("REDIS_URL")], "prefix": os.environ.get("CHANNELS_PREFIX", "asgi")},
     }
 }
 SECRET_KEY = "channels-anchor-benchmark-only-not-secret"  # nothing uses cookies or signing

@@ -48,9 +48,7 @@ class SlowDownload:
         async with asyncio.timeout(10):
             reader, writer = await http.connect(cfg["host"], cfg["port"], cfg["rcvbuf"])
         try:
-            writer.write(
-                http.encode_request("GET", cfg["path"], f"{cfg['host']}:{cfg['port']}", {"Cookie": cfg["cookie"]})
-            )
+            writer.write(http.encode_request("GET", cfg["path"], cfg["host"], {"Cookie": cfg["cookie"]}))
             async with asyncio.timeout(30):
                 status, headers = await http.read_head(reader)
             self.statuses[str(status)] += 1
@@ -79,9 +77,8 @@ async def post_report(cfg: dict, entry: dict) -> None:
     headers = {"Cookie": cfg["cookie"], "X-CSRFToken": cfg["csrftoken"]}
     headers["Content-Type"] = "application/x-www-form-urlencoded"
     try:
-        status, data, elapsed = await http.request(
-            cfg["host"], cfg["port"], "POST", "/reports/", headers=headers, body=body, timeout=cfg["task_seconds"] + 60
-        )
+        how = {"headers": headers, "body": body, "timeout": cfg["task_seconds"] + 60}
+        status, data, elapsed = await http.request(cfg["host"], cfg["port"], "POST", "/reports/", **how)
         entry.update(status=status, ms=round(elapsed / 1e6, 1), body=data[:200].decode("latin-1"))
     except NETWORK_ERRORS as exc:
         entry.update(status=type(exc).__name__)

@@ -83,13 +83,9 @@ class Stalled:
         async with asyncio.timeout(10):
             await loop.sock_connect(self.sock, (host, port))
             self.port = self.sock.getsockname()[1]
-            await loop.sock_sendall(
-                self.sock,
-                (
-                    f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                    f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nOrigin: http://{host}:{port}\r\n\r\n"
-                ).encode(),
-            )
+            request = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            request += f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nOrigin: http://{host}:{port}\r\n\r\n"
+            await loop.sock_sendall(self.sock, request.encode())
             data = b""
             while b"\r\n\r\n" not in data:
                 if not (chunk := await loop.sock_recv(self.sock, 4096)):
@@ -121,13 +117,8 @@ class Stalled:
         except ConnectionResetError:
             ended = "reset"
         s = self.scanner
-        self.drain = {
-            "bytes": got,
-            "frames": s.frames,
-            "ended": ended,
-            "close_code": s.close_code,
-            "close_reason": s.close_reason,
-        }
+        self.drain = {"bytes": got, "frames": s.frames, "ended": ended, "close_code": s.close_code}
+        self.drain["close_reason"] = s.close_reason
 
     async def read_forever(self) -> None:
         """The witness: reads and counts messages as any healthy client would."""
@@ -138,17 +129,9 @@ class Stalled:
         def seconds(value: float | None) -> float | None:
             return None if value is None else round(value, 3)
 
-        return {
-            "index": self.index,
-            "returning": self.returning,
-            "server_tx_queue_max": self.tx_max,
-            "kernel_full_s": seconds(self.kernel_full_s),
-            "resumed_s": seconds(self.resumed_s),
-            "close_frame_s": seconds(self.close_frame_s),
-            "dropped_s": seconds(self.dropped_s),
-            "state_at_drop": self.state_at_drop,
-            "drain": self.drain,
-        }
+        out = {"index": self.index, "returning": self.returning, "server_tx_queue_max": self.tx_max}
+        out.update({f: seconds(getattr(self, f)) for f in ("kernel_full_s", "resumed_s", "close_frame_s", "dropped_s")})
+        return {**out, "state_at_drop": self.state_at_drop, "drain": self.drain}
 
 
 class SocketDiag:
@@ -166,9 +149,8 @@ class SocketDiag:
         """``(state, bytes the server's kernel holds unacknowledged)``; ``"gone"`` if no such socket."""
         self.seq += 1
         addr = socket.inet_aton("127.0.0.1") + bytes(12)
-        sockid = (
-            struct.pack("!HH", server_port, client_port) + addr + addr + struct.pack("=III", 0, 2**32 - 1, 2**32 - 1)
-        )
+        ports = struct.pack("!HH", server_port, client_port)
+        sockid = ports + addr + addr + struct.pack("=III", 0, 2**32 - 1, 2**32 - 1)
         req = struct.pack("=BBBxI", socket.AF_INET, socket.IPPROTO_TCP, 0, 2**32 - 1) + sockid
         self.nl.send(struct.pack("=LHHLL", 16 + len(req), 20, 1, self.seq, 0) + req)  # SOCK_DIAG_BY_FAMILY, REQUEST
         while struct.unpack_from("=L", (data := self.nl.recv(65536)), 8)[0] != self.seq:
@@ -202,20 +184,15 @@ class StalledGroup:
     async def open(self) -> dict:
         host, port, path = self.cfg["host"], self.cfg["port"], f"/ws/?channel={self.cfg['channel']}"
         await self.witness.open(host, port, path, None)
-        opened = await asyncio.gather(
-            *(s.open(host, port, path, self.cfg["rcvbuf"]) for s in self.sockets), return_exceptions=True
-        )
+        opening = (s.open(host, port, path, self.cfg["rcvbuf"]) for s in self.sockets)
+        opened = await asyncio.gather(*opening, return_exceptions=True)
         errors = Counter(f"{type(e).__name__}: {e}"[:120] for e in opened if isinstance(e, BaseException))
         self.sockets = [s for s, e in zip(self.sockets, opened, strict=True) if not isinstance(e, BaseException)]
         self.start(self.witness.read_forever())
         self.start(self.watch())
         rcvbuf = self.sockets[0].sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) if self.sockets else None
-        return {
-            "count": len(self.sockets),
-            "returning": sum(s.returning for s in self.sockets),
-            "errors": dict(errors),
-            "rcvbuf": rcvbuf,
-        }
+        returning = sum(s.returning for s in self.sockets)
+        return {"count": len(self.sockets), "returning": returning, "errors": dict(errors), "rcvbuf": rcvbuf}
 
     async def watch(self) -> None:
         read_timeout = self.cfg.get("read_timeout_s", 5.0)

@@ -51,9 +51,8 @@ class Client:
         self.cfg, self.chan, self.names = cfg, chan, names(cfg)
         n, host, port = cfg["subscribers"], cfg["host"], cfg["port"]
         self.ledger, self.latency, self.arrivals = Ledger(n, len(self.names)), Series(), []
-        self.pool = SubscriberPool(
-            lambda i: f"ws://{host}:{port}/ws/?channel={self.names[i % len(self.names)]}", n, self.on_data
-        )
+        url = f"ws://{host}:{port}/ws/?channel="
+        self.pool = SubscriberPool(lambda i: url + self.names[i % len(self.names)], n, self.on_data)
         self.headers = {"Authorization": f"Bearer {cfg.get('api_key')}", "Content-Type": "application/json"}
         self.windows: dict[str, Window] = {}
         self.expects: dict[str, list[dict]] = {}
@@ -71,9 +70,8 @@ class Client:
     async def post(self, g: int) -> str | None:
         path = f"/api/publish/{self.names[g % len(self.names)]}"
         body = stamp(g, int(self.cfg.get("payload", 0)))
-        status, _, _ = await http.request(
-            self.cfg["host"], self.cfg["port"], "POST", path, headers=self.headers, body=body
-        )
+        cfg = self.cfg
+        status, _, _ = await http.request(cfg["host"], cfg["port"], "POST", path, headers=self.headers, body=body)
         return None if status == 200 else str(status)
 
     async def get_view(self, _g: int) -> str | None:
@@ -94,13 +92,9 @@ class Client:
             return None
         gs = [r[0] for r in records]
         ok = {g for g, _, error, _ in records if error is None}
-        return {
-            "first": min(gs),
-            "count": max(gs) - min(gs) + 1,
-            "failed": [g for g in range(min(gs), max(gs) + 1) if g not in ok],
-            "errors": dict(Counter(e for *_, e, _ in records if e)),
-            "latency": summarize_us(us for *_, e, us in records if e is None),
-        }
+        out = {"first": min(gs), "count": max(gs) - min(gs) + 1, "errors": dict(Counter(r[2] for r in records if r[2]))}
+        out["failed"] = [g for g in range(min(gs), max(gs) + 1) if g not in ok]
+        return {**out, "latency": summarize_us(us for *_, e, us in records if e is None)}
 
     def handle(self, cmd: dict) -> None:
         kind, name = cmd["cmd"], cmd.get("name")
@@ -117,9 +111,8 @@ class Client:
         elif kind == "ping":  # answered only once the loop got round to it: a backlog shows
             due = expected([e for es in self.expects.values() for e in es], len(self.names))
             subs_on = [len(range(c, self.pool.n, len(self.names))) for c in range(len(self.names))]
-            self.chan.emit(
-                "pong", arrivals=len(self.arrivals), expected=sum(len(s) * subs_on[c] for c, s in enumerate(due))
-            )
+            expected_ = sum(len(s) * subs_on[c] for c, s in enumerate(due))
+            self.chan.emit("pong", arrivals=len(self.arrivals), expected=expected_)
 
     def figures(self, w: Window) -> dict:
         """Everything measured in one window (see the module docstring)."""
@@ -128,35 +121,23 @@ class Client:
         b = summarize_us(self.latency.within(w), CDF_POINTS)
         b.update(self.ledger.tally(expected(ranges, len(self.names))))
         arrived = bisect.bisect_left(self.arrivals, w.end_ns) - bisect.bisect_left(self.arrivals, w.start_ns)
-        b.update(
-            arrived_in_window=arrived,
-            deliveries_per_s=round(arrived / seconds, 1),
-            expected_per_s=round(b["expected"] / seconds, 1),
-            publishes=sum(r["count"] - len(r["failed"]) for r in ranges),
-            all_reached=summarize_us(self.latency.slowest(w)),
-            timeline=self.latency.timeline(w),
-        )
+        b.update(arrived_in_window=arrived, deliveries_per_s=round(arrived / seconds, 1))
+        b["timeline"] = self.latency.timeline(w)
+        b.update(expected_per_s=round(b["expected"] / seconds, 1), all_reached=summarize_us(self.latency.slowest(w)))
+        b["publishes"] = sum(r["count"] - len(r["failed"]) for r in ranges)
         closes = [code for t, _, code in self.pool.disconnects if w.holds(t)]
-        out = {
-            "seconds": round(seconds, 2),
-            "start_ns": w.start_ns,
-            "end_ns": w.end_ns,
-            "broadcast": b,
-            "publish": {**own["latency"], "failed": own["errors"]} if own else summarize_us([]),
-            "client_loop_lag": summarize_us(self.lag.series.within(w)),
-            "disconnects": {"count": len(closes), "codes": dict(Counter(str(c) for c in closes))},
-        }
+        out = {"seconds": round(seconds, 2), "start_ns": w.start_ns, "end_ns": w.end_ns, "broadcast": b}
+        out["publish"] = {**own["latency"], "failed": own["errors"]} if own else summarize_us([])
+        out["client_loop_lag"] = summarize_us(self.lag.series.within(w))
+        out["disconnects"] = {"count": len(closes), "codes": dict(Counter(str(c) for c in closes))}
         if self.probe is not None:
             views = Series()
             for _, t, error, us in self.probe.records:
                 if error is None:
                     views.add(t, us)
             failed = Counter(str(e) for _, t, e, _ in self.probe.records if e and w.holds(t))
-            out["view"] = {
-                **summarize_us(views.within(w), CDF_POINTS),
-                "failed": dict(failed),
-                "timeline": views.timeline(w),
-            }
+            out["view"] = {**summarize_us(views.within(w), CDF_POINTS), "failed": dict(failed)}
+            out["view"]["timeline"] = views.timeline(w)
         return out
 
 
@@ -181,11 +162,6 @@ async def run(cfg: dict, chan) -> None:
     await asyncio.gather(*client.tasks, return_exceptions=True)
     client.arrivals.sort()
     windows = {name: client.figures(w) for name, w in client.windows.items() if w.end_ns}
-    chan.emit(
-        "summary",
-        windows=windows,
-        misrouted=client.ledger.misrouted,
-        subscribe_errors=dict(client.pool.errors),
-        disconnects=len(client.pool.disconnects),
-    )
+    errors, gone, misrouted = dict(client.pool.errors), len(client.pool.disconnects), client.ledger.misrouted
+    chan.emit("summary", windows=windows, misrouted=misrouted, subscribe_errors=errors, disconnects=gone)
     await client.pool.close()

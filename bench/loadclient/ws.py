@@ -84,12 +84,8 @@ class SubscriberPool:
                 sub = None
                 try:
                     async with asyncio.timeout(timeout):
-                        _, sub = await ws_connect(
-                            lambda: Subscriber(self, index),
-                            self.url(index),
-                            extra_headers=self.headers,
-                            websocket_handshake_timeout=timeout,
-                        )
+                        how = {"extra_headers": self.headers, "websocket_handshake_timeout": timeout}
+                        _, sub = await ws_connect(lambda: Subscriber(self, index), self.url(index), **how)
                         await sub.ready
                         return sub
                 except Exception as exc:  # picows' WSError (e.g. 429), timeouts, resets

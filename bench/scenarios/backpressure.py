@@ -35,19 +35,12 @@ from ..server import rss_kib
 from ..stats import median_merge, ratio, spread
 
 PREFIX = "BACKPRESSURE_"
-KNOBS = {
-    "fast": (1000, 100),
-    "stalled": (10, 10),
-    "returning": (5, 5),  # of the stalled ones: read again once the server must have closed them (to see the code)
-    "seconds": (20.0, 20.0),  # the stalled sockets must be closed inside a window
-    "repeats": (2, 1),
-    "rate": (20.0, 20.0),
-    "payload": (16384, 16384),
-    "queue": (50, 50),  # OFFLOAD_MAX_QUEUED_BYTES = queue x (payload + 128)
-    "rcvbuf": (4096, 4096),
-    "warmup": (3.0, 3.0),
-    "pause": (2.0, 2.0),
-}
+# returning: of the stalled ones, those that read again once the server must have closed them (to see the code);
+# seconds: the stalled sockets must be closed inside a window; queue: OFFLOAD_MAX_QUEUED_BYTES = queue x (payload + 128)
+KNOBS = dict(fast=(1000, 100), stalled=(10, 10), returning=(5, 5), seconds=(20.0, 20.0), repeats=(2, 1))
+KNOBS.update(
+    rate=(20.0, 20.0), payload=(16384,) * 2, queue=(50, 50), rcvbuf=(4096, 4096), warmup=(3.0, 3.0), pause=(2.0, 2.0)
+)
 CHANNEL, TARGET = "public:backpressure", 1.5
 #: worker RSS in a stalled window may exceed the baseline's max by one queue of frames plus this (MiB)
 RSS_SLACK_MIB = 4.0
@@ -162,9 +155,8 @@ def summarize(results: dict, k: dict) -> dict:
     sockets = [r for w in windows for r in w.get("stalled", {}).get("sockets", [])]
     out["all_stalled"] = stalled_figures(sockets, k["stalled"] * k["repeats"], k["seconds"])
     groups = {"never read again": False, "read again after the limit": True}
-    out["groups"] = {
-        g: stalled_figures([r for r in sockets if r["returning"] is x], None, k["seconds"]) for g, x in groups.items()
-    }
+    out["groups"] = {g: [r for r in sockets if r["returning"] is x] for g, x in groups.items()}
+    out["groups"] = {g: stalled_figures(them, None, k["seconds"]) for g, them in out["groups"].items()}
     # memory that stays: the last window's peak against the first one's
     out["rss_drift_mib"] = round(windows[-1]["rss"]["max_mib"] - windows[0]["rss"]["max_mib"], 1)
     out["p99_ratio"] = ratio(out["stalled"]["p99"], out["baseline"]["p99"])
@@ -227,10 +219,10 @@ def markdown(results: dict) -> str:
     k, s = results["knobs"], results["summary"]
     b, st = s["baseline"], s["stalled"]
     medians = {f"{x[:4]}_{q}": s[x][q] for x in ("baseline", "stalled") for q in ("p50", "p99")}
-    medians.update(
-        base_rss=b["rss"]["max_mib"], stalled_rss=st["rss"]["max_mib"], p99_ratio=s["p99_ratio"], channel=CHANNEL
+    medians.update(base_rss=b["rss"]["max_mib"], stalled_rss=st["rss"]["max_mib"], p99_ratio=s["p99_ratio"])
+    text = report.fill(
+        TEXT, k, channel=CHANNEL, queue_bytes=results["server_env"]["OFFLOAD_MAX_QUEUED_BYTES"], **medians
     )
-    text = report.fill(TEXT, k, queue_bytes=results["server_env"]["OFFLOAD_MAX_QUEUED_BYTES"], **medians)
     lines = [*report.heading(results, "Slow-consumer benchmark", text)]
     lines += [report.columns_table(COLUMNS, list(results["windows"].items())), ""]
     groups = [(g, lambda get, x=x: get(x)) for g, x in s["groups"].items()]

@@ -27,20 +27,12 @@ from ..report import cell
 from ..stats import ratio
 
 PREFIX = "MC_"
-KNOBS = {
-    "subscribers": (10000, 1000),
-    "channels": (1000, 100),
-    "rate": (1.0, 1.0),  # messages/s on every channel
-    "seconds": (10.0, 5.0),
-    # one worker answers about 1,400 HTTP publishes/s flat out: a quarter of the rate stays below saturation
-    "api_rate": (250.0, 25.0),
-    "api_seconds": (10.0, 5.0),  # 0: no HTTP window
-    "connect_concurrency": (200, 200),
-    "drain": (20.0, 20.0),  # seconds a backlog may take before late deliveries count as lost
-    "anchors": (list(COMBINATIONS), list(COMBINATIONS)),
-    "anchor_subscribers": (0, 0),  # 0: as many as ours
-    "anchor_api": (0, 0),  # 1: the HTTP window against Channels' publish view too
-}
+# rate: messages/s on every channel; api_rate: one worker answers about 1,400 HTTP publishes/s flat out, a quarter
+# of the rate stays below saturation; api_seconds 0: no HTTP window; drain: seconds a backlog may take before late
+# deliveries count as lost; anchor_subscribers 0: as many as ours; anchor_api 1: the HTTP window against Channels too
+KNOBS = dict(subscribers=(10000, 1000), channels=(1000, 100), rate=(1.0, 1.0), seconds=(10.0, 5.0))
+KNOBS.update(api_rate=(250.0, 25.0), api_seconds=(10.0, 5.0), connect_concurrency=(200, 200), drain=(20.0, 20.0))
+KNOBS.update(anchors=(list(COMBINATIONS),) * 2, anchor_subscribers=(0, 0), anchor_api=(0, 0))
 
 
 def run(bench: Bench, k: dict) -> dict:
@@ -48,10 +40,8 @@ def run(bench: Bench, k: dict) -> dict:
     bench.step("[ours] starting uWSGI (1 worker)")
     server = bench.server("ours", SERVER_ENV)
     redis, api = server.pids("redis"), bool(k["anchor_api"] and k["api_seconds"])
-    ours = {
-        **with_target(bench, k, server, k["subscribers"], redis, total, bool(k["api_seconds"])),
-        "counters": server.counters(),
-    }
+    ours = with_target(bench, k, server, k["subscribers"], redis, total, bool(k["api_seconds"]))
+    ours["counters"] = server.counters()
     anchors = bench.anchors(k["anchors"], server.redis_url, lambda a: with_target(bench, k, a, n, redis, total, api))
     results = {"rlimit_nofile": nofile, "ours": ours, "channels": anchors}
     results["comparison"], w = compare(results), ours["windows"]["publish"]["broadcast"]
@@ -107,16 +97,13 @@ def compare(results: dict) -> dict:
     return {**out, "connect_ratio": ratio(ok[best]["connect_s"], ours["connect_s"], 1)}
 
 
-WORST = (
-    "worst subscriber lost / dup",
-    lambda w: "{max_lost_per_subscriber} / {max_dup_per_subscriber}".format(**w["broadcast"]),
-)
-COLUMNS = [
-    ("publishes/s", lambda w: w["publisher"]["publishes_per_s"]),
-    report.DELIVERIES,
-    *report.latency(),
-    report.LOST,
-]
+def _worst(w: dict) -> str:
+    return "{max_lost_per_subscriber} / {max_dup_per_subscriber}".format_map(w["broadcast"])
+
+
+WORST = ("worst subscriber lost / dup", _worst)
+PUBLISHES = ("publishes/s", lambda w: w["publisher"]["publishes_per_s"])
+COLUMNS = [PUBLISHES, report.DELIVERIES, *report.latency(), report.LOST]
 COLUMNS += [WORST, report.cpu("server"), report.SERVER_US, report.cpu("clients", "client %core"), report.cpu("Redis")]
 COLUMNS += [report.cpu("publisher"), report.DRAIN]
 TITLES = {"publish": "offload.publish() from a process", "api": "HTTP publish API (open loop)"}
@@ -133,35 +120,24 @@ connect time {connect_ratio}x shorter."""
 
 def setups(results: dict) -> list[tuple[str, dict, dict]]:
     """(label, setup, the titles of its windows) of ours and every Channels setup."""
-    return [
-        ("ours", results["ours"], TITLES),
-        *((a.get("label", c), a, CHANNELS_TITLES) for c, a in results["channels"].items()),
-    ]
+    theirs = [(a.get("label", c), a, CHANNELS_TITLES) for c, a in results["channels"].items()]
+    return [("ours", results["ours"], TITLES), *theirs]
+
+
+def _memory_row(label: str, a: dict) -> list[str]:
+    rss, retries = a["idle_rss"]["per_socket_kib"], str(a["connect_errors"] or "none")
+    return [label, f"{a['sockets']:,}", cell(a["connect_s"]), cell(rss), retries]
 
 
 def markdown(results: dict) -> str:
     k, cmp_ = results["knobs"], results["comparison"]
-    rows = [
-        (f"{label}, {titles[n]}", w) for label, a, titles in setups(results) for n, w in a.get("windows", {}).items()
-    ]
+    rows = [(f"{label}, {t[n]}", w) for label, a, t in setups(results) for n, w in a.get("windows", {}).items()]
     rows += [(c, a) for c, a in results["channels"].items() if "error" in a]
-    mem = [
-        [
-            label,
-            f"{a['sockets']:,}",
-            cell(a["connect_s"]),
-            cell(a["idle_rss"]["per_socket_kib"]),
-            str(a["connect_errors"] or "none"),
-        ]
-        for label, a, _ in setups(results)
-        if "windows" in a
-    ]
+    mem = [_memory_row(label, a) for label, a, _ in setups(results) if "windows" in a]
     text = report.fill(TEXT, {**k, "total": k["rate"] * k["channels"]})
     lines = [*report.heading(results, "Many channels", text), report.columns_table(COLUMNS, rows), ""]
-    lines += [
-        report.table(["setup", "sockets", "connect time (s)", "RSS per socket (KiB)", "connect retries"], mem),
-        "",
-    ]
+    head = ["setup", "sockets", "connect time (s)", "RSS per socket (KiB)", "connect retries"]
+    lines += [report.table(head, mem), ""]
     lines += [report.fill(RATIOS, **cmp_), ""] if cmp_ else []
     lines += [f"uWSGI after the run: {results['ours']['counters']}.", ""]
     return "\n".join(lines + report.closing(results, "target (one worker)")) + "\n"
@@ -170,22 +146,13 @@ def markdown(results: dict) -> str:
 def plot(results: dict) -> dict:
     windows = {f"{label} {n}": w for label, a, _ in setups(results) for n, w in a.get("windows", {}).items()}
     memory = {label: a["idle_rss"]["per_socket_kib"] for label, a, _ in setups(results) if "windows" in a}
-    panels = [
-        report.cdf(
-            "delivery latency",
-            {n: w["broadcast"] for n, w in windows.items()},
-            lambda n: "--" * n.endswith("api") or "-",
-        )
-    ]
+    style = lambda n: "--" if n.endswith("api") else "-"  # noqa: E731
+    panels = [report.cdf("delivery latency", {n: w["broadcast"] for n, w in windows.items()}, style)]
     panels.append(report.bars("delivery p99", "ms (log)", {n: w["broadcast"]["p99"] for n, w in windows.items()}))
-    panels.append(
-        report.bars("server CPU per delivery", "µs (log)", {n: w["server_us_per_delivery"] for n, w in windows.items()})
-    )
+    cpu = {n: w["server_us_per_delivery"] for n, w in windows.items()}
+    panels.append(report.bars("server CPU per delivery", "µs (log)", cpu))
     panels.append(report.bars("server memory per idle socket", "KiB", memory, log=False))
-    return {
-        "title": f"many channels {results['started']}: one uWSGI worker (blue) vs Django Channels 4 (red)",
-        "panels": panels,
-    }
+    return {"title": f"many channels {results['started']}: ours (blue) vs Django Channels 4 (red)", "panels": panels}
 
 
 def setup_warnings(label: str, a: dict, k: dict, rates: dict[str, float]) -> list[str]:

@@ -26,15 +26,9 @@ from ..stats import ratio
 from .manychannels import setup_warnings, setups
 
 PREFIX = "PUB_"
-KNOBS = {
-    "subscribers": (1000, 200),
-    "channels": (1000, 200),
-    "seconds": (5.0, 3.0),
-    "concurrency": (16, 16),  # callers: greenlets, threads, HTTP streams, asyncio tasks
-    "py_modes": (["gevent", "threads"], ["gevent", "threads"]),
-    "drain": (20.0, 20.0),
-    "anchors": (list(COMBINATIONS), list(COMBINATIONS)),
-}
+# concurrency: callers (greenlets, threads, HTTP streams, asyncio tasks); py_modes: how offload.publish() is called
+KNOBS = dict(subscribers=(1000, 200), channels=(1000, 200), seconds=(5.0, 3.0), concurrency=(16, 16))
+KNOBS.update(drain=(20.0, 20.0), py_modes=(["gevent", "threads"],) * 2, anchors=(list(COMBINATIONS),) * 2)
 TITLES = {"py_gevent": "offload.publish(), greenlets (gevent)", "py_threads": "offload.publish(), threads"}
 TITLES.update(http="HTTP publish API", group_send="group_send from a process")
 CHANNELS_HTTP = "HTTP publish view (async, group_send)"
@@ -56,9 +50,8 @@ def paths(bench: Bench, k: dict, target, redis: list[int], names: list[str]) -> 
     meter, n, first = bench.meter({"server": lambda: [target.pid], "Redis": lambda: redis}), k["concurrency"], 0
     with bench.scope():
         bench.step(f"[{target.name}] connecting {k['subscribers']:,} over {k['channels']:,} channels")
-        (subs,), out = bench.connect(
-            target, target.name, k["subscribers"], channels=k["channels"], connect_timeout=10.0
-        )
+        how = {"channels": k["channels"], "connect_timeout": 10.0}
+        (subs,), out = bench.connect(target, target.name, k["subscribers"], **how)
         windows = {}
         for name in names:
             bench.step(f"[{target.name}] {name}, {n} callers")
@@ -91,14 +84,9 @@ def compare(results: dict) -> dict:
             o, t = ours[mine], ok[best][theirs]
             x = out[kind] = {"ours": mine, "channels_best": best, "ours_per_s": _rate(o), "channels_per_s": _rate(t)}
             # what the subscribers got meanwhile: a path faster than its server delivers only builds a backlog
-            x.update(
-                ours_deliveries=o["broadcast"]["deliveries_per_s"],
-                channels_deliveries=t["broadcast"]["deliveries_per_s"],
-            )
-            x.update(
-                throughput_ratio=ratio(_rate(o), _rate(t)),
-                deliveries_ratio=ratio(x["ours_deliveries"], x["channels_deliveries"]),
-            )
+            x["ours_deliveries"], x["channels_deliveries"] = (w["broadcast"]["deliveries_per_s"] for w in (o, t))
+            x["throughput_ratio"] = ratio(_rate(o), _rate(t))
+            x["deliveries_ratio"] = ratio(x["ours_deliveries"], x["channels_deliveries"])
             x.update(
                 {
                     f"{q}_ratio": ratio(t["publisher"]["latency"][q], o["publisher"]["latency"][q])
@@ -124,20 +112,16 @@ KINDS = {"python": "from Python (offload.publish() vs group_send)", "http": "ove
 
 
 def _rows(results: dict) -> list[tuple[str, dict]]:
-    rows = [
-        (f"{label}, {TITLES[n] if label == 'ours' or n != 'http' else CHANNELS_HTTP}", w)
-        for label, a, _ in setups(results)
-        for n, w in a.get("windows", {}).items()
-    ]
+    theirs = {**TITLES, "http": CHANNELS_HTTP}
+    rows = [(x, a, TITLES if x == "ours" else theirs) for x, a, _ in setups(results)]
+    rows = [(f"{x}, {titles[n]}", w) for x, a, titles in rows for n, w in a.get("windows", {}).items()]
     return rows + [(c, a) for c, a in results["channels"].items() if "error" in a]
 
 
 def markdown(results: dict) -> str:
     text = report.fill(TEXT, results["knobs"])
-    lines = [
-        *report.heading(results, "Publish throughput", text),
-        report.columns_table(COLUMNS, _rows(results), "path"),
-    ]
+    lines = [*report.heading(results, "Publish throughput", text)]
+    lines.append(report.columns_table(COLUMNS, _rows(results), "path"))
     lines += [x for kind, c in results["comparison"].items() for x in ("", report.fill(RATIO, kind=KINDS[kind], **c))]
     return "\n".join([*lines, *report.closing(results)]) + "\n"
 
@@ -147,14 +131,9 @@ def plot(results: dict) -> dict:
     style = lambda n: "--" if "HTTP" in n else ":" if "threads" in n else "-"  # noqa: E731
     calls = f"publishes/s, {results['knobs']['concurrency']} callers, closed loop"
     panels = [report.bars(calls, "publishes/s (log)", {n: _rate(w) for n, w in windows.items()})]
-    panels.append(
-        report.bars("call latency p99", "ms (log)", {n: w["publisher"]["latency"]["p99"] for n, w in windows.items()})
-    )
+    panels.append(report.bars_of("call latency p99", "ms (log)", windows, lambda w: w["publisher"]["latency"]["p99"]))
     panels.append(report.cdf("delivery latency", {n: w["broadcast"] for n, w in windows.items()}, style))
-    return {
-        "title": f"publish throughput {results['started']}: ours (blue) vs Django Channels 4 (red)",
-        "panels": panels,
-    }
+    return {"title": f"publish throughput {results['started']}: ours (blue) vs Channels 4 (red)", "panels": panels}
 
 
 def warnings(results: dict) -> list[str]:
