@@ -1,7 +1,8 @@
 """Test setup: a real redis-server for the unit-level Redis tests, Django configured.
 
 Integration tests (tests/integration, tests/browser) start the real uWSGI from
-uwsgi.ini through the fixtures of offload.testing.
+uwsgi.ini through the fixtures of offload.testing; the demo's users are created
+first (tests/integration/demo.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,14 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
     if _redis is not None:
         _redis.stop()
+
+
+@pytest.fixture(scope="session")
+def offload_server_options():
+    """offload.testing's ``offload_server`` is the demo, with its users (alice, bob, carol / demo)."""
+    from tests.integration.demo import DEMO_OPTIONS
+
+    return DEMO_OPTIONS
 
 
 @pytest.fixture(scope="session")

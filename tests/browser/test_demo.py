@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from offload.testing import LiveServer, RedisServer
+from offload.testing import RedisServer
+from tests.integration.demo import DemoServer
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -34,7 +35,7 @@ FLAGS = [
 def stack(tmp_path_factory):
     """uWSGI with an external Redis (REDIS_URL set), so Redis outlives uWSGI restarts."""
     redis = RedisServer(tmp_path_factory.mktemp("browser-redis")).start()
-    server = LiveServer(redis_url=redis.url).prepare().start()
+    server = DemoServer(redis_url=redis.url).prepare().start()
     try:
         yield server, redis
     finally:

@@ -304,9 +304,9 @@ def test_http_publish_api_refuses_bad_requests_clearly(offload_server, method, c
 
 
 def test_http_publish_api_is_disabled_without_a_key(tmp_path):
-    from offload.testing import LiveServer
+    from tests.integration.demo import DemoServer
 
-    server = LiveServer(tmp_path, env={"OFFLOAD_API_KEY": ""}).prepare().start()
+    server = DemoServer(tmp_path, env={"OFFLOAD_API_KEY": ""}).prepare().start()
     try:
         status, _, body = server.http().request(
             "POST", "/api/publish/public:x", "1", headers={"Authorization": "Bearer "}

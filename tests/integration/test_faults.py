@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from offload.testing import LiveServer, RedisServer
+from offload.testing import RedisServer
+from tests.integration.demo import DemoServer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture
 def stack(tmp_path):
     redis = RedisServer(tmp_path / "redis").start()
-    server = LiveServer(tmp_path / "var", redis_url=redis.url).prepare().start()
+    server = DemoServer(tmp_path / "var", redis_url=redis.url).prepare().start()
     try:
         yield server, redis
     finally:
@@ -106,10 +107,10 @@ def test_an_endpoint_failure_closes_only_that_socket_with_1011(tmp_path):
     resume of one socket raise inside the endpoint: that socket is closed with
     1011 (internal error), the worker survives and its other sockets keep
     receiving."""
-    from offload.testing import LiveServer
+    from tests.integration.demo import DemoServer
 
     # its own server: the traceback it causes must not reach the shared server's log
-    server = LiveServer(tmp_path).prepare().start()
+    server = DemoServer(tmp_path).prepare().start()
     try:
         _endpoint_failure_closes_with_1011(server)
     finally:
@@ -160,7 +161,7 @@ def test_a_handshake_stuck_on_redis_gets_503_and_says_why(tmp_path):
 
     redis = RedisServer(tmp_path / "redis").start()
     env = {"OFFLOAD_HANDSHAKE_TIMEOUT": "1", "OFFLOAD_REDIS_TIMEOUT": "8", "WORKERS": "1"}
-    server = LiveServer(tmp_path / "var", redis_url=redis.url, env=env).prepare().start()
+    server = DemoServer(tmp_path / "var", redis_url=redis.url, env=env).prepare().start()
     try:
         warm = server.websocket("/ws/?channel=public:frozen")
         assert recv(warm)["type"] == "subscribed"

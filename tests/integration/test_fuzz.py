@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from offload.testing import LiveServer
+from tests.integration.demo import DemoServer
 from tests.integration.rawws import RawWebSocket
 
 SEED = int(os.environ.get("FUZZ_SEED", "1234"))
@@ -618,7 +619,7 @@ def fuzz_server(tmp_path_factory):
     # more pings than a polite client sends in a second: the limits are raised
     # here (the predictor models the protocol, not rates) and tested in
     # test_hostile_clients.py and test_limits.py.
-    server = LiveServer(
+    server = DemoServer(
         tmp_path_factory.mktemp("fuzz"),
         env={
             "OFFLOAD_PING_INTERVAL": "1",
@@ -869,7 +870,7 @@ def test_the_server_closes_tcp_right_after_the_websocket_ends(tmp_path):
     # Found by the fuzzing: the detached fd was closed with gevent's patched
     # os.close, which runs at the event loop's next iteration: never, on an
     # idle worker. A quiet worker here: no hub, no other socket, pings every 30 s.
-    server = LiveServer(tmp_path / "var", env={"OFFLOAD_PING_INTERVAL": "30", "OFFLOAD_PING_TIMEOUT": "30"})
+    server = DemoServer(tmp_path / "var", env={"OFFLOAD_PING_INTERVAL": "30", "OFFLOAD_PING_TIMEOUT": "30"})
     server.prepare().start()
     try:
         results = {}

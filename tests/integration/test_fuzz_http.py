@@ -44,6 +44,7 @@ import pytest
 
 from app.slow_upstream import serve
 from offload.testing import LiveServer, free_port
+from tests.integration.demo import DemoServer
 
 SEED = int(os.environ.get("FUZZ_SEED", "1234"))
 ITERATIONS = int(os.environ.get("FUZZ_ITERATIONS", "300"))
@@ -872,7 +873,7 @@ def upstream():
 
 @pytest.fixture(scope="module")
 def fuzz_server(upstream, tmp_path_factory):
-    server = LiveServer(tmp_path_factory.mktemp("fuzz-http"), env={"SLOW_UPSTREAM_URL": upstream, "CORES": "200"})
+    server = DemoServer(tmp_path_factory.mktemp("fuzz-http"), env={"SLOW_UPSTREAM_URL": upstream, "CORES": "200"})
     server.prepare()
     downloads = server.var_dir / "files" / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)

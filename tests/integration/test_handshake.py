@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from offload.testing import LiveServer
+from tests.integration.demo import DemoServer
 from tests.integration.rawws import handshake
 from tests.test_frames import frame
 
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture(scope="module")
 def middleware_server(tmp_path_factory):
     env = {"OFFLOAD_WEBSOCKET_MIDDLEWARE": "1", "OFFLOAD_API_MIDDLEWARE": "1"}
-    server = LiveServer(tmp_path_factory.mktemp("mw"), env=env).prepare().start()
+    server = DemoServer(tmp_path_factory.mktemp("mw"), env=env).prepare().start()
     yield server
     server.stop()
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from offload.testing import LiveServer
+from tests.integration.demo import DemoServer
 from tests.integration.rawws import RawWebSocket, handshake
 from tests.integration.test_sse import SseClient
 from tests.test_frames import frame
@@ -35,7 +36,7 @@ PUBLISH_LUA = (Path(__file__).resolve().parents[2] / "offload" / "lua" / "publis
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     # Long pings: only the rate limit may close the flooders, only the replay queue matters for memory.
-    live = LiveServer(
+    live = DemoServer(
         tmp_path_factory.mktemp("hostile-var"),
         env={"OFFLOAD_PING_INTERVAL": "20", "OFFLOAD_PING_TIMEOUT": "30"},
     )
@@ -157,7 +158,7 @@ def _latencies(server: LiveServer, channel: str, ws, count: int, pause: float) -
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory):
     """A server with the flooders' cooldown on (LiveServer turns it off for other tests)."""
-    live = LiveServer(tmp_path_factory.mktemp("cooldown-var"), env={"OFFLOAD_ABUSE_COOLDOWN": "5"})
+    live = DemoServer(tmp_path_factory.mktemp("cooldown-var"), env={"OFFLOAD_ABUSE_COOLDOWN": "5"})
     live.prepare().start()
     yield live
     live.stop()

@@ -28,6 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from offload.testing import LiveServer, free_port
+from tests.integration.demo import DemoServer
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -169,7 +170,7 @@ def upstream():
 @pytest.fixture(scope="module")
 def server(upstream, tmp_path_factory):
     env = {"SLOW_UPSTREAM_URL": upstream.url, "OFFLOAD_UPSTREAM_TIMEOUT": "2"}
-    live = LiveServer(tmp_path_factory.mktemp("surface-var"), env=env).prepare().start()
+    live = DemoServer(tmp_path_factory.mktemp("surface-var"), env=env).prepare().start()
     gate_ready(live)
     files = live.var_dir / "files"
     (files / "downloads" / "secret.txt").write_bytes(SECRET)
@@ -205,7 +206,7 @@ def private_server(tmp_path_factory):
     var.mkdir(mode=0o755)
     var.chmod(0o755)
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    live = LiveServer(var, env={"SLOW_UPSTREAM_URL": dead})
+    live = DemoServer(var, env={"SLOW_UPSTREAM_URL": dead})
     del live.env["STATS"]  # the default: a unix socket in var/
     previous = os.umask(0o022)
     try:

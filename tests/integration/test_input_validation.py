@@ -16,13 +16,14 @@ import urllib.parse
 import pytest
 
 from offload.testing import HttpSession, LiveServer
+from tests.integration.demo import DemoServer
 
 pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    live = LiveServer(tmp_path_factory.mktemp("input-var")).prepare().start()
+    live = DemoServer(tmp_path_factory.mktemp("input-var")).prepare().start()
     yield live
     live.stop()
 

@@ -8,7 +8,7 @@ import time
 import pytest
 import websocket
 
-from offload.testing import LiveServer
+from tests.integration.demo import DemoServer
 from tests.integration.rawws import RawWebSocket
 
 pytestmark = pytest.mark.timeout(90)
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.timeout(90)
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    live = LiveServer(
+    live = DemoServer(
         tmp_path_factory.mktemp("limits-var"),
         env={
             "OFFLOAD_MAX_CONNECTIONS_PER_IP": "5",

@@ -16,6 +16,7 @@ import pytest
 
 from app.slow_upstream import serve
 from offload.testing import LiveServer, free_port
+from tests.integration.demo import DemoServer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -36,7 +37,7 @@ def upstream():
 
 @pytest.fixture(scope="module")
 def server(upstream, tmp_path_factory):
-    live = LiveServer(tmp_path_factory.mktemp("offload-var"), env={"SLOW_UPSTREAM_URL": upstream[0], "CORES": "8"})
+    live = DemoServer(tmp_path_factory.mktemp("offload-var"), env={"SLOW_UPSTREAM_URL": upstream[0], "CORES": "8"})
     live.prepare().start()
     yield live
     live.stop()

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from offload.testing import LiveServer, RedisServer
+from tests.integration.demo import DemoServer
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -736,7 +737,7 @@ class Stack:
         redis = RedisServer(directory / "redis").start() if own_redis else None
         server_env = {"WORKERS": str(workers), "OFFLOAD_PING_INTERVAL": "2", "OFFLOAD_PING_TIMEOUT": "4", **(env or {})}
         try:
-            server = LiveServer(directory / "var", env=server_env, redis_url=redis and redis.url).prepare().start()
+            server = DemoServer(directory / "var", env=server_env, redis_url=redis and redis.url).prepare().start()
         except BaseException:
             if redis is not None:
                 redis.stop()

@@ -15,6 +15,7 @@ import pytest
 import websocket
 
 from offload.testing import LiveServer
+from tests.integration.demo import DemoServer
 from tests.integration.test_sse import SseClient
 
 pytestmark = pytest.mark.timeout(120)
@@ -24,7 +25,7 @@ SOCKETS = 16  # per test: enough for both workers to hold some
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    live = LiveServer(tmp_path_factory.mktemp("session-var"), env={"WORKERS": "2", "OFFLOAD_STATS_INTERVAL": "0.2"})
+    live = DemoServer(tmp_path_factory.mktemp("session-var"), env={"WORKERS": "2", "OFFLOAD_STATS_INTERVAL": "0.2"})
     live.prepare().start()
     yield live
     live.stop()

@@ -34,6 +34,7 @@ import time
 import pytest
 
 from offload.testing import LiveServer
+from tests.integration.demo import DemoServer
 
 HEADER_TIMEOUT = 3.0
 CORES = 100
@@ -158,7 +159,7 @@ def cuts_logged(server: LiveServer) -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    live = LiveServer(
+    live = DemoServer(
         tmp_path_factory.mktemp("slowloris-var"),
         env={"OFFLOAD_HEADER_TIMEOUT": str(HEADER_TIMEOUT), "CORES": str(CORES)},
     )
@@ -422,7 +423,7 @@ def measure(
     cores: int = 200, timeout: float = 3.0, seconds: float = 20.0, factors: tuple = (0.0, 0.5, 0.9, 1.5, 3.0)
 ) -> None:
     """Legitimate GET /healthz latency under a sustained slowloris at rates around cores/timeout."""
-    live = LiveServer(env={"OFFLOAD_HEADER_TIMEOUT": str(timeout), "CORES": str(cores)}).prepare().start()
+    live = DemoServer(env={"OFFLOAD_HEADER_TIMEOUT": str(timeout), "CORES": str(cores)}).prepare().start()
     try:
         capacity = cores / timeout
         print(

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from offload.testing import LiveServer, RedisServer
+from tests.integration.demo import DemoServer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -364,7 +365,7 @@ def _rss_kib(pid: int) -> int:
 def stack(tmp_path, request):
     env = getattr(request, "param", {})
     redis = RedisServer(tmp_path / "redis").start()
-    server = LiveServer(tmp_path / "var", env=env, redis_url=redis.url).prepare().start()
+    server = DemoServer(tmp_path / "var", env=env, redis_url=redis.url).prepare().start()
     try:
         yield server, redis
     finally:

@@ -12,14 +12,14 @@ import uuid
 
 import pytest
 
-from offload.testing import LiveServer
+from tests.integration.demo import DemoServer
 
 pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    live = LiveServer(tmp_path_factory.mktemp("tasks-var")).prepare().start()
+    live = DemoServer(tmp_path_factory.mktemp("tasks-var")).prepare().start()
     yield live
     live.stop()
 
