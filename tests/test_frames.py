@@ -1,6 +1,5 @@
 """Client frames through wsproto, byte by byte (no sockets)."""
 
-import os
 import struct
 
 import pytest
@@ -14,23 +13,7 @@ from offload.frames import (
     ProtocolFailure,
     TextReceived,
 )
-
-
-def frame(opcode: int, payload: bytes, fin: bool = True, mask: bool = True, rsv: int = 0) -> bytes:
-    """A client frame, built by hand."""
-    head = bytes([(0x80 if fin else 0) | rsv << 4 | opcode])
-    n = len(payload)
-    bit = 0x80 if mask else 0
-    if n < 126:
-        head += bytes([bit | n])
-    elif n < 65536:
-        head += bytes([bit | 126]) + struct.pack("!H", n)
-    else:
-        head += bytes([bit | 127]) + struct.pack("!Q", n)
-    if not mask:
-        return head + payload
-    key = os.urandom(4)
-    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+from offload.testing import frame  # a client frame, built by hand (any bytes, valid or not)
 
 
 def feed_all(reader, data, step=None):

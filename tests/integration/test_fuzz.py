@@ -43,9 +43,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from offload.testing import LiveServer
+from offload.testing import LiveServer, WebSocketClient, tcp_connections, wait_for
+from offload.testing import frame as build_frame
 from tests.integration.demo import DemoServer
-from tests.integration.rawws import RawWebSocket
 
 SEED = int(os.environ.get("FUZZ_SEED", "1234"))
 ITERATIONS = int(os.environ.get("FUZZ_ITERATIONS", "800"))
@@ -225,22 +225,11 @@ def frame(
     length: int | None = None,
     encoding: str = "min",
 ) -> bytes:
-    """One client frame; ``length`` may lie, ``encoding`` may be non-minimal."""
-    n = len(payload) if length is None else length
-    head = bytes([(0x80 if fin else 0) | rsv << 4 | opcode])
-    bit = 0x80 if masked else 0
-    if encoding == "min":
-        encoding = "7" if n < 126 else "16" if n < 65536 else "64"
-    if encoding == "7" and n < 126:
-        head += bytes([bit | n])
-    elif encoding == "16" and n < 65536:
-        head += bytes([bit | 126]) + struct.pack("!H", n)
-    else:
-        head += bytes([bit | 127]) + struct.pack("!Q", n)
-    if not masked:
-        return head + payload
-    key = rng.randbytes(4)
-    return head + key + _unmask(payload, key)
+    """One client frame (offload.testing.frame) with a mask key from ``rng``; ``length`` may lie,
+    ``encoding`` may be non-minimal ("7", "16", "64")."""
+    key = rng.randbytes(4) if masked else False
+    bits = None if encoding == "min" else int(encoding)
+    return build_frame(opcode, payload, fin, key, rsv, length=length, length_bits=bits)
 
 
 ALPHABET = 'abcxyz 019{}[]":,\\\n\t\x00\x7féàß€中文字😀🎉\u200b\ufeff\U0010fffd'
@@ -465,12 +454,11 @@ class FuzzClient:
     """A raw connection that sends while it reads and parses server frames strictly."""
 
     def __init__(self, port: int, path: str) -> None:
-        raw = RawWebSocket(port, path)
-        assert raw.status == 101, f"handshake: {raw.status}"
-        self.sock = raw.sock
+        # The handshake is WebSocketClient's (it raises unless 101); the frames are parsed here, strictly.
+        self.sock, rest = WebSocketClient(f"ws://127.0.0.1:{port}{path}", auto_reply=False).detach()
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.setblocking(False)
-        self.buffer = bytearray(raw.buffer)
+        self.buffer = bytearray(rest)
         self.out = Outcome()
         self._fragments: list[bytes] = []
         self._fragment_op: int | None = None
@@ -636,16 +624,6 @@ def fuzz_server(tmp_path_factory):
         server.stop()
 
 
-def server_sockets(port: int) -> list[str]:
-    """TCP states (hex, as in /proc/net/tcp) of the server's side of its connections."""
-    states = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(FileNotFoundError), open(table) as f:
-            next(f)
-            states += [line.split()[3] for line in f if int(line.split()[1].rsplit(":", 1)[1], 16) == port]
-    return states
-
-
 def bystander_ok(ws, iteration: int, echo: bool) -> bool:
     """The bystander answers a ping, and echoes a message when ``echo``.
 
@@ -800,9 +778,15 @@ def test_random_frames_never_hurt_the_worker(fuzz_server, tmp_path):
                 break
     assert bystander_ok(bystander, -1, echo=True), "the bystander stopped working"
     bystander.close()
-    # No server socket may be left half-open once every client is gone.
-    time.sleep(3)
-    lingering = [s for s in server_sockets(server.port) if s == "08"]
+
+    # No server socket may be left half-open once every client is gone: wait (3 s at most)
+    # for the server to close its side of every connection whose client has closed.
+    def half_open() -> list:
+        return [c for c in tcp_connections(server.port) if c.state == "CLOSE_WAIT"]
+
+    with contextlib.suppress(TimeoutError):
+        wait_for(lambda: not half_open(), 3, "no server socket in CLOSE_WAIT")
+    lingering = half_open()
     elapsed = time.monotonic() - started
     print(
         f"\nfuzz seed {SEED}: {len(iterations)} connections in {elapsed:.1f} s; "
@@ -855,15 +839,14 @@ def test_deeply_nested_json_bodies_are_refused_never_a_500(fuzz_server):
     assert set(statuses) <= {200, 400}, {status: (d[0], d[-1], len(d)) for status, d in statuses.items()}
 
 
-def ending(ws: RawWebSocket, timeout: float) -> tuple[int | None, bool]:
+def ending(ws: WebSocketClient, timeout: float) -> tuple[int | None, bool]:
     """(close code or None, whether the server closed TCP) within ``timeout`` s."""
-    ws.sock.settimeout(timeout)
-    code = None
     try:
-        code = ws.read_until_close()
+        close = ws.recv_close(timeout)
     except TimeoutError:
         return None, False
-    return code, code is None or ws.at_eof(timeout)
+    code = None if close.code == 1006 else close.code  # 1006: TCP ended without a close frame
+    return code, code is None or ws.wait_eof(timeout)
 
 
 def test_the_server_closes_tcp_right_after_the_websocket_ends(tmp_path):
@@ -875,17 +858,17 @@ def test_the_server_closes_tcp_right_after_the_websocket_ends(tmp_path):
     try:
         results = {}
         for how in ("closing handshake", "client EOF", "protocol error"):
-            ws = RawWebSocket(server.port)
+            ws = server.ws_client("/ws/echo", auto_reply=False)
             if how == "closing handshake":
-                ws.send_frame(8, struct.pack("!H", 1000))
+                ws.send_raw(build_frame(8, struct.pack("!H", 1000)))
             elif how == "client EOF":
                 ws.sock.shutdown(socket.SHUT_WR)
             else:
-                ws.send_frame(3, b"reserved opcode")
+                ws.send_raw(build_frame(3, b"reserved opcode"))
             # RFC 6455 5.5.1 and 7.1.1: once the close frames are exchanged (or the
             # connection failed) the server closes the TCP connection, first.
             results[how] = ending(ws, 1)
-            ws.close()
+            ws.abort()
         assert results == {
             "closing handshake": (1000, True),
             "client EOF": (None, True),

@@ -19,9 +19,9 @@ import time
 
 import pytest
 
+from offload.testing import frame
 from tests.integration.demo import DemoServer
 from tests.integration.rawws import handshake
-from tests.test_frames import frame
 
 pytestmark = pytest.mark.timeout(120)
 

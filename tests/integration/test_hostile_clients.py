@@ -15,17 +15,16 @@ import multiprocessing
 import os
 import socket
 import statistics
-import struct
 import time
 from pathlib import Path
 
 import pytest
+from wsproto.events import CloseConnection, Pong
 
-from offload.testing import LiveServer
+from offload.testing import LiveServer, frame
 from tests.integration.demo import DemoServer
-from tests.integration.rawws import RawWebSocket, handshake
+from tests.integration.rawws import handshake
 from tests.integration.test_sse import SseClient
-from tests.test_frames import frame
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -66,22 +65,18 @@ FLOODS = {
 
 @pytest.mark.parametrize("kind", sorted(FLOODS))
 def test_a_burst_of_control_frames_or_fragments_is_closed_with_1008(server, kind):
-    ws = RawWebSocket(server.port, "/ws/echo")
+    ws = server.ws_client("/ws/echo", auto_reply=False)
     assert ws.status == 101
-    ws.send(FLOODS[kind](1000))
+    ws.send_raw(FLOODS[kind](1000))
     pongs = 0
-    code = None
-    while code is None:
-        opcode, payload = ws.read_frame()
-        if opcode == 0xA:
+    while not isinstance(event := ws.recv_event(), CloseConnection):
+        if isinstance(event, Pong):
             pongs += 1
-        elif opcode == 8:
-            code = struct.unpack("!H", payload[:2])[0]
-            reason = payload[2:].decode()
+    code, reason = event.code, event.reason
     assert (code, reason) == (1008, "rate limit exceeded")
     # The pings within the burst were answered, none after the limit.
     assert pongs == CONTROL_BURST if kind == "ping" else pongs == 0
-    ws.close()
+    ws.abort()
     assert "sends frames faster than its rate limit: closing it with 1008" in server.log_text()
 
 

@@ -8,8 +8,8 @@ import time
 import pytest
 import websocket
 
+from offload.testing import frame, wait_for
 from tests.integration.demo import DemoServer
-from tests.integration.rawws import RawWebSocket
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -35,14 +35,8 @@ def test_connections_per_ip_are_capped_across_the_instance(server):
         server.websocket("/ws/echo")
     assert info.value.status_code == 429
     sockets.pop().close()
-    deadline = time.monotonic() + 5
-    while True:  # the slot is freed when the server notices the close
-        try:
-            sockets.append(server.websocket("/ws/echo"))
-            break
-        except websocket.WebSocketBadStatusException:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+    # The slot is freed when the server notices the close (429 until then).
+    sockets.append(wait_for(lambda: server.websocket("/ws/echo"), 5, "the closed socket's slot to be freed"))
     for ws in sockets:
         ws.close()
 
@@ -68,12 +62,12 @@ def test_event_streams_count_against_the_same_per_ip_cap(server):
 
 
 def test_message_rate_is_limited_with_a_policy_close(server):
-    ws = RawWebSocket(server.port)
+    ws = server.ws_client("/ws/echo", auto_reply=False)
     for n in range(200):  # far above 20/s with a burst of 40
-        ws.send_frame(1, b"%d" % n)
-    code = ws.read_until_close()
+        ws.send_raw(frame(1, b"%d" % n))
+    code = ws.recv_close().code
     assert code == 1008
-    ws.close()
+    ws.abort()
 
 
 def test_a_client_within_the_rate_keeps_its_connection(server):
@@ -100,7 +94,7 @@ def test_a_handshake_that_never_completes_is_dropped(server):
 
 
 def test_message_size_limit_closes_with_1009(server):
-    ws = RawWebSocket(server.port)
-    ws.send_frame(1, b"x" * (64 * 1024 + 1))
-    assert ws.read_until_close() == 1009
-    ws.close()
+    ws = server.ws_client("/ws/echo", auto_reply=False)
+    ws.send_raw(frame(1, b"x" * (64 * 1024 + 1)))
+    assert ws.recv_close().code == 1009
+    ws.abort()
