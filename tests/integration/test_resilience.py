@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from offload.testing import LiveServer, RedisServer
+from offload.testing import LiveServer, RedisServer, frame, timeout_factor, wait_for
 from tests.integration.demo import DemoServer
 
 pytestmark = pytest.mark.timeout(150)
@@ -43,21 +43,6 @@ StreamId = tuple[int, int]
 
 
 # -- helpers -------------------------------------------------------------------
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
-    """Poll ``predicate`` until it is truthy; fail with ``what`` after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            result = predicate()
-        except (OSError, ValueError):  # e.g. the stats server is restarting
-            result = None
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 def parse_id(text: str) -> StreamId:
@@ -478,13 +463,13 @@ class Swarm(threading.Thread):
             elif opcode == 1:
                 self._text(sub, payload)
             elif opcode == 9:
-                self._send(sub, _client_frame(10, payload))
+                self._send(sub, frame(10, payload))
             elif opcode == 8:
                 code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
                 sub.closes.append((time.monotonic(), code))
                 sub.note(f"close {code}")
                 try:
-                    self._send(sub, _client_frame(8, payload[:2]))
+                    self._send(sub, frame(8, payload[:2]))
                 except OSError:
                     pass
                 self._disconnect(sub)
@@ -569,12 +554,6 @@ class Swarm(threading.Thread):
         sub.state = "idle"
         sub.live = False
         sub.due = now + delay
-
-
-def _client_frame(opcode: int, payload: bytes) -> bytes:
-    key = os.urandom(4)
-    masked = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
-    return bytes([0x80 | opcode, 0x80 | len(payload)]) + key + masked
 
 
 # -- the exact delivery check -------------------------------------------------------
@@ -693,7 +672,7 @@ def resubscribe_latencies(subscribers: list[Subscriber], after: float) -> list[f
 def wait_caught_up(subscribers: list[Subscriber], publisher: Publisher, timeout: float) -> None:
     """Wait until every subscriber has the last acknowledged id."""
     last = publisher.last_acked()
-    wait_until(
+    wait_for(
         lambda: all(s.last is not None and s.last >= last for s in subscribers),
         timeout,
         f"every subscriber to receive {last} "
@@ -754,7 +733,7 @@ class Stack:
         try:
             publisher.publish_until_acked()  # history exists: every "subscribed" has a last_id
             swarm.start()
-            wait_until(swarm.all_live, 60, f"{subscribers} subscriptions")
+            wait_for(swarm.all_live, 60, f"{subscribers} subscriptions")
         except BaseException:
             stack.stop()
             raise
@@ -771,7 +750,7 @@ class Stack:
                 self.redis.stop()
 
     def settle(self, timeout: float = 30) -> None:
-        wait_until(
+        wait_for(
             self.swarm.all_live,
             timeout,
             f"every subscriber to resubscribe ({self.swarm.count(lambda s: not s.live)} not live)",
@@ -789,7 +768,7 @@ class Stack:
         restart_at = time.monotonic()  # from here on publishes may succeed again
         self.redis.start()
         up_at = time.monotonic()
-        wait_until(
+        wait_for(
             lambda: any(started >= up_at and label == "acked" for started, _, label in list(pub.durations)),
             20,
             "a publish to succeed after Redis came back",
@@ -815,7 +794,7 @@ class Stack:
         old = worker_pids(self.server)
         hup_at = time.monotonic()
         os.kill(self.server.proc.pid, signal.SIGHUP)
-        wait_until(
+        wait_for(
             lambda: all(first_loss_after(s, hup_at) for s in self.subs),
             10,
             "every socket to be closed by the reload",
@@ -823,12 +802,12 @@ class Stack:
         losses = [first_loss_after(s, hup_at) for s in self.subs]
         codes = Counter(code for _, code in losses)
         closed_in = max(t for t, _ in losses) - hup_at
-        pids = wait_until(
+        pids = wait_for(
             lambda: (p := worker_pids(self.server)) and len(p) == self.workers and not set(p) & set(old) and p,
             timeout,
             "new workers after the reload",
         )
-        wait_until(lambda: self.server.http().request("GET", "/healthz", timeout=2)[0] == 200, 10, "healthz")
+        wait_for(lambda: self.server.http().request("GET", "/healthz", timeout=2)[0] == 200, 10, "healthz")
         serving_in = time.monotonic() - hup_at
         self.settle()
         resubscribed = resubscribe_latencies(self.subs, hup_at)
@@ -850,14 +829,14 @@ class Stack:
         victim = max(held, key=held.get)
         killed_at = time.monotonic()
         os.kill(victim, signal.SIGKILL)
-        pids = wait_until(
+        pids = wait_for(
             lambda: (p := worker_pids(self.server)) and len(p) == self.workers and victim not in p and p,
             20,
             "the master to respawn the killed worker",
         )
         respawned_in = time.monotonic() - killed_at
         if held[victim]:
-            wait_until(lambda: any(first_loss_after(s, killed_at) for s in self.subs), 10, "the victim's clients")
+            wait_for(lambda: any(first_loss_after(s, killed_at) for s in self.subs), 10, "the victim's clients")
         self.settle()
         losses = [first_loss_after(s, killed_at) for s in self.subs]
         dropped = [loss for loss in losses if loss]
@@ -1105,7 +1084,7 @@ def test_slow_consumers_are_cut_off_while_fast_ones_get_everything(tmp_path):
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        time.sleep(0.3)
+        wait_for(lambda: len(rss) >= 6, 5, "a baseline of worker RSS samples")  # before any message
         for _ in range(80):
             stack.publisher.publish_once()
         published_at = time.monotonic()
@@ -1117,7 +1096,7 @@ def test_slow_consumers_are_cut_off_while_fast_ones_get_everything(tmp_path):
             states = tcp_states(stack.server.port)
             return all(states.get(c.port, ("gone", 0))[0] != "01" for c in stalled)
 
-        wait_until(closed_by_server, 15, "the server to close the stalled sockets")
+        wait_for(closed_by_server, 15, "the server to close the stalled sockets")
         stalled_closed_in = time.monotonic() - published_at
         report = stack.finish()
         sampling.set()
@@ -1171,12 +1150,18 @@ def test_live_delivery_resumes_before_the_history_window_is_exceeded_after_a_red
         report = stack.finish()
     finally:
         stack.stop()
-    if burst_s > 1.6:
-        pytest.skip(f"too slow to make the point: {burst} publishes took {burst_s:.1f} s")
     unrecovered = sum(len(s.unrecovered) for s in stack.subs)
     assert report.ok, (
         f"{burst} publishes in {burst_s:.2f} s after Redis came back; {unrecovered} 'recovered: false'; "
         + (report.summary())
+    )
+    # The point needs the burst's pace: slower, the 100-message history outlasts even the
+    # old 2 s backoff and nothing is proved. A slow machine fails here instead of skipping;
+    # OFFLOAD_TEST_TIMEOUT_FACTOR stretches the budget (and so loosens the point) knowingly.
+    budget = 1.6 * timeout_factor()
+    assert burst_s <= budget, (
+        f"too slow to make the point: {burst} publishes took {burst_s:.1f} s, more than {budget:.1f} s "
+        f"(OFFLOAD_TEST_TIMEOUT_FACTOR={timeout_factor():g})"
     )
 
 
@@ -1188,6 +1173,18 @@ BUSY_SCRIPT = (
 )
 
 
+def redis_busy(server: RedisServer) -> bool:
+    """Is Redis running a script? It answers nobody meanwhile, not even a PING (then "-BUSY")."""
+    with socket.socket(socket.AF_UNIX) as probe:
+        probe.settimeout(0.1)
+        probe.connect(str(server.socket))
+        probe.sendall(b"PING\r\n")
+        try:
+            return not probe.recv(64).startswith(b"+PONG")
+        except TimeoutError:
+            return True
+
+
 def test_a_publish_is_published_at_most_once_and_never_after_a_503(tmp_path):
     stack = Stack.start(tmp_path, subscribers=3, channel=f"public:slow-redis-{os.getpid()}", workers=1)
     outcomes = {}
@@ -1195,12 +1192,13 @@ def test_a_publish_is_published_at_most_once_and_never_after_a_503(tmp_path):
         for busy in (3, 5):  # seconds Redis is busy (the client timeout is 2 s)
             blocker = threading.Thread(target=lambda b=busy: stack.redis.client().eval(BUSY_SCRIPT, 0, b))
             blocker.start()
-            time.sleep(0.2)
+            wait_for(lambda: redis_busy(stack.redis), 5, "Redis to run the busy script")
             outcome, _ = stack.publisher.publish_once()
             blocker.join()
             outcomes[busy] = (outcome, stack.publisher.token)
-        time.sleep(0.5)
-        stack.publisher.publish_until_acked()  # then one more, to know when everything arrived
+        # Then one more: Redis runs commands in order, so once it is delivered everything
+        # published (or queued in Redis during the script) before it has arrived.
+        stack.publisher.publish_until_acked()
         wait_caught_up(stack.subs, stack.publisher, 20)
     finally:
         stack.stop()
