@@ -10,6 +10,8 @@ import time
 import pytest
 import websocket
 
+from offload.testing import wait_for
+
 pytestmark = pytest.mark.timeout(120)
 
 
@@ -242,10 +244,11 @@ def test_many_sockets_in_one_worker_share_one_redis_subscription(offload_server)
     for ws in sockets:
         ws.close()
     # When the last local socket leaves, the hub unsubscribes in Redis.
-    deadline = time.monotonic() + 10
-    while dict(redis.pubsub_numsub("offload:c:public:many"))[b"offload:c:public:many"] != 0:
-        assert time.monotonic() < deadline, "hub did not unsubscribe"
-        time.sleep(0.05)
+    wait_for(
+        lambda: dict(redis.pubsub_numsub("offload:c:public:many"))[b"offload:c:public:many"] == 0,
+        10,
+        "the hub to unsubscribe",
+    )
 
 
 def test_database_connections_are_released_and_django_finishes_upgraded_requests(offload_server):
@@ -260,9 +263,12 @@ def test_database_connections_are_released_and_django_finishes_upgraded_requests
     db_fds = [fd for fd in os.listdir(f"/proc/{pid}/fd") if "db.sqlite3" in _readlink(f"/proc/{pid}/fd/{fd}")]
     # 20 authenticated sockets hold no database connection each (at most the pool's few).
     assert len(db_fds) <= 4, db_fds
+    closing = offload_server.sockets_of(ws.sock.getsockname()[1] for ws in sockets)
+    assert len(closing) == len(sockets)
     for ws in sockets:
         ws.close()
-    time.sleep(0.5)
+    # The server is done with them: each socket's end ran, up to closing it.
+    wait_for(lambda: not offload_server.holds_sockets(closing), 10, "the server to close the 20 sockets")
     log = offload_server.log_text()
     assert "headers already sent" not in log
     assert "Traceback" not in log

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from offload.testing import RedisServer
+from offload.testing import RedisServer, wait_for
 from tests.integration.demo import DemoServer
 
 pytestmark = pytest.mark.timeout(120)
@@ -59,7 +59,8 @@ def test_redis_restart_keeps_sockets_open_fails_fast_and_loses_nothing(stack):
     # Published before the hub has resubscribed: only history has it, and the
     # socket must still get it (re-sync after the outage), then live ones.
     ids = [server.publish("public:outage", n) for n in range(3)]
-    time.sleep(3)
+    name = b"offload:c:public:outage"
+    wait_for(lambda: dict(server.redis().pubsub_numsub(name))[name] == 1, 10, "the hub to resubscribe in Redis")
     ids.append(server.publish("public:outage", "live again"))
     got = [recv(ws) for _ in range(4)]
     assert [m["id"] for m in got if m["type"] == "message"] == ids

@@ -27,7 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from offload.testing import LiveServer, free_port
+from offload.testing import LiveServer, free_port, wait_for
 from tests.integration.demo import DemoServer
 
 pytestmark = pytest.mark.timeout(180)
@@ -79,19 +79,9 @@ def values(fields: list, name: str) -> list[str]:
     return [value for key, value in fields if key.lower() == name.lower()]
 
 
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 def gate_ready(server: LiveServer) -> None:
     """The upstream gate is a daemon uWSGI starts next to the workers."""
-    wait_until((server.var_dir / "upstream.sock").exists, 20, "the upstream gate's socket")
+    wait_for((server.var_dir / "upstream.sock").exists, 20, "the upstream gate's socket")
 
 
 class RecordingUpstream:
@@ -133,7 +123,7 @@ class RecordingUpstream:
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
     def received(self, token: str) -> list[tuple[str, str]]:
-        return wait_until(
+        return wait_for(
             lambda: next((headers for path, headers in self.requests if token in path), None),
             10,
             f"the upstream request with {token}",
@@ -442,23 +432,23 @@ def test_a_client_that_leaves_frees_the_gate_and_the_upstream_connection(hand_of
         target = "/?" + urllib.parse.urlencode({"upstream": f"{upstream.url}/slow?mode=hang&{token}={i}"})
         client.sendall(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
         clients.append(client)
-    wait_until(lambda: sum(token in path for path, _ in upstream.requests) == 5, 10, "5 requests at the upstream")
+    wait_for(lambda: sum(token in path for path, _ in upstream.requests) == 5, 10, "5 requests at the upstream")
     assert gate_fds() >= idle + 10  # a socket from uWSGI and one to the upstream each
     for client in clients:
         client.close()
-    wait_until(lambda: gate_fds() == idle, 10, "the gate to close both sides")  # not after the 60 s timeout
+    wait_for(lambda: gate_fds() == idle, 10, "the gate to close both sides")  # not after the 60 s timeout
 
 
 def test_without_its_gate_the_hand_off_is_a_502_until_uwsgi_restarts_the_gate(hand_off_server, upstream):
     gate = hand_off_server.var_dir / "upstream.sock"
     old_pid = int((hand_off_server.var_dir / "upstream.pid").read_text())
     os.kill(old_pid, signal.SIGTERM)
-    wait_until(lambda: not gate.exists(), 10, "the gate to remove its socket")
+    wait_for(lambda: not gate.exists(), 10, "the gate to remove its socket")
     target = "/?" + urllib.parse.urlencode({"upstream": f"{upstream.url}/slow?gate=1"})
     status, fields, _ = raw_request(hand_off_server.port, target)
     assert status == 502  # not a closed connection
     assert_security_headers(fields, "sandbox")
-    wait_until(gate.exists, 20, "uWSGI to start the gate again")
+    wait_for(gate.exists, 20, "uWSGI to start the gate again")
     assert int((hand_off_server.var_dir / "upstream.pid").read_text()) != old_pid
     assert raw_request(hand_off_server.port, target)[0] == 200
 
@@ -523,13 +513,13 @@ def test_var_is_owner_only_after_prepare_run_login_publish_and_a_report(private_
     alice.login("alice")  # a session row (and SQLite's WAL) in db.sqlite3
     message_id = private_server.publish("public:private-check", {"n": 1})
     aof = var / "appendonlydir"
-    wait_until(lambda: any(message_id.encode() in p.read_bytes() for p in aof.iterdir() if p.is_file()), 10, "the AOF")
+    wait_for(lambda: any(message_id.encode() in p.read_bytes() for p in aof.iterdir() if p.is_file()), 10, "the AOF")
     private_server.redis().bgsave()
-    wait_until((var / "dump.rdb").exists, 10, "Redis' dump.rdb")
+    wait_for((var / "dump.rdb").exists, 10, "Redis' dump.rdb")
     status, _, body = alice.post_csrf("/reports/", {"seconds": "0", "rows": "100"})
     assert status == 202
     task_id = json.loads(body)["task_id"]
-    wait_until(lambda: list((var / "files" / "reports").glob(f"*/{task_id}.csv")), 30, "the report file")
+    wait_for(lambda: list((var / "files" / "reports").glob(f"*/{task_id}.csv")), 30, "the report file")
 
     exposed = []
     for root, dirs, files in os.walk(var):
@@ -558,7 +548,7 @@ def test_the_stats_server_which_shows_cookies_in_flight_is_a_private_unix_socket
             sock.connect(str(private_server.var_dir / "stats.sock"))
             return b"".join(iter(lambda: sock.recv(65536), b""))
 
-    wait_until(lambda: alice.cookie("sessionid").encode() in stats(), 10, "the stats to show the request")
+    wait_for(lambda: alice.cookie("sessionid").encode() in stats(), 10, "the stats to show the request")
     slow.close()
     mode = (private_server.var_dir / "stats.sock").stat().st_mode
     assert stat.S_ISSOCK(mode) and not mode & 0o077

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from offload.testing import LiveServer, RedisServer
+from offload.testing import LiveServer, RedisServer, wait_for
 from tests.integration.demo import DemoServer
 
 pytestmark = pytest.mark.timeout(120)
@@ -62,6 +62,18 @@ class SseClient:
             self.last_id = fields["id"]
         return fields
 
+    def comment(self) -> str:
+        """Read up to the next comment line (a keepalive ping); an event before it is an error."""
+        while True:
+            line = self.response.readline()
+            if not line:
+                raise EOFError("the server ended the stream")
+            line = line.decode().rstrip("\r\n")
+            if line.startswith(":"):
+                self.comments.append(line[1:].strip())
+                return self.comments[-1]
+            assert not line, f"an event field before the comment: {line!r}"
+
     def message(self) -> dict:
         event = self.event()
         assert event["event"] == "message", event
@@ -101,10 +113,9 @@ def numsub(server: LiveServer, channel: str) -> int:
 
 
 def wait_numsub(server: LiveServer, channel: str, expected: int, timeout: float = 5) -> float:
+    """Wait until Redis counts ``expected`` subscribers of ``channel`` (the workers' hubs); the seconds it took."""
     started = time.monotonic()
-    while numsub(server, channel) != expected:
-        assert time.monotonic() - started < timeout, f"PUBSUB NUMSUB {channel} stayed != {expected}"
-        time.sleep(0.02)
+    wait_for(lambda: numsub(server, channel) == expected, timeout, f"PUBSUB NUMSUB {channel} == {expected}", 0.02)
     return time.monotonic() - started
 
 
@@ -147,7 +158,7 @@ def test_without_a_position_the_stream_starts_after_the_newest_message(offload_s
 def test_keepalive_comments_flow_while_idle(offload_server):
     stream = SseClient(offload_server, "/sse/?channel=public:sse-idle")
     stream.subscribed()
-    time.sleep(2.5)  # OFFLOAD_PING_INTERVAL is 1 s in the test server
+    assert (stream.comment(), stream.comment()) == ("ping", "ping")  # OFFLOAD_PING_INTERVAL is 1 s in the test server
     message_id = offload_server.publish("public:sse-idle", "after the pings")
     assert stream.message()["id"] == message_id
     assert len(stream.comments) >= 2 and set(stream.comments) == {"ping"}
@@ -317,10 +328,13 @@ def test_the_stream_ends_and_leaves_the_hub_when_the_client_disconnects(offload_
     for stream in streams:
         stream.subscribed()
     assert numsub(offload_server, channel) == 1
+    closing = offload_server.sockets_of(stream.sock.getsockname()[1] for stream in streams[:2])
+    assert len(closing) == 2
     for stream in streams[:2]:
         stream.close()
-    time.sleep(0.3)
-    assert numsub(offload_server, channel) == 1  # one stream is still open
+    # Their streams ended and left the hub (a stream leaves the hub before its socket is closed) ...
+    wait_for(lambda: not offload_server.holds_sockets(closing), 5, "the server to close the two streams' sockets")
+    assert numsub(offload_server, channel) == 1  # ... and one stream is still open
     message_id = offload_server.publish(channel, "still here")
     assert streams[2].message()["id"] == message_id
     streams[2].close()
@@ -342,7 +356,7 @@ def test_many_idle_streams_are_held_by_one_worker_with_one_redis_subscription(of
     assert offload_server.worker_pids() == [pid]
     busy = [core for w in offload_server.stats()["workers"] for core in w["cores"] if core["in_request"]]
     assert len(busy) < 10  # streams leave the uWSGI request after the headers: no core each
-    time.sleep(1.5)  # idle: pings only
+    assert all(stream.comment() == "ping" for stream in streams)  # idle: pings only, to every stream
     message_id = offload_server.publish(channel, "to all")
     assert all(stream.message()["id"] == message_id for stream in streams)
     for stream in streams:
@@ -385,7 +399,7 @@ def test_a_redis_restart_keeps_the_stream_open_and_loses_nothing(stack):
     redis.start()  # same socket, same append-only file: history survives
     # Published before the hub has resubscribed: only history has it.
     ids = [server.publish(channel, n) for n in range(3)]
-    time.sleep(3)
+    wait_numsub(server, channel, 1, timeout=10)  # the hub is back on the channel
     ids.append(server.publish(channel, "live again"))
     got = []
     while len(got) < len(ids):

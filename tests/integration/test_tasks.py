@@ -12,6 +12,7 @@ import uuid
 
 import pytest
 
+from offload.testing import wait_for
 from tests.integration.demo import DemoServer
 
 pytestmark = pytest.mark.timeout(180)
@@ -89,10 +90,7 @@ def test_a_failing_task_reaches_the_user_as_an_error_and_leaves_no_spool_file(se
     events = task_events(ws, task_id)
     assert events[-1]["state"] == "failed"
     assert events[-1]["error"] == "the report generator was asked to fail"
-    deadline = time.monotonic() + 5
-    while list((server.var_dir / "spool").iterdir()):
-        assert time.monotonic() < deadline, "spool file left behind"
-        time.sleep(0.1)
+    wait_for_no_spool_files(server, 5)
     ws.close()
 
 
@@ -139,10 +137,8 @@ def write_spool_file(server, task: str, channel: str, kwargs: dict, task_id: str
 
 
 def wait_for_no_spool_files(server, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while list((server.var_dir / "spool").iterdir()):
-        assert time.monotonic() < deadline, "spool file left behind"
-        time.sleep(0.1)
+    """The spooler removes a task's file once it ran (or gave up): fail if one is left behind."""
+    wait_for(lambda: not list((server.var_dir / "spool").iterdir()), timeout, "the spool files to go", 0.1)
 
 
 def spooler_pids(server) -> list[int]:
