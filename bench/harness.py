@@ -1,14 +1,11 @@
 """The skeleton every scenario runs on: servers, helper processes, measuring windows, collection.
 
-A scenario is a sequence of *windows*. Subscriber clients
-(``bench.loadclient.subscribers``) open a window, something publishes (the
-client itself over HTTP, or a publisher process alone), the window closes,
-and every client is told which publishes it must have received; CPU per
-process group is read at the window's edges. At the end the clients report
-every window's figures, which are merged across processes. ``Bench`` owns
-every server and process it starts and stops them (by pid) on every way
-out, and each Channels setup of a comparison runs in a :meth:`Bench.scope`
-of its own, so one broken setup loses nothing else.
+A scenario is a sequence of *windows*: the subscriber clients open one,
+something publishes, the window closes and every client is told which
+publishes it must have received; CPU per process group is read at the
+window's edges. ``Bench`` owns every server and process it started and stops
+them (by pid) on every way out; each Channels setup runs in a
+:meth:`Bench.scope` of its own, so one broken setup loses nothing else.
 """
 
 from __future__ import annotations

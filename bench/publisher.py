@@ -1,22 +1,13 @@
 """``python -m bench.publisher CONFIG_JSON`` (project .venv): ``offload.publish()`` from a Django process.
 
 The bench publishes from Python through the library itself (pooled Redis
-client, the Lua script, the idempotency token), with the project's own
-settings, as a view or a task does: so it measures what users run and never
-keeps a copy of the publish code in sync.
-
-Config: ``redis_url`` (the server's Redis), ``var_dir`` (a scratch
-``OFFLOAD_VAR_DIR`` for the settings), ``mode``, ``concurrency``,
-``seconds``, ``first``, optionally ``rate`` (paced; else closed loop), and
-``channel`` or ``channels`` (``bench/spread.py``). ``mode``:
-
-* ``gevent``: greenlets after ``gevent.monkey.patch_all()``, as views run in
-  the project's uWSGI workers (``gevent-early-monkey-patch``);
-* ``threads``: OS threads, as in a threaded WSGI server or a task runner.
-
-Every caller publishes once to ``public:warmup`` (nobody listens) before
-``ready``, so connections and the script are loaded; then the ``bench.publoop``
-protocol: ``go``, one ``result`` line, exit at EOF.
+client, Lua script, idempotency token) with the project's own settings, as a
+view or a task does: it measures what users run and keeps no copy of the
+publish code. ``mode`` ``gevent``: greenlets after monkey-patching, as views
+run in the project's uWSGI workers; ``threads``: OS threads, as in a threaded
+server or a task runner. Each caller publishes once to ``public:warmup``
+before ``ready`` (connections and script loaded); then ``bench.publoop``'s
+protocol.
 """
 
 from __future__ import annotations

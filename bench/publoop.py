@@ -1,20 +1,13 @@
 """One publisher run, whoever publishes (stdlib only: every environment of the bench imports it).
 
-Every publisher of the bench goes through :class:`PublishRun`: the HTTP
-publishes and view probes of the load client, ``offload.publish()`` in
-``bench/publisher.py`` and ``group_send`` in
-``bench/channels_anchor/publisher.py``. So each is numbered, paced, timed
-and reported the same way, and a subscriber can count what it must get
-(``bench/spread.py``).
-
-``callers`` callers take numbers until the run is over: without a rate as
-fast as they can (closed loop: throughput), with a rate each number is due
-at ``first + n / rate`` s (open loop, at most ``callers`` in flight, so a
-stalled server shows as latency, not as fewer samples).
-
-Publisher processes speak JSON lines with the orchestrator (``bench.clients``):
-``ready`` once set up, then a ``go`` line, then one ``result`` line; they exit
-at EOF of stdin, after the orchestrator has read their CPU time.
+The HTTP publishes and view probes of the load client, ``offload.publish()``
+(``bench/publisher.py``) and ``group_send`` (``channels_anchor/publisher.py``)
+all go through :class:`PublishRun`, so each is numbered, paced, timed and
+reported the same way. Without a rate, callers call as fast as they can
+(closed loop: throughput); with one, number ``n`` is due at ``n / rate`` s
+(open loop, at most ``callers`` in flight: a stalled server shows as latency,
+not as fewer samples). Publisher processes say ``ready``, wait for ``go``,
+print one ``result`` and exit at EOF, after the orchestrator read their CPU.
 """
 
 from __future__ import annotations

@@ -23,6 +23,8 @@ def cell(value, suffix: str = "") -> str:
     """A table cell: numbers rounded for reading, missing values as an em dash."""
     if value is None:
         return "—"
+    if isinstance(value, str):
+        return value
     if isinstance(value, float):
         text = f"{value:.0f}" if abs(value) >= 100 else f"{value:.2f}" if abs(value) < 10 else f"{value:.1f}"
         return text + suffix
@@ -35,10 +37,6 @@ def table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-def _text(value) -> str:
-    return value if isinstance(value, str) else cell(value)
-
-
 def columns_table(columns: list[Column], rows: list[tuple[str, dict]], first: str = "window") -> str:
     """One row per ``(title, item)``, a cell per column; an item with an ``error`` shows it instead."""
     out = []
@@ -46,13 +44,13 @@ def columns_table(columns: list[Column], rows: list[tuple[str, dict]], first: st
         if "error" in item:
             out.append([f"{title}: FAILED ({item['error'][:160]})"] + [""] * len(columns))
         else:
-            out.append([title] + [_text(get(item)) for _, get in columns])
+            out.append([title] + [cell(get(item)) for _, get in columns])
     return table([first] + [head for head, _ in columns], out)
 
 
 def grid(first: str, rows: list[tuple[str, Callable]], columns: list[tuple[str, Callable]]) -> str:
     """The transposed form: one row per ``(title, getter)``, the cell of a column is ``column(getter)``."""
-    rows = [[t] + [_text(f(get)) for _, f in columns] for t, get in rows]
+    rows = [[t] + [cell(f(get)) for _, f in columns] for t, get in rows]
     return table([first] + [head for head, _ in columns], rows)
 
 

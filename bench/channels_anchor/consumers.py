@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from urllib.parse import parse_qs
 
 from channels.generic.websocket import AsyncWebsocketConsumer
@@ -43,14 +42,6 @@ class ChannelConsumer(AsyncWebsocketConsumer):
     async def disconnect(self, code) -> None:
         for group in self.groups_joined:
             await self.channel_layer.group_discard(group, self.channel_name)
-
-    async def receive(self, text_data=None, bytes_data=None) -> None:
-        """Only the application-level ping (the bench's subscribers send nothing)."""
-        try:
-            ping = json.loads(text_data or "").get("type") == "ping"
-        except (ValueError, AttributeError):
-            ping = False
-        await self.send(text_data='{"type":"pong"}' if ping else protocol.error("unknown_type", "only ping here"))
 
     async def offload_message(self, event: dict) -> None:
         """Group message ``{"type": "offload.message", "text": ENVELOPE}``: forwarded as it is."""

@@ -2,15 +2,9 @@
 
 What a Channels project does to publish from outside a consumer (a view, a
 task): ``await channel_layer.group_send(group, {"type": "offload.message",
-"text": ENVELOPE})``, the message the anchor's publish view sends, so its
-consumers forward it unchanged. The layer is built as the anchor's settings
-build it (same class, Redis URL and prefix of the running anchor), on uvloop.
-Run from the project directory with ``PYTHONPATH`` set to it (``bench.spread``,
-``bench.publoop`` and ``protocol`` are standard library only).
-
-Config: ``redis_url``, ``layer``, ``prefix``, ``seconds``, ``first``,
-``concurrency``, optionally ``rate``, ``channel`` or ``channels``; the
-``bench.publoop`` protocol (``ready``, ``go``, ``result``, exit at EOF).
+"text": ENVELOPE})``, as the anchor's publish view does, with the layer built
+as its settings build it (class, Redis URL, the running anchor's prefix), on
+uvloop; then ``bench.publoop``'s protocol.
 """
 
 from __future__ import annotations

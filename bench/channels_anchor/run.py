@@ -1,16 +1,10 @@
 """``run.py SERVER LAYER PORT REDIS_URL`` (channels venv): the anchor under daphne or uvicorn, in this process.
 
-The server's CLI entry point is called here, so the pid the orchestrator
-started is the server's (nothing forks: its CPU is read from that pid).
-Equivalent to::
-
-    daphne -e tcp:port=PORT:interface=127.0.0.1:backlog=1024 -v 0 channels_anchor.asgi:application
-    uvicorn channels_anchor.asgi:application --port PORT --backlog 1024 --loop uvloop --http httptools \\
-        --ws websockets-sansio --log-level warning --no-access-log --lifespan off
-
-Backlog 1024 is what the project's test server gives uWSGI (daphne's -p
-would leave Twisted's 50). ``channels_anchor`` is registered as a package
-from this directory, so nothing else under ``bench/`` lands on ``sys.path``.
+The server's CLI entry point runs here, so the pid the orchestrator started
+is the server's (its CPU is read from that pid). Backlog 1024 is what the
+project's test server gives uWSGI (daphne's -p would leave Twisted's 50).
+``channels_anchor`` is registered as a package from this directory, so
+nothing else under ``bench/`` lands on ``sys.path``.
 """
 
 from __future__ import annotations

@@ -1,20 +1,13 @@
 """Start and stop one Channels anchor server; standard library only (the orchestrator imports it).
 
-The server runs under ``bench/.venv-channels`` (Django 5.2, Channels 4,
-channels_redis, daphne, uvicorn; ``bench/requirements-channels.txt``), one
-process with one event loop, to compare with one uWSGI worker. It speaks the
-part of ``docs/protocol.md`` the load client uses: ``/ws/?channel=C`` (first
-``subscribed``, then ``message`` envelopes), ``POST /api/publish/<channel>``
-with a bearer key, and ``GET /probe/`` (a sync view).
-
-Worth knowing when reading the results:
-
-* Every start gets its own channel-layer prefix, so group members left in
-  the shared Redis by an earlier run cannot slow this one down.
-* The core layer drops whole broadcasts, silently, once 100 group messages
-  wait in Redis for one server process (``capacity`` 100); the pubsub layer
-  never drops, its per-socket queues grow instead.
-* ``subscribed`` always has ``"last_id": null`` (Channels keeps no history).
+The server runs under ``bench/.venv-channels`` (``requirements-channels.txt``),
+one process and one event loop, to compare with one uWSGI worker; it speaks
+the part of ``docs/protocol.md`` the load client uses. Every start gets its
+own channel-layer prefix, so group members left in the shared Redis by an
+earlier run cannot slow this one down. Worth knowing when reading results:
+the core layer drops whole broadcasts, silently, once 100 group messages wait
+for one server process (``capacity``); the pubsub layer never drops, its
+per-socket queues grow instead.
 """
 
 from __future__ import annotations

@@ -1,12 +1,9 @@
 """Settings of the Channels anchor: no database, no auth, no sessions, no access log.
 
-Environment (set by ``run.py`` and ``server.ChannelsServer``): ``REDIS_URL``
-(the run's Redis, as a redis-py URL), ``CHANNEL_LAYER`` (``core`` or
-``pubsub``), ``API_KEY`` (bearer key of the publish view; empty: 403, as in
-the project) and ``CHANNELS_PREFIX`` (the layer's Redis prefix, new at every
-start). The layers keep their library defaults (core: capacity 100, expiry
-60 s, group_expiry 1 day): the comparison is with what a Channels user gets
-out of the box.
+``REDIS_URL``, ``CHANNEL_LAYER`` (``core``/``pubsub``), ``API_KEY`` and
+``CHANNELS_PREFIX`` come from ``run.py`` and ``server.ChannelsServer``. The
+layers keep their library defaults (core: capacity 100, expiry 60 s): the
+comparison is with what a Channels user gets out of the box.
 """
 
 import os
@@ -30,10 +27,4 @@ ROOT_URLCONF = "channels_anchor.urls"
 ASGI_APPLICATION = "channels_anchor.asgi.application"
 USE_TZ = True
 USE_I18N = False
-# warnings to stderr; CHANNELS_REDIS_LOG_LEVEL=INFO shows channels_redis' "over capacity" lines
-LOGGING = {
-    "version": 1,
-    "handlers": {"stderr": {"class": "logging.StreamHandler"}},
-    "root": {"handlers": ["stderr"], "level": "WARNING"},
-    "loggers": {"channels_redis": {"level": os.environ.get("CHANNELS_REDIS_LOG_LEVEL", "WARNING")}},
-}
+# no LOGGING: warnings and errors reach stderr (Python's last-resort handler)

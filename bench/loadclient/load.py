@@ -1,14 +1,11 @@
 """The background load of the offloading scenario: slow downloads and long report tasks.
 
-On ``start``: ``downloads`` clients GET a large protected file with the
-session cookie and read it at ``rate_bps`` through a small receive buffer
-(restarting when one finishes, so all stay in flight), and ``tasks``
-``POST /reports/`` start report tasks. With offloading the POST answers 202
-at once and a spooler runs the task; without, the view runs it and answers
-only when done, so the POSTs are fired, not awaited. A websocket on the
-user's channel records the tasks' progress messages: they tell when tasks
-really ran. ``loaded`` once every download has its response headers; on
-``stop`` everything is cancelled and a ``summary`` emitted.
+``downloads`` clients read a large protected file at ``rate_bps`` through a
+small receive buffer (restarting when one ends, so all stay in flight);
+``tasks`` ``POST /reports/`` start report tasks, fired and not awaited (with
+offloading disabled the view answers only when the task is done). A
+websocket on the user's channel records the tasks' progress messages: they
+tell when the tasks really ran.
 """
 
 from __future__ import annotations

@@ -1,18 +1,14 @@
 """Websockets that stop reading once subscribed, watched from the kernel's side (slow consumers).
 
-``{"cmd": "stall", "name", "count", "returning"}`` opens ``count`` raw
-websockets with a small ``SO_RCVBUF`` on the channel, reads until the
-server's ``subscribed`` reply and then stops reading. Every ``poll_s`` it
-asks the kernel (sock_diag, same host) about the *server's* end of each
-connection: the bytes the server's kernel holds for it, and when it leaves
-ESTABLISHED (the server closed its socket), which a client that does not
-read cannot see. A witness socket reads normally and counts messages. The
-first ``returning`` sockets read again ``resume_after`` messages after the
-server's kernel buffer for them stopped growing (once the server's queue
-limit must have been reached, inside its 2 s closing grace): they show which
-close frame the server queued. The others read only after the server closed
-its end: how a client that never comes back sees its stream end.
-``{"cmd": "release"}`` reports each socket (``released``) and closes them.
+``stall`` opens ``count`` raw websockets with a small ``SO_RCVBUF`` and stops
+reading after the server's ``subscribed``. Every ``poll_s`` it asks the kernel
+(sock_diag) about the *server's* end of each connection: the bytes held for
+it, and when it leaves ESTABLISHED (the server closed it), which a client
+that does not read cannot see. A witness socket reads normally and counts
+messages: the first ``returning`` sockets read again ``resume_after`` messages
+after their server-side buffer stopped growing (inside the server's 2 s
+closing grace) to see the close frame; the others only after the server
+closed its end. ``release`` reports each socket and closes them.
 """
 
 from __future__ import annotations

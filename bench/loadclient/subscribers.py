@@ -1,30 +1,15 @@
 """The measuring client: websocket subscribers, plus the HTTP publisher and the view probe when asked.
 
-Works against the project and the Channels anchor alike (same protocol).
-Subscriber ``i`` listens on channel ``i % C`` and every publish, whoever
-sends it, carries ``{"t": ns, "seq": g}`` (``bench/spread.py``), so each
-delivery's latency is its arrival time minus ``t`` (one clock: same
-machine) and lost/duplicate deliveries are counted per subscriber.
-
-Config: ``host``, ``port``, ``subscribers`` (0: a publisher or probe only),
-``channel`` or ``channels``, ``api_key``, ``payload`` (bytes per published
-message), ``probe_path`` and ``probe_ms`` (a view probe, open loop),
-``connect_concurrency``, ``connect_timeout``, ``start_at_ns`` (processes of a
-connect storm start together), ``drain_s``.
-
-Commands (answers in brackets):
-
-* ``open`` / ``close`` ``{name}``: a measuring window [``opened`` / ``closed``
-  with ``open_sockets`` and ``own``: this process's publishes in it];
-* ``publish {first, rate | streams, seconds}``: HTTP publishes through
-  ``POST /api/publish/<channel>``, open loop at ``rate``/s or in ``streams``
-  closed-loop streams, for ``seconds`` (else until ``stop``) [``published``
-  with the run's result when it ends];
-* ``expect {name, first, count, failed}``: publishes of another process in
-  that window, for lost/duplicate counts;
-* ``ping`` [``pong`` with deliveries so far and those expected: a backlog
-  still arriving shows];
-* ``stop``: waits ``drain_s`` for late deliveries [``summary`` of every window].
+Works against the project and the Channels anchor alike. Subscriber ``i``
+listens on channel ``i % C``; every publish, whoever sends it, carries
+``{"t": ns, "seq": g}`` (``bench/spread.py``), so a delivery's latency is its
+arrival minus ``t`` (one clock: same machine) and lost/duplicate deliveries
+are counted per subscriber. Commands: ``open``/``close`` a window (``closed``
+says which publishes this process made in it), ``publish`` over HTTP (open
+loop at ``rate``/s or ``streams`` closed-loop streams, for ``seconds`` or
+until ``stop``; ``published`` with the result), ``expect`` the publishes of
+a window, ``ping`` (``pong``: deliveries so far and expected, a backlog
+shows), ``stop`` (``summary`` of every window after ``drain_s``).
 """
 
 from __future__ import annotations

@@ -1,24 +1,12 @@
 """Slow consumers: do clients that never read hurt the others, or the worker's memory?
 
-One worker (gevent, embedded Redis, per-IP cap lifted) with
-``OFFLOAD_MAX_QUEUED_BYTES`` of ``queue`` messages, ``fast`` subscribers on
-one channel and big messages (``payload`` bytes) published at ``rate``/s
-through the HTTP API. Two kinds of window, alternating, ``repeats`` of each:
-``baseline`` (the fast subscribers only) and ``stalled`` (plus ``stalled``
-raw websockets in another process, small ``SO_RCVBUF``, that stop reading
-once subscribed; ``returning`` of them read again just after the server must
-have hit their queue limit, inside its 2 s closing grace, to see the close
-frame; the others only after the server closed its end).
-
-The server writes to every socket without blocking and queues what a socket
-cannot take; a queue over the limit closes it with 1008 "slow consumer"
-(``offload/connection.py``). Measured per window: fast latency (every
-delivery), lost/duplicate, worker RSS every 0.25 s, CPU per process; per
-stalled socket the bytes the server's kernel holds for it and when the server
-closed its end (sock_diag), and how its stream ended. The server's own
-"stopped reading" / ping-timeout drops are counted in its log. Targets: fast
-p99 stalled/baseline <= 1.5 (medians), nothing lost, every stalled socket
-closed with 1008, worker RSS bounded.
+Windows with ``fast`` subscribers only (baseline) alternate with windows that
+add ``stalled`` raw websockets which stop reading once subscribed (another
+process, ``loadclient/stalled.py``); big messages at ``rate``/s. The worker
+queues what a socket cannot take and closes it with 1008 "slow consumer"
+past ``OFFLOAD_MAX_QUEUED_BYTES`` (``offload/connection.py``), lowered to
+``queue`` messages so that this happens inside a window. Drops by the
+worker's timers instead (stopped reading, ping) are counted in its log.
 """
 
 from __future__ import annotations
@@ -65,11 +53,15 @@ class RssSampler:
             if (kib := rss_kib(self.pid)) is not None:
                 self.samples.append([self.now(), round(kib / 1024, 2)])
 
-    def stop(self) -> dict:
+    def between(self, start: float, end: float) -> dict:
+        """Start, max and end of the samples from ``start`` to ``end`` (seconds since the start)."""
+        mib = [v for t, v in self.samples if start <= t <= end] or [0.0]
+        return {"start_mib": mib[0], "max_mib": max(mib), "end_mib": mib[-1]}
+
+    def stop(self) -> list[list[float]]:
         self._stop.set()
         self._thread.join(5)
-        mib = [v for _, v in self.samples] or [0.0]
-        return {"start_mib": mib[0], "max_mib": max(mib), "end_mib": mib[-1], "samples": self.samples}
+        return self.samples
 
 
 def run(bench: Bench, k: dict) -> dict:
@@ -89,30 +81,28 @@ def run(bench: Bench, k: dict) -> dict:
     bench.step(f"warm-up: {k['rate']:g} x {k['payload'] // 1024} KiB messages/s")
     fast.send("publish", first=0, rate=k["rate"], seconds=k["warmup"])
     first = fast.wait("published", k["warmup"] + 60)["count"]
-    run_rss, windows = RssSampler(worker, 0.5), {}
+    rss, windows = RssSampler(worker), {}
     for rep in range(k["repeats"]):
         for kind in ("baseline", "stalled") if rep % 2 == 0 else ("stalled", "baseline"):  # no order bias
-            name, start, log_start = f"{kind}_{rep + 1}", run_rss.now(), len(server.live.log_text())
+            name, start, log_start = f"{kind}_{rep + 1}", rss.now(), len(server.live.log_text())
             bench.step(f"[{rep + 1}/{k['repeats']}] {kind}: {k['fast']} fast" + " + stalled" * (kind == "stalled"))
-            w = windows[name] = window(bench, k, meter, worker, fast, kind == "stalled" and stalled, name, first)
+            w = windows[name] = window(bench, k, meter, fast, kind == "stalled" and stalled, name, first)
             drops = len(TIMER_DROPS.findall(server.live.log_text()[log_start:]))
-            w.update(kind=kind, run_s=[start, run_rss.now()], timer_drops=drops)
+            w.update(kind=kind, run_s=[start, rss.now()], timer_drops=drops, rss=rss.between(start, rss.now()))
             first = w["next"]
             bench.sleep(k["pause"])  # backlogs gone: the next window starts clean
-    rss_run = run_rss.stop()
+    rss_run = {"samples": rss.stop()}
     bench.collect([fast], windows)
     results = {"server_env": env, "rlimit_nofile": nofile, "connect_s": ready["connect_s"], "rss_run": rss_run}
     results.update(rss_idle_mib=round(rss_idle / 1024, 1) if rss_idle else None, windows=windows)
     return {**results, "summary": (s := summarize(results, k)), "verdict": verdict_of(results, s, k)}
 
 
-def window(bench: Bench, k: dict, meter, worker: int, fast, stalled, name: str, first: int) -> dict:
+def window(bench: Bench, k: dict, meter, fast, stalled, name: str, first: int) -> dict:
     """One window of publishes; with ``stalled``, its sockets are opened just before and reported after."""
-    sampler = RssSampler(worker)
     if stalled:
         stalled.send("stall", name=name, count=k["stalled"], returning=k["returning"])
     w = bench.window(meter, name, [fast], k["seconds"], http=fast, first=first, rate=k["rate"])
-    w["rss"] = sampler.stop()
     if stalled:
         opened = stalled.wait("stalled", 30)
         stalled.send("release")

@@ -1,27 +1,20 @@
-"""Fan-out on one channel: latency, saturation, memory, connect storm; Channels 4 as anchor.
+"""Fan-out on one channel: latency, saturation, idle memory, connect storm; Channels 4 as anchor.
 
-One uWSGI worker (gevent, embedded Redis) and, in the same run against the
-same Redis with the same load client, the Django Channels 4 setups of
-``bench/channels_anchor`` (daphne/uvicorn x RedisChannelLayer/RedisPubSubChannelLayer):
-
-1. ours, ``small`` sockets (over ``small_clients`` processes: one client
-   cannot take a saturated worker's deliveries): a fixed-rate window through
-   the HTTP API (timed by a publish probe process of its own), then
-   saturation steps where ``offload.publish()`` in a separate process
-   (``bench/publisher.py``) publishes at increasing rates while the probe
-   keeps timing the HTTP API;
-2. ours, ``large`` sockets: worker RSS before/after connecting (idle memory
-   per socket), a fixed-rate window, and the time for one broadcast to reach all;
-3. ours, connect storm: ``storm`` websockets opened at once by two
-   processes, then a fixed-rate window over all of them (``offload.publish()``);
-4. each Channels setup, ``small`` sockets: the same fixed-rate window, then
-   a saturation window of closed-loop HTTP publish streams (Channels has no
-   other publish path from outside).
+Ours first (one worker): ``small`` sockets over ``small_clients`` processes
+(one client cannot take a saturated worker's deliveries) get a fixed-rate
+window through the HTTP API, timed by a probe process with no socket, then
+saturation steps from ``offload.publish()`` while the probe keeps timing the
+API; ``large`` sockets give the idle memory per socket and the time for one
+broadcast to reach all; ``storm`` sockets connect at once from two processes.
+Then each Channels setup (same Redis, same client): the fixed-rate window and
+a saturation window of HTTP publish streams (its only path from outside).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from .. import report
@@ -31,31 +24,21 @@ from ..report import cell
 from ..stats import ratio
 
 PREFIX = "FANOUT_"
-KNOBS = {
-    "seconds": (10.0, 5.0),
-    "sat_seconds": (5.0, 3.0),
-    "rate": (5.0, 5.0),  # HTTP publishes/s of the fixed-rate windows
-    "small": (1000, 200),
-    "small_clients": (2, 2),
-    "large": (5000, 500),
-    "storm": (10000, 1000),
-    "sat_rates": ([50, 100, 200, 300], [50, 100]),  # offload.publish() publishes/s of the saturation steps
-    "channels_streams": (4, 4),
-    "anchors": (list(COMBINATIONS), list(COMBINATIONS)),
-}
+# rate: HTTP publishes/s of the fixed-rate windows; sat_rates: offload.publish() publishes/s of the saturation steps
+KNOBS = dict(seconds=(10.0, 5.0), sat_seconds=(5.0, 3.0), rate=(5.0, 5.0), small=(1000, 200), small_clients=(2, 2))
+KNOBS.update(large=(5000, 500), storm=(10000, 1000), sat_rates=([50, 100, 200, 300], [50, 100]))
+KNOBS.update(channels_streams=(4, 4), anchors=(list(COMBINATIONS),) * 2)
 CHANNEL = "public:bench"
 BACKLOG_SYSCTLS = ("/proc/sys/net/core/somaxconn", "/proc/sys/net/ipv4/tcp_max_syn_backlog")
 
 
 def run(bench: Bench, k: dict) -> dict:
-    nofile, backlog = raise_nofile(), raise_backlog(2 * k["storm"])  # uWSGI and the clients inherit the limit
-    try:
+    nofile = raise_nofile()  # uWSGI and the clients inherit the limit
+    with backlog(2 * k["storm"]) as sysctls:
         bench.step("[ours] starting uWSGI (1 worker)")
-        listen = max([new for _, new in backlog.values()], default=1024)
+        listen = max([new for _, new in sysctls.values()], default=1024)
         server = bench.server("ours", {**SERVER_ENV, "UWSGI_LISTEN": str(listen)})
-        ours = {**run_ours(bench, k, server), "backlog_sysctls": {Path(p).name: v for p, v in backlog.items()}}
-    finally:
-        restore_backlog(backlog)
+        ours = {**run_ours(bench, k, server), "backlog_sysctls": sysctls}
     redis = server.pids("redis")
     anchors = bench.anchors(k["anchors"], server.redis_url, lambda anchor: run_anchor(bench, k, anchor, redis))
     results = {"rlimit_nofile": nofile, "uwsgi_listen": listen, "ours": ours, "channels": anchors}
@@ -124,28 +107,23 @@ def run_anchor(bench: Bench, k: dict, anchor, redis: list[int]) -> dict:
     return {"connect_s": info["connect_s"], "idle_rss": info["idle_rss"], "windows": windows}
 
 
-def raise_backlog(wanted: int) -> dict[str, tuple[int, int]]:
-    """Raise the kernel's listen backlog limits to ``wanted`` (root only), as a deployment expecting
-    connect storms would: with the default somaxconn (4,096 here) 10,000 simultaneous SYNs overflow
-    the accept queue whatever the server does. Returns {sysctl: (old, new)} for :func:`restore_backlog`."""
-    changed = {}
-    for path in BACKLOG_SYSCTLS:
-        try:
-            if (old := int(Path(path).read_text())) < wanted:
-                Path(path).write_text(str(wanted))
-            changed[path] = (old, int(Path(path).read_text()))
-        except (OSError, ValueError):
-            continue
-    return changed
-
-
-def restore_backlog(changed: dict[str, tuple[int, int]]) -> None:
-    for path, (old, new) in changed.items():
-        try:
-            if old != new:
-                Path(path).write_text(str(old))
-        except OSError:
-            pass
+@contextmanager
+def backlog(wanted: int) -> Iterator[dict[str, tuple[int, int]]]:
+    """The kernel's listen backlog limits raised to ``wanted`` (root only) for the block, as a deployment expecting
+    connect storms would: with the default somaxconn (4,096 here) 10,000 simultaneous SYNs overflow the accept
+    queue whatever the server does. Yields {sysctl: (old, new)}; the old values come back after."""
+    changed: dict[Path, tuple[int, int]] = {}
+    try:
+        for path in map(Path, BACKLOG_SYSCTLS):
+            with suppress(OSError, ValueError):
+                old = int(path.read_text())
+                path.write_text(str(max(old, wanted)))
+                changed[path] = (old, int(path.read_text()))
+        yield {path.name: values for path, values in changed.items()}
+    finally:
+        for path, (old, _) in changed.items():
+            with suppress(OSError):
+                path.write_text(str(old))
 
 
 def _best_sat(ours: dict) -> dict:

@@ -1,21 +1,12 @@
 """Many channels: ``subscribers`` websockets over ``channels`` channels on one worker; Channels 4 as anchor.
 
-Subscriber ``i`` listens on ``public:mc-<i % C>`` (``bench/spread.py``): at
-full scale 10 sockets per channel, so the worker's hub holds 1,000 Redis
-subscriptions and each message reaches a handful of sockets (rooms,
-documents, per-user feeds) instead of one large broadcast.
-
-1. ours: connect all subscribers (connect time, worker RSS per socket), then
-   ``rate`` messages/s on *every* channel published round robin by
-   ``offload.publish()`` in a separate process (``bench/publisher.py``), then
-   a quarter of that rate through the HTTP publish API (open loop);
-2. each Channels setup at the same scale: the same subscribers, then the
-   same rate from ``channel_layer.group_send`` in a separate process (what a
-   Channels view or task calls), and optionally through its publish view.
-
-Per window: latency of every delivery, deliveries/s, lost/duplicate per
-subscriber after the backlog drained (up to ``drain`` s), CPU of server,
-client, Redis and publisher.
+At full scale 10 sockets per channel (``bench/spread.py``): the worker's hub
+holds 1,000 Redis subscriptions and each message reaches a handful of
+sockets (rooms, documents, per-user feeds), not one large broadcast. ``rate``
+messages/s on *every* channel come from ``offload.publish()`` in a process
+(``group_send`` for Channels: what its views and tasks call), then a quarter
+of that rate through the HTTP API; lost/duplicate are counted per subscriber
+after the backlog drained.
 """
 
 from __future__ import annotations

@@ -1,17 +1,12 @@
 """Offloading on vs off: websocket broadcast and view latency under heavy load.
 
-Load: ``downloads`` slow clients reading a large protected file, ``tasks``
-report tasks running, ``subscribers`` websockets getting ``rate`` messages/s
-(``POST /api/publish/``) and a view probe (``GET /accounts/login/``). Two
-windows per server (idle: subscribers, publisher and probe only; loaded:
-the same plus the load), on two servers started in the same run:
-``offload`` (X-Sendfile through offload threads, tasks in the spooler) and
-``inline`` (``OFFLOAD_INLINE=1``: the file streamed by a Python generator,
-the task run inside the POST view). Each mode is compared with its own idle
-window, so the ratios do not depend on the other server.
-
-Target (the issue): with offloading, p99 broadcast latency and p99 view
-latency stay within 2x of idle.
+Two servers in the same run, ``offload`` (X-Sendfile through offload
+threads, tasks in the spooler) and ``inline`` (``OFFLOAD_INLINE=1``: a Python
+generator streams the file, the POST view runs the task), each with an idle
+window and a loaded one (slow downloads of a big protected file and report
+tasks). Each mode is compared with its own idle window, so the ratios do not
+depend on the other server. Target (the issue): with offloading, p99
+broadcast and view latency loaded within 2x of idle.
 """
 
 from __future__ import annotations
