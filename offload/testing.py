@@ -29,9 +29,10 @@ repository's demo). The project directory must hold ``manage.py``.
 messages, pings, close codes, and raw bytes for hostile tests (:func:`frame`
 builds any client frame, valid or not). :func:`wait_for` polls observable
 state instead of sleeping (:func:`tcp_connections` is one: the kernel's view
-of a server's connections). Every time budget of these helpers is multiplied
-by ``OFFLOAD_TEST_TIMEOUT_FACTOR`` (default 1) from the environment, so that
-a slow CI gets more time instead of skipping (:func:`timeout_factor`).
+of a server's connections). Its budgets, and so the start-up waits of the
+servers, are multiplied by ``OFFLOAD_TEST_TIMEOUT_FACTOR`` (default 1) from
+the environment: a slow CI gets more time instead of skipping; tests scale
+their own budgets with :func:`timeout_factor`.
 """
 
 from __future__ import annotations
