@@ -84,45 +84,53 @@ async def post_report(cfg: dict, entry: dict) -> None:
         raise
 
 
+async def watch_tasks(cfg: dict) -> tuple[SubscriberPool, list[list]]:
+    """A websocket on the user's channel and the progress messages of its tasks: ``[t_ns, id, state, progress]``."""
+    events: list[list] = []
+
+    def on_task(_index: int, raw: bytes, received_ns: int) -> None:
+        data = json.loads(raw)
+        if isinstance(data, dict) and data.get("kind") == "task":
+            events.append([received_ns, data.get("task_id"), data.get("state"), data.get("progress")])
+
+    url = f"ws://{cfg['host']}:{cfg['port']}/ws/?channel={cfg['user_channel']}"
+    monitor = SubscriberPool(lambda _: url, 1, on_task, {"Cookie": cfg["cookie"]})
+    await monitor.connect(1)
+    return monitor, events
+
+
+async def sample_until_stop(chan, downloads: list[SlowDownload]) -> list[list]:
+    """``[t_ns, downloads in flight, bytes so far]`` every second, until ``stop``."""
+    samples: list[list] = []
+    while True:
+        samples.append([time.time_ns(), sum(d.in_flight for d in downloads), sum(d.bytes for d in downloads)])
+        try:
+            async with asyncio.timeout(1):
+                if (await chan.next())["cmd"] in ("stop", "eof"):
+                    return samples
+        except TimeoutError:
+            continue
+
+
 async def run(cfg: dict, chan) -> None:
     while (cmd := await chan.next())["cmd"] not in ("start", "stop", "eof"):
         pass
     if cmd["cmd"] != "start":
         return
-    task_events: list[list] = []  # [t_ns, task_id, state, progress]
-
-    def on_task(_index: int, raw: bytes, received_ns: int) -> None:
-        data = json.loads(raw)
-        if isinstance(data, dict) and data.get("kind") == "task":
-            task_events.append([received_ns, data.get("task_id"), data.get("state"), data.get("progress")])
-
-    url = f"ws://{cfg['host']}:{cfg['port']}/ws/?channel={cfg['user_channel']}"
-    monitor = SubscriberPool(lambda _: url, 1, on_task, {"Cookie": cfg["cookie"]})
-    await monitor.connect(1)
+    monitor, task_events = await watch_tasks(cfg)
     downloads = [SlowDownload(cfg) for _ in range(cfg["downloads"])]
     reports = [{"sent_ns": time.time_ns(), "status": "pending"} for _ in range(cfg["tasks"])]
     running = [asyncio.create_task(d.run()) for d in downloads]
     running += [asyncio.create_task(post_report(cfg, entry)) for entry in reports]
     if downloads:
         await asyncio.wait([d.headers_seen for d in downloads], timeout=30)
-
-    def statuses() -> dict:
-        return dict(sum((d.statuses for d in downloads), Counter()))
-
+    statuses = lambda: dict(sum((d.statuses for d in downloads), Counter()))  # noqa: E731
     chan.emit("loaded", downloads_with_headers=sum(d.headers_seen.done() for d in downloads), statuses=statuses())
-    samples: list[list] = []  # [t_ns, downloads in flight, bytes so far], every second
-    while True:
-        samples.append([time.time_ns(), sum(d.in_flight for d in downloads), sum(d.bytes for d in downloads)])
-        try:
-            async with asyncio.timeout(1):
-                if (await chan.next())["cmd"] in ("stop", "eof"):
-                    break
-        except TimeoutError:
-            continue
+    samples = await sample_until_stop(chan, downloads)
     for task in running:
         task.cancel()
     await asyncio.wait(running, timeout=10)
     await monitor.close()
-    downloads_summary = {"count": len(downloads), "bytes": sum(d.bytes for d in downloads), "statuses": statuses()}
-    downloads_summary["completed"] = sum(d.completed for d in downloads)
-    chan.emit("summary", samples=samples, task_events=task_events, reports=reports, downloads=downloads_summary)
+    summary = {"count": len(downloads), "bytes": sum(d.bytes for d in downloads), "statuses": statuses()}
+    summary["completed"] = sum(d.completed for d in downloads)
+    chan.emit("summary", samples=samples, task_events=task_events, reports=reports, downloads=summary)

@@ -170,7 +170,8 @@ def markdown(results: dict) -> str:
     cpu_rows.append(("machine busy (% of all cores)", lambda w: w["cpu"]["machine_pct"]))
     loaded = [(MODES[m][0], lambda get, m=m: get(summary[m]["loaded"])) for m in MODES if m in summary]
     text = report.fill(TEXT, {**k, **d, "kib": d["download_bps"] // 1024, "view": VIEW_PATH, "target": TARGET})
-    lines = [*report.heading(results, "Offloading", text), report.grid("figure", LATENCY_ROWS, _columns(summary))]
+    lines = [*report.heading(results, "Offloading benchmark", text)]
+    lines.append(report.grid("figure", LATENCY_ROWS, _columns(summary)))
     lines.append("")
     lines += [report.grid("during the loaded window", LOAD_ROWS, loaded), ""]
     lines += [report.grid("CPU, % of one core", cpu_rows, _columns(summary, ratios=False)), ""]
