@@ -33,6 +33,8 @@ COUNTS = ("expected", "lost", "dup", "arrived_in_window", "deliveries_per_s", "e
 
 
 class Bench:
+    """One scenario run: its work and log directories, and every server and process it started."""
+
     def __init__(self, cfg: Config, work: Path, logs: Path) -> None:
         self.cfg, self.work, self.logs, self.started = cfg, work, logs, time.monotonic()
         self.live: list = []  # servers and processes, in start order
@@ -165,8 +167,7 @@ class Bench:
         if pub is not None:
             pub.send("go")
             result = pub.wait("result", seconds + 60)
-        if http is not None:
-            published = http.wait("published", seconds + 60)
+        published = http.wait("published", seconds + 60) if http is not None else None
         return result or published
 
     def drain(self, clients: list[Process], limit: float, quiet: float = 2.0) -> float:

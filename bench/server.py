@@ -1,12 +1,10 @@
 """One server under test: uWSGI via LiveServer, a logged-in user, its processes and memory.
 
-The server starts exactly as the integration tests start it
-(``offload.testing.LiveServer``: ``uwsgi --ini uwsgi.ini`` from the
-project's .venv, its own var dir and embedded Redis, a free loopback port),
-so the bench measures the shipped configuration; only environment overrides
-differ (``WORKERS``, ``OFFLOAD_INLINE``, ...). Processes are found from the
-master's pid and the Redis pidfile, never by name: other uWSGI instances run
-on this machine.
+The server starts exactly as the integration tests start it (``uwsgi --ini
+uwsgi.ini`` through ``offload.testing.LiveServer``, its own var dir and
+embedded Redis), so the bench measures the shipped configuration; only
+environment overrides differ. Processes are found from the master's pid and
+the Redis pidfile, never by name: other uWSGI instances run on this machine.
 """
 
 from __future__ import annotations
@@ -32,10 +30,7 @@ def rss_kib(pid: int | None) -> int | None:
 def make_file(path: Path, size_mb: int) -> Path:
     """A file of ``size_mb`` MiB of incompressible bytes (written once per run)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    block = os.urandom(2**20)
-    with open(path, "wb") as f:
-        for _ in range(size_mb):
-            f.write(block)
+    path.write_bytes(os.urandom(2**20) * size_mb)
     return path
 
 

@@ -8,15 +8,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterable, Sequence
-
-
-def percentile(ordered: Sequence[float], q: float) -> float | None:
-    """Nearest-rank percentile of an already sorted sequence (None if empty)."""
-    if not ordered:
-        return None
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return ordered[min(rank, len(ordered)) - 1]
+from collections.abc import Iterable
 
 
 def summarize_us(values: Iterable[int], cdf_points: int = 0) -> dict:
@@ -27,9 +19,9 @@ def summarize_us(values: Iterable[int], cdf_points: int = 0) -> dict:
     """
     ordered = sorted(values)
     out: dict = {"n": len(ordered)}
-    for name, q in (("p50", 50), ("p90", 90), ("p99", 99), ("p999", 99.9), ("max", 100)):
-        v = percentile(ordered, q)
-        out[name] = None if v is None else round(v / 1000, 3)
+    for name, q in (("p50", 50), ("p90", 90), ("p99", 99), ("p999", 99.9), ("max", 100)):  # nearest rank
+        rank = min(len(ordered), max(1, math.ceil(q / 100 * len(ordered))))
+        out[name] = round(ordered[rank - 1] / 1000, 3) if ordered else None
     out["mean"] = round(statistics.fmean(ordered) / 1000, 3) if ordered else None
     if cdf_points and ordered:
         step = (len(ordered) - 1) / max(1, cdf_points - 1)

@@ -24,26 +24,19 @@ ROLES = {"subscribers": subscribers.run, "load": load.run, "stalled": stalled.ru
 
 
 class Channel:
-    """Commands from stdin as a queue; ``{"cmd": "eof"}`` once stdin closes."""
+    """The orchestrator's commands from stdin (``{"cmd": "eof"}`` once it closed), events to stdout."""
 
     emit = staticmethod(emit)
 
-    def __init__(self) -> None:
-        self.commands: asyncio.Queue[dict] = asyncio.Queue()
-
     async def start(self) -> Channel:
-        reader = asyncio.StreamReader()
-        await asyncio.get_running_loop().connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-        self._task = asyncio.create_task(self._read(reader))
+        self.reader = asyncio.StreamReader(limit=1 << 24)  # an "expect" may list 10,000 failed numbers
+        protocol = asyncio.StreamReaderProtocol(self.reader)
+        await asyncio.get_running_loop().connect_read_pipe(lambda: protocol, sys.stdin)
         return self
 
-    async def _read(self, reader: asyncio.StreamReader) -> None:
-        while line := await reader.readline():
-            await self.commands.put(json.loads(line))
-        await self.commands.put({"cmd": "eof"})
-
     async def next(self) -> dict:
-        return await self.commands.get()
+        line = await self.reader.readline()  # cancelled (a timeout), it leaves a partial line in the buffer
+        return json.loads(line) if line else {"cmd": "eof"}
 
 
 async def main(role: str, cfg: dict) -> int:

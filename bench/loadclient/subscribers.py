@@ -32,6 +32,8 @@ OPEN_LOOP_CALLERS = 200  # requests in flight at most in an open-loop run
 
 
 class Client:
+    """The subscribers of one process, what they received, and this process's own publishes and probes."""
+
     def __init__(self, cfg: dict, chan) -> None:
         self.cfg, self.chan, self.names = cfg, chan, names(cfg)
         n, host, port = cfg["subscribers"], cfg["host"], cfg["port"]
@@ -53,9 +55,8 @@ class Client:
         self.arrivals.append(received_ns)
 
     async def post(self, g: int) -> str | None:
-        path = f"/api/publish/{self.names[g % len(self.names)]}"
-        body = stamp(g, int(self.cfg.get("payload", 0)))
-        cfg = self.cfg
+        cfg, path = self.cfg, f"/api/publish/{self.names[g % len(self.names)]}"
+        body = stamp(g, int(cfg.get("payload", 0)))
         status, _, _ = await http.request(cfg["host"], cfg["port"], "POST", path, headers=self.headers, body=body)
         return None if status == 200 else str(status)
 
