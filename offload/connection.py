@@ -52,8 +52,9 @@ from .frames import (
     frame_binary,
     frame_text,
 )
-from .limits import ConnectionSlots, TokenBucket, cooldowns
 from .policies import Identity
+from .rates import TokenBucket, cooldowns
+from .slots import ConnectionSlots
 from .sockets import close_now, detach, shutdown_write
 from .websocket_protocol import Dropped, RateLimited, State, WebSocketProtocol
 

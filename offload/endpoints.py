@@ -18,6 +18,7 @@ from .blocking import run_blocking
 from .connection import Endpoint, WebSocket
 from .cursor import Entry
 from .exceptions import BackendUnavailable, RefusedError
+from .history import catch_up
 from .policies import check_publish, check_subscribe
 from .protocol import (
     Ping,
@@ -61,6 +62,7 @@ class ChannelsEndpoint(Endpoint):
             subscribe_timeout=conf.get("OFFLOAD_SUBSCRIBE_TIMEOUT"),
             max_buffer_bytes=conf.get("OFFLOAD_MAX_QUEUED_BYTES"),
             page_bytes=conf.get("OFFLOAD_HISTORY_PAGE_BYTES"),
+            history=catch_up,
         )
         self._max_subscriptions = conf.get("OFFLOAD_MAX_SUBSCRIPTIONS")
         self._max_bytes = conf.get("OFFLOAD_MAX_MESSAGE_BYTES")

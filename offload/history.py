@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from .cursor import FIRST_PAGE, Entry, make_entry
+from .cursor import FIRST_PAGE, make_entry
 from .exceptions import BackendUnavailable
 from .protocol import StreamId, format_stream_id, parse_stream_id
 from .redis_client import REDIS_ERRORS, get_client, history_key
+from .session import CatchUp
 
 __all__ = ["CatchUp", "HistoryRead", "catch_up", "read_after", "read_tip"]
 
@@ -60,21 +60,6 @@ def read_tip(channel: str) -> StreamId | None:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-@dataclass(frozen=True)
-class CatchUp:
-    """One page of what a subscription's cursor needs to go live."""
-
-    entries: list[Entry]
-    #: The newest id when the subscription starts "from now" (no entries then).
-    tip: StreamId | None
-    #: False when messages after the position may have been trimmed (a gap).
-    recovered: bool
-    #: The page was full: more history may follow it.
-    full: bool
-    #: How many entries to ask for next, for pages of about ``page_bytes``.
-    next_count: int
 
 
 _MAX_PAGE = 1000

@@ -15,8 +15,8 @@ and the hand-over to the hub's direct writes. It does no I/O of its own:
   (with ``now``) whenever it wakes, and :meth:`next_deadline` for its timer;
 * the session answers through the small :class:`Transport` interface:
   replies, messages, wake-ups, and whether history may be sent now;
-* history is read through an injected function (``history``, by default
-  :func:`offload.history.catch_up`) and the hub is passed in, so the session
+* history is read through an injected function (``history``: the
+  transports pass :func:`offload.history.catch_up`) and the hub is passed in, so the session
   is unit-tested with neither a socket, nor Redis, nor a clock
   (``tests/test_session.py``).
 
@@ -43,10 +43,9 @@ from typing import Any, Protocol
 
 from .cursor import ChannelCursor, Entry
 from .exceptions import BackendUnavailable, LimitExceeded
-from .history import CatchUp, catch_up
 from .protocol import StreamId, format_stream_id, reply
 
-__all__ = ["RETRY_HISTORY", "ChannelSession", "HubLink", "Transport"]
+__all__ = ["RETRY_HISTORY", "CatchUp", "ChannelSession", "HubLink", "Transport"]
 
 RETRY_HISTORY = 1.0  # seconds before re-reading history after a Redis error
 
@@ -90,6 +89,21 @@ class HubLink(Protocol):
     def newest_id(self, channel: str) -> StreamId | None: ...
 
 
+@dataclass(frozen=True)
+class CatchUp:
+    """One page of what a subscription's cursor needs to go live."""
+
+    entries: list[Entry]
+    #: The newest id when the subscription starts "from now" (no entries then).
+    tip: StreamId | None
+    #: False when messages after the position may have been trimmed (a gap).
+    recovered: bool
+    #: The page was full: more history may follow it.
+    full: bool
+    #: How many entries to ask for next, for pages of about ``page_bytes``.
+    next_count: int
+
+
 @dataclass
 class _Pending:
     """A subscription waiting for its first ``subscribed`` reply."""
@@ -110,7 +124,8 @@ class ChannelSession:
         subscribe_timeout: seconds a subscription may wait for the hub.
         max_buffer_bytes: live messages buffered per channel during a history replay.
         page_bytes: target size of one history page.
-        history: reads one page of history (:func:`offload.history.catch_up`).
+        history: reads one page of history (:func:`offload.history.catch_up`; a
+            fake in tests).
     """
 
     def __init__(
@@ -121,7 +136,7 @@ class ChannelSession:
         subscribe_timeout: float,
         max_buffer_bytes: int,
         page_bytes: int,
-        history: History = catch_up,
+        history: History,
     ) -> None:
         self.transport = transport
         self.hub = hub

@@ -54,6 +54,7 @@ from gevent.socket import wait_write
 from . import conf
 from .closes import Disconnect
 from .cursor import Entry
+from .history import catch_up
 from .protocol import StreamId, error_text
 from .session import ChannelSession, HubLink
 from .sockets import close_now, detach
@@ -98,7 +99,7 @@ class SseStream:
         channels: the channels, already checked against the policies.
         positions: each resumed channel's position (see :func:`resume_positions`).
         hub: this process's hub.
-        slots: this stream's per-IP connection slot (``offload.limits.ConnectionSlots``).
+        slots: this stream's per-IP connection slot (``offload.slots.ConnectionSlots``).
         identity: who opened it (``offload.policies.Identity``), to end it when their session ends.
         fd: the client socket, watched for EOF (None: not under uWSGI).
     """
@@ -122,6 +123,7 @@ class SseStream:
             subscribe_timeout=conf.get("OFFLOAD_SUBSCRIBE_TIMEOUT"),
             max_buffer_bytes=conf.get("OFFLOAD_MAX_QUEUED_BYTES"),
             page_bytes=conf.get("OFFLOAD_HISTORY_PAGE_BYTES"),
+            history=catch_up,
         )
         self._start = {channel: positions.get(channel) for channel in self.channels}
         #: What the client's Last-Event-ID says: advanced as events are written.

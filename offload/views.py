@@ -47,11 +47,11 @@ from .exceptions import (
     ProtocolError,
     RefusedError,
 )
-from .limits import ConnectionSlots
 from .policies import ANONYMOUS, Identity, check_subscribe
 from .protocol import encode_data, parse_ascii_int
 from .publishing import publish_json
 from .redis_client import REDIS_ERRORS, get_client
+from .slots import ConnectionSlots
 from .sse import SseStream, response_body
 from .sse_format import resume_positions
 from .worker import install_signal_handlers

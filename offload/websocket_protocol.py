@@ -48,7 +48,7 @@ from .frames import (
     ProtocolFailure,
     TextReceived,
 )
-from .limits import TokenBucket
+from .rates import TokenBucket
 
 __all__ = ["CLOSE_GRACE", "TRANSITIONS", "Dropped", "RateLimited", "State", "WebSocketProtocol"]
 

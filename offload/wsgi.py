@@ -49,8 +49,8 @@ from django.http import HttpResponse, HttpResponseBadRequest, HttpResponseServer
 from django.urls import Resolver404, ResolverMatch, get_resolver
 
 from . import conf
-from .limits import cooldowns
 from .protocol import parse_ascii_int
+from .rates import cooldowns
 from .views import DIRECT_API_VIEWS, UPGRADED, Upgraded, WebSocketView
 from .watchdog import install as install_watchdog
 from .watchdog import reached_app

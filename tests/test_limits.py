@@ -1,6 +1,7 @@
 """Limits: the token bucket (fake clock) and per-IP connection slots (real Redis)."""
 
-from offload.limits import ConnectionSlots, Cooldowns, TokenBucket
+from offload.rates import Cooldowns, TokenBucket
+from offload.slots import ConnectionSlots
 
 
 def test_token_bucket_allows_the_burst_then_the_rate():

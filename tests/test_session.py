@@ -8,8 +8,7 @@ import pytest
 
 from offload.cursor import make_entry
 from offload.exceptions import BackendUnavailable, LimitExceeded
-from offload.history import CatchUp
-from offload.session import RETRY_HISTORY, ChannelSession
+from offload.session import RETRY_HISTORY, CatchUp, ChannelSession
 
 CHANNEL = "public:a"
 TIMEOUT = 5.0

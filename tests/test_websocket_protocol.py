@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 
 from offload.frames import FrameReader, TextReceived
-from offload.limits import TokenBucket
+from offload.rates import TokenBucket
 from offload.websocket_protocol import CLOSE_GRACE, TRANSITIONS, Dropped, RateLimited, State, WebSocketProtocol
 from tests.test_frames import frame
 

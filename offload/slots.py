@@ -1,14 +1,6 @@
-"""Per-connection and per-client limits (pure logic plus one Redis script).
+"""Open connections per client address, counted in Redis across every worker.
 
-* :class:`TokenBucket` bounds the frames a client may send per second
-  (``OFFLOAD_MAX_MESSAGES_PER_SECOND`` with a burst of
-  ``OFFLOAD_MESSAGE_BURST`` for every frame; pings and pongs also take from
-  a smaller bucket of their own); pure, so it is unit-tested with a fake clock.
-* :class:`Cooldowns` remembers, per process, the addresses whose socket was
-  closed for flooding: they may not open websockets for
-  ``OFFLOAD_ABUSE_COOLDOWN`` seconds, so a flooder that reconnects at once
-  is refused before the handshake instead of costing one each time.
-* :class:`ConnectionSlots` bounds open websockets per client IP across every
+:class:`ConnectionSlots` bounds open websockets per client IP across every
   worker. Each open socket is a member of a Redis sorted set per IP, scored
   with its last heartbeat; members not refreshed for ``stale_after`` seconds
   (a worker killed with SIGKILL cannot clean up) stop counting. The check and
@@ -28,80 +20,17 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
 
 import redis
 
 from . import conf
 from .redis_client import REDIS_ERRORS, get_client, script
 
-__all__ = ["ConnectionSlots", "Cooldowns", "TokenBucket", "cooldowns"]
+__all__ = ["ConnectionSlots"]
 
-log = logging.getLogger("offload.limits")
+log = logging.getLogger("offload.slots")
 
 _GATHER = 0.002  # seconds a busy broker waits for more commands before its next round trip
-
-
-class TokenBucket:
-    """Allows ``rate`` events per second on average, ``burst`` at once."""
-
-    __slots__ = ("_clock", "burst", "rate", "tokens", "updated")
-
-    def __init__(self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.rate = rate
-        self.burst = burst
-        self.tokens = burst
-        self._clock = clock
-        self.updated = clock()
-
-    def allow(self) -> bool:
-        """Take one token; False when the client is over its rate."""
-        now = self._clock()
-        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return True
-        return False
-
-
-class Cooldowns:
-    """Addresses refused for a while after they broke a rate limit (one process).
-
-    Per process on purpose: checking costs one dict lookup on the upgrade
-    path, with no Redis round trip; a flooder that lands on another worker
-    is caught there after its first burst.
-    """
-
-    _MAX = 10_000  # remembered addresses; beyond, the oldest half is forgotten
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._until: dict[str, float] = {}
-        self._clock = clock
-
-    def penalise(self, address: str, seconds: float) -> None:
-        if seconds <= 0 or not address:
-            return
-        if len(self._until) >= self._MAX:
-            for stale in list(self._until)[: self._MAX // 2]:
-                del self._until[stale]
-        self._until.pop(address, None)  # re-insert: dicts keep insertion order, oldest first
-        self._until[address] = self._clock() + seconds
-
-    def remaining(self, address: str) -> float:
-        """Seconds ``address`` is still refused for (0: not refused)."""
-        until = self._until.get(address)
-        if until is None:
-            return 0.0
-        left = until - self._clock()
-        if left <= 0:
-            del self._until[address]
-            return 0.0
-        return left
-
-
-#: This process's cooldowns (checked by offload.wsgi, set by offload.connection).
-cooldowns = Cooldowns()
 
 
 class _SlotBroker:
