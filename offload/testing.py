@@ -861,10 +861,15 @@ class LiveServer:
     # -- lifecycle ----------------------------------------------------------
 
     def manage(self, *args: str) -> None:
-        """Run ``manage.py <args>`` in the project directory with the server's environment."""
-        subprocess.run(
-            [sys.executable, "manage.py", *args], cwd=self.project_dir, env=self.env, check=True, capture_output=True
-        )
+        """Run ``manage.py <args>`` in the project directory with the server's environment.
+
+        Raises:
+            subprocess.CalledProcessError: the command failed (its message ends with the command's stderr).
+        """
+        command = [sys.executable, "manage.py", *args]
+        result = subprocess.run(command, cwd=self.project_dir, env=self.env, capture_output=True)
+        if result.returncode:
+            raise _CommandFailed(result.returncode, command, result.stdout, result.stderr)
 
     def prepare(self) -> LiveServer:
         """What a deployment runs before starting uWSGI: every command of ``prepare_commands``."""
@@ -1029,6 +1034,13 @@ class LiveServer:
         if status != 200:
             raise AssertionError(f"publish failed: {status} {body[:200]!r}")
         return json.loads(body)["id"]
+
+
+class _CommandFailed(subprocess.CalledProcessError):
+    """A failed command whose message shows what it printed on stderr."""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}\n{(self.stderr or b'').decode(errors='replace')[-3000:]}"
 
 
 def _alive(pid: int) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -491,3 +492,10 @@ def test_tcp_connections_show_the_servers_side_of_each_connection():
     server_side.close()
     wait_for(lambda: not [c for c in tcp_connections(port) if c.peer_port == client_port], 5, "the server's close")
     listener.close()
+
+
+def test_a_failing_manage_command_shows_its_stderr(tmp_path):
+    (tmp_path / "manage.py").write_text("import sys\nsys.exit('no such command: ' + sys.argv[1])\n")
+    server = LiveServer(tmp_path / "var", project_dir=tmp_path)
+    with pytest.raises(subprocess.CalledProcessError, match="no such command: frobnicate"):
+        server.manage("frobnicate")
