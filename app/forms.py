@@ -32,7 +32,7 @@ from django.core.exceptions import ValidationError
 from django.http import HttpRequest
 
 from offload import conf
-from offload.redis_client import REDIS_ERRORS, get_client
+from offload.backend.redis_client import REDIS_ERRORS, get_client
 
 __all__ = [
     "MAX_TEXT",

@@ -4,19 +4,15 @@ Public API::
 
     offload.publish(channel, data) -> message id
 
-The architecture, one module per concept:
+The architecture, in layers whose dependencies point one way (README.md):
 
-* ``protocol``   - message envelope and client commands (pure)
-* ``frames``     - client frames via wsproto (pure)
-* ``cursor``     - resume state machine: history then live (pure)
-* ``policies``   - namespaces and authorization
-* ``conf``       - settings with documented defaults
-* ``publish``    - atomic publish + history append (Lua)
-* ``history``    - reading history for resume
-* ``hub``        - one Redis subscription per worker, in-process fan-out
-* ``connection`` - one websocket's life on its uWSGI greenlet
-* ``endpoints``  - the channels and echo endpoints
-* ``views``, ``urls``, ``wsgi`` - the Django edge
+* ``core/``       - pure, no I/O: the wire protocol, the websocket protocol state
+  machine, the resume cursor, the channel session, rate limits, close codes
+* ``backend/``    - Redis: atomic publish (Lua), history, the per-worker hub, slots
+* ``transports/`` - websockets and event streams around the session (gevent, uWSGI)
+* the Django/uWSGI edge at the top level: ``views``, ``wsgi``, ``urls``,
+  ``worker`` (one hub per process), ``accounts``, ``policies``, ``conf``,
+  ``tasks``, ``transfers``, ``upstream_gate``, ``watchdog``, ``testing``
 """
 
 from .exceptions import (
@@ -46,9 +42,9 @@ __all__ = [
 def publish(channel: str, data) -> str:
     """Publish ``data`` on ``channel``; returns the message id.
 
-    See :func:`offload.publishing.publish` (imported lazily so that importing
+    See :func:`offload.backend.publishing.publish` (imported lazily so that importing
     ``offload`` does not require configured Django settings).
     """
-    from .publishing import publish as _publish
+    from .backend.publishing import publish as _publish
 
     return _publish(channel, data)

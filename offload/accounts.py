@@ -10,7 +10,7 @@ password change and a deactivation (``is_active`` set to False), both seen
 when the user row is saved. Any process may see them (a view, the admin, a
 management command, a spooler task), while the sockets live in the workers
 of every instance, so the request travels on the hubs' control channel
-(:func:`offload.hub.send_control`) and each hub closes its own connections of
+(:func:`offload.backend.hub.send_control`) and each hub closes its own connections of
 that user: websockets with close code ``4001`` (``CloseCode.SESSION_ENDED``),
 event streams by ending them. The browser reconnects with its new session,
 if any, and gets only what that session may see.
@@ -25,11 +25,11 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.signals import user_logged_out
 from django.db.models.signals import post_init, post_save
 
-from .closes import Disconnect
-from .connection import close_user
+from .backend.hub import on_control, send_control
+from .core.closes import Disconnect
 from .exceptions import BackendUnavailable
-from .hub import on_control, send_control
-from .sse import close_user_streams
+from .transports.connection import close_user
+from .transports.sse import close_user_streams
 
 __all__ = ["disconnect_user", "install"]
 

@@ -23,8 +23,8 @@ from functools import cache
 from typing import Any
 
 from . import conf
+from .core.protocol import split_channel
 from .exceptions import ChannelError, PermissionDenied
-from .protocol import split_channel
 
 __all__ = ["ANONYMOUS", "Identity", "Rule", "check_publish", "check_subscribe", "compile_rule", "namespace_of"]
 

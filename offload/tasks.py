@@ -46,9 +46,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import conf
+from .backend.publishing import publish
+from .backend.redis_client import REDIS_ERRORS, get_client
 from .exceptions import BackendUnavailable
-from .publishing import publish
-from .redis_client import REDIS_ERRORS, get_client
 
 __all__ = ["Task", "TaskContext", "TaskError", "TaskTimeout", "spooler", "task", "task_state"]
 

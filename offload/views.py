@@ -35,9 +35,12 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
 from . import conf, worker
+from .backend.publishing import publish_json
+from .backend.redis_client import REDIS_ERRORS, get_client
+from .backend.slots import ConnectionSlots
 from .blocking import run_blocking
-from .connection import Endpoint, WebSocket
-from .endpoints import ChannelsEndpoint, EchoEndpoint
+from .core.protocol import encode_data, parse_ascii_int
+from .core.sse_format import resume_positions
 from .exceptions import (
     BackendUnavailable,
     ChannelError,
@@ -48,12 +51,9 @@ from .exceptions import (
     RefusedError,
 )
 from .policies import ANONYMOUS, Identity, check_subscribe
-from .protocol import encode_data, parse_ascii_int
-from .publishing import publish_json
-from .redis_client import REDIS_ERRORS, get_client
-from .slots import ConnectionSlots
-from .sse import SseStream, response_body
-from .sse_format import resume_positions
+from .transports.connection import Endpoint, WebSocket
+from .transports.endpoints import ChannelsEndpoint, EchoEndpoint
+from .transports.sse import SseStream, response_body
 from .worker import install_signal_handlers
 
 try:
@@ -138,7 +138,8 @@ def resolve_identity(request: HttpRequest) -> Identity:
     """
     if settings.SESSION_COOKIE_NAME not in request.COOKIES:
         return ANONYMOUS
-    return run_blocking(_identity_of, request)
+    # Idempotent read: rather inline than a handshake stuck behind a stranded pool task.
+    return run_blocking(_identity_of, request, inline_after=conf.get("OFFLOAD_HANDSHAKE_TIMEOUT") / 4)
 
 
 def _query(env: dict) -> dict[str, list[str]]:
@@ -232,7 +233,7 @@ class Upgraded(HttpResponse):
 
     It carries the socket and its endpoint: :mod:`offload.wsgi` runs them once
     Django is done with the request (the socket then leaves the request, see
-    :func:`offload.sockets.detach`). Nothing of the response itself is sent.
+    :func:`offload.transports.sockets.detach`). Nothing of the response itself is sent.
     """
 
     def __init__(self, websocket: WebSocket, endpoint: Endpoint) -> None:

@@ -1,6 +1,6 @@
 """What each uWSGI worker process sets up once: its hub, its stats, its signals.
 
-The transports (``offload.endpoints``, ``offload.sse``) are given their hub;
+The transports (``offload.transports.endpoints``, ``offload.transports.sse``) are given their hub;
 this module is where a worker's one hub is made (after the fork: uWSGI loads
 the application in the master, and a hub's Redis connection and greenlet must
 belong to the worker) and where the process-wide reactions live: closing
@@ -17,11 +17,11 @@ import time
 import gevent
 
 from . import conf
-from .closes import Disconnect
-from .connection import close_all, open_connections
-from .hub import Hub
-from .publishing import publish
-from .sse import close_all_streams, open_streams
+from .backend.hub import Hub
+from .backend.publishing import publish
+from .core.closes import Disconnect
+from .transports.connection import close_all, open_connections
+from .transports.sse import close_all_streams, open_streams
 
 __all__ = ["hub", "install_signal_handlers", "stats"]
 

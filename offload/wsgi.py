@@ -31,10 +31,10 @@ Its responses carry ``X-Content-Type-Options: nosniff`` as
 ``SecurityMiddleware`` would add.
 
 Either way the websocket then leaves the request: once Django is done, the
-connection duplicates the client fd (:meth:`offload.connection.WebSocket.detach`)
+connection duplicates the client fd (:meth:`offload.transports.connection.WebSocket.detach`)
 and runs on a fresh greenlet, and the uWSGI request ends, freeing its async
-core. An open socket then costs only its Python objects (about 13 KB; see
-docs/performance.md).
+core. An open socket then costs only its Python objects (docs/performance.md
+has the measured figure).
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ from django.http import HttpResponse, HttpResponseBadRequest, HttpResponseServer
 from django.urls import Resolver404, ResolverMatch, get_resolver
 
 from . import conf
-from .protocol import parse_ascii_int
-from .rates import cooldowns
+from .core.protocol import parse_ascii_int
+from .core.rates import cooldowns
 from .views import DIRECT_API_VIEWS, UPGRADED, Upgraded, WebSocketView
 from .watchdog import install as install_watchdog
 from .watchdog import reached_app

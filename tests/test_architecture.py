@@ -77,6 +77,27 @@ def test_the_checker_finds_a_cycle_hidden_in_a_function():
 def test_offload_has_no_import_cycle():
     graph = dependency_graph()
     assert len(graph) > 20, "the package was not read"
-    assert "offload.hub" in graph["offload.worker"], "imports are seen"
+    assert "offload.backend.hub" in graph["offload.worker"], "imports are seen"
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_core_does_no_io_and_knows_no_outer_layer():
+    """offload/core/ is tested without I/O: it imports no socket, gevent, uWSGI, Redis or Django,
+    and nothing of the backend, the transports or the Django edge (only the shared exceptions)."""
+    forbidden_roots = {"socket", "_socket", "gevent", "uwsgi", "redis", "django", "select", "selectors"}
+    for path in sorted((PACKAGE / "core").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            elif isinstance(node, ast.ImportFrom):
+                up = node.level > 1 and node.module != "exceptions"
+                assert not up, f"{path.name} imports offload.{node.module} from outside the core"
+                continue
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] not in forbidden_roots, f"{path.name} imports {name}"
+                assert not name.startswith("offload.") or name == "offload.exceptions", f"{path.name}: {name}"

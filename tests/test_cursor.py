@@ -1,6 +1,6 @@
 """The resume cursor: history then live, no gap, no duplicate."""
 
-from offload.cursor import ChannelCursor, CursorState, Entry
+from offload.core.cursor import ChannelCursor, CursorState, Entry
 
 
 def e(n):

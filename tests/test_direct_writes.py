@@ -13,9 +13,9 @@ import gevent
 import gevent.socket
 
 import offload
-from offload.connection import State, WebSocket
+from offload.core.protocol import parse_stream_id
 from offload.policies import ANONYMOUS
-from offload.protocol import parse_stream_id
+from offload.transports.connection import State, WebSocket
 
 
 def socket_pair(buffer: int | None = None) -> tuple[WebSocket, socket.socket]:
@@ -103,13 +103,13 @@ class HubStub:
         return self.fanned
 
     def newest_id(self, channel):
-        from offload.history import read_tip
+        from offload.backend.history import read_tip
 
         return read_tip(channel)
 
 
 def live_entry(channel: str, message_id: str):
-    from offload.cursor import make_entry
+    from offload.core.cursor import make_entry
 
     return make_entry(f'"{channel}"'.encode(), message_id.encode(), b"0")
 
@@ -121,7 +121,7 @@ def test_endpoint_hands_its_socket_over_only_once_the_hub_is_past_its_position(r
     Its position then follows the hub (resync, repeated subscribe)."""
     import json
 
-    from offload import endpoints
+    from offload.transports import endpoints
 
     hub = HubStub()  # passed in: not the process's real hub
     channel = f"public:handover-{id(redis_client)}"

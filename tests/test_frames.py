@@ -4,7 +4,7 @@ import struct
 
 import pytest
 
-from offload.frames import (
+from offload.core.frames import (
     BinaryReceived,
     CloseReceived,
     FragmentReceived,

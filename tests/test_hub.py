@@ -8,8 +8,8 @@ import gevent
 import pytest
 
 import offload
-from offload.hub import Hub
-from offload.protocol import parse_stream_id
+from offload.backend.hub import Hub
+from offload.core.protocol import parse_stream_id
 from tests.test_direct_writes import read_exactly, socket_pair
 
 
@@ -117,7 +117,7 @@ def test_redis_connection_killed_reconnects_and_resubscribes(hub, redis_client):
 
 
 def test_newest_id_is_read_once_then_kept_current_by_live_messages(hub, redis_client):
-    from offload.protocol import parse_stream_id
+    from offload.core.protocol import parse_stream_id
 
     older = offload.publish("public:tip", {"n": 0})
     subscriber = Recorder()

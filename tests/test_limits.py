@@ -1,7 +1,7 @@
 """Limits: the token bucket (fake clock) and per-IP connection slots (real Redis)."""
 
-from offload.rates import Cooldowns, TokenBucket
-from offload.slots import ConnectionSlots
+from offload.backend.slots import ConnectionSlots
+from offload.core.rates import Cooldowns, TokenBucket
 
 
 def test_token_bucket_allows_the_burst_then_the_rate():
@@ -54,7 +54,7 @@ def test_slots_of_a_dead_worker_stop_counting(redis_client):
 
 
 def test_slots_fail_open_when_redis_is_down(settings, tmp_path):
-    from offload import redis_client
+    from offload.backend import redis_client
 
     settings.OFFLOAD_REDIS_URL = f"unix://{tmp_path}/none.sock"
     redis_client.reset()

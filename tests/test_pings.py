@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import socket
 
-from offload.connection import WebSocket
 from offload.policies import ANONYMOUS
+from offload.transports.connection import WebSocket
 
 
 def test_first_pings_of_sockets_opened_together_are_spread_over_half_an_interval(settings):

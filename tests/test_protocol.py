@@ -4,8 +4,7 @@ import json
 
 import pytest
 
-from offload.exceptions import ChannelError, ProtocolError
-from offload.protocol import (
+from offload.core.protocol import (
     Ping,
     Publish,
     Subscribe,
@@ -18,6 +17,7 @@ from offload.protocol import (
     reply,
     split_channel,
 )
+from offload.exceptions import ChannelError, ProtocolError
 
 
 @pytest.mark.parametrize(
@@ -174,7 +174,7 @@ def test_finite_floats_still_parse():
 
 
 def test_message_envelopes_splice_preencoded_json():
-    from offload.cursor import make_entry
+    from offload.core.cursor import make_entry
 
     entry = make_entry(json.dumps("room:a").encode(), b"5-1", '{"x":"é"}'.encode())
     assert entry.id == (5, 1)
@@ -182,7 +182,7 @@ def test_message_envelopes_splice_preencoded_json():
 
 
 def test_entries_are_framed_once_with_the_right_length_encoding():
-    from offload.cursor import make_entry
+    from offload.core.cursor import make_entry
 
     for size in (10, 200, 70000):
         data = json.dumps("x" * size).encode()

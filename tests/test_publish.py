@@ -6,10 +6,10 @@ import time
 import pytest
 
 import offload
-from offload import redis_client as client_module
-from offload.history import read_after, read_tip
-from offload.protocol import parse_stream_id
-from offload.redis_client import history_key
+from offload.backend import redis_client as client_module
+from offload.backend.history import read_after, read_tip
+from offload.backend.redis_client import history_key
+from offload.core.protocol import parse_stream_id
 
 
 def test_publish_returns_increasing_ids_and_stores_history(redis_client):
@@ -77,7 +77,7 @@ def test_redis_down_fails_fast_with_backend_unavailable(settings, tmp_path):
 
 def test_a_retried_publish_call_is_not_published_twice(redis_client):
     """redis-py retries the script once after a timeout: the call's token makes that harmless."""
-    from offload.redis_client import pubsub_channel, script
+    from offload.backend.redis_client import pubsub_channel, script
 
     args = dict(
         keys=[history_key("public:retry"), "offload:pub:same-call"],

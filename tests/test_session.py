@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from offload.cursor import make_entry
+from offload.core.cursor import make_entry
+from offload.core.session import RETRY_HISTORY, CatchUp, ChannelSession
 from offload.exceptions import BackendUnavailable, LimitExceeded
-from offload.session import RETRY_HISTORY, CatchUp, ChannelSession
 
 CHANNEL = "public:a"
 TIMEOUT = 5.0

@@ -5,9 +5,9 @@ import sys
 
 import pytest
 
-from offload.cursor import Entry
+from offload.core.cursor import Entry
+from offload.core.sse_format import PING, RETRY, format_event, format_resume_id, parse_resume_id, resume_positions
 from offload.exceptions import ProtocolError
-from offload.sse_format import PING, RETRY, format_event, format_resume_id, parse_resume_id, resume_positions
 
 ENVELOPE = '{"type":"message","channel":"public:a","id":"1732-0","data":{"n":1}}'
 
@@ -121,7 +121,7 @@ def test_malformed_positions_are_invalid_since(since, last):
 
 def test_the_wire_format_imports_no_gevent_uwsgi_redis_or_django():
     code = (
-        "import sys, offload.sse_format; "
+        "import sys, offload.core.sse_format; "
         "print(sorted(m for m in ('gevent', 'redis', 'django', 'uwsgi') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -144,7 +144,7 @@ class RecordingHub:
 
 @pytest.fixture
 def stream(settings):
-    from offload.sse import SseStream
+    from offload.transports.sse import SseStream
 
     settings.OFFLOAD_MAX_QUEUED_BYTES = 36  # three of the 12-byte events below
     stream = SseStream(["public:a", "room:b"], {"room:b": (5, 0)}, RecordingHub())

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import struct
 
-from offload.frames import FrameReader, TextReceived
-from offload.rates import TokenBucket
-from offload.websocket_protocol import CLOSE_GRACE, TRANSITIONS, Dropped, RateLimited, State, WebSocketProtocol
+from offload.core.frames import FrameReader, TextReceived
+from offload.core.rates import TokenBucket
+from offload.core.websocket_protocol import CLOSE_GRACE, TRANSITIONS, Dropped, RateLimited, State, WebSocketProtocol
 from tests.test_frames import frame
 
 INTERVAL, TIMEOUT = 20.0, 10.0

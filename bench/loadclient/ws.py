@@ -46,7 +46,7 @@ class Subscriber(WSListener):
         if not frame.fin:
             return
         payload, self._parts = b"".join(self._parts), []
-        # the server splices the data JSON last into a fixed envelope (offload.cursor.make_entry): hand it
+        # the server splices the data JSON last into a fixed envelope (offload.core.cursor.make_entry): hand it
         # over unparsed, a json.loads per delivery would delay the next sockets
         at = payload.find(b',"data":') if payload.startswith(b'{"type":"message"') else -1
         if at > 0:

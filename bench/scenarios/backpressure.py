@@ -4,7 +4,7 @@ Windows with ``fast`` subscribers only (baseline) alternate with windows that
 add ``stalled`` raw websockets which stop reading once subscribed (another
 process, ``loadclient/stalled.py``); big messages at ``rate``/s. The worker
 queues what a socket cannot take and closes it with 1008 "slow consumer"
-past ``OFFLOAD_MAX_QUEUED_BYTES`` (``offload/connection.py``), lowered to
+past ``OFFLOAD_MAX_QUEUED_BYTES`` (``offload/transports/connection.py``), lowered to
 ``queue`` messages so that this happens inside a window. Drops by the
 worker's timers instead (stopped reading, ping) are counted in its log.
 """

@@ -95,7 +95,8 @@ def test_two_pages_chat_live_and_resume_after_a_server_restart(stack, browser):
     from django.conf import settings
 
     import offload
-    from offload import conf, redis_client
+    from offload import conf
+    from offload.backend import redis_client
 
     saved = settings.OFFLOAD_REDIS_URL
     settings.OFFLOAD_REDIS_URL = redis.url

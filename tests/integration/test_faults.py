@@ -119,7 +119,7 @@ def test_an_endpoint_failure_closes_only_that_socket_with_1011(tmp_path):
 
 
 def _endpoint_failure_closes_with_1011(server) -> None:
-    from offload.redis_client import history_key
+    from offload.backend.redis_client import history_key
 
     channel = f"public:corrupt-{os.getpid()}-{time.monotonic_ns()}"
     healthy = server.websocket(f"/ws/?channel={channel}")

@@ -29,7 +29,7 @@ from tests.integration.test_sse import SseClient
 pytestmark = pytest.mark.timeout(180)
 
 CONTROL_BURST = 10  # the default of OFFLOAD_CONTROL_FRAME_BURST
-PUBLISH_LUA = (Path(__file__).resolve().parents[2] / "offload" / "lua" / "publish.lua").read_text()
+PUBLISH_LUA = (Path(__file__).resolve().parents[2] / "offload" / "backend" / "lua" / "publish.lua").read_text()
 
 
 @pytest.fixture(scope="module")

@@ -211,13 +211,6 @@ def private_server(tmp_path_factory):
     live.stop()
 
 
-@pytest.fixture(scope="module")
-def alice(server):
-    session = server.http()
-    session.login("alice")
-    return session
-
-
 # --- 1. static files: nothing outside var/static -------------------------------------------
 
 TRAVERSALS = [

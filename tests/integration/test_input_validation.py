@@ -28,13 +28,6 @@ def server(tmp_path_factory):
     live.stop()
 
 
-@pytest.fixture(scope="module")
-def alice(server):
-    session = server.http()
-    session.login("alice")
-    return session
-
-
 class LogWatch:
     """The part of the uWSGI log written since it was created."""
 

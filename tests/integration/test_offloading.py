@@ -50,13 +50,6 @@ def big_file(server):
     return path
 
 
-@pytest.fixture
-def alice(server):
-    session = server.http()
-    session.login("alice")
-    return session
-
-
 def test_protected_download_is_sent_by_an_offload_thread(server, big_file, alice):
     before = offloaded(server)
     status, headers, body = alice.request("GET", "/downloads/big.bin")

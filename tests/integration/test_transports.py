@@ -1,6 +1,6 @@
 """What websockets and event streams share, run on both against the real uWSGI.
 
-Both transports carry one ``offload.session.ChannelSession``: the same
+Both transports carry one ``offload.core.session.ChannelSession``: the same
 cases (resume with no gap and no duplicate, from-now subscriptions, refusals,
 resume positions that fell out of history) run once per transport through
 one small client interface.

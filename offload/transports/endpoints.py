@@ -2,7 +2,7 @@
 
 :class:`ChannelsEndpoint` speaks the JSON protocol of ``docs/protocol.md``:
 it parses client commands and checks namespace policies; its
-:class:`~offload.session.ChannelSession` (the same one event streams use)
+:class:`~offload.core.session.ChannelSession` (the same one event streams use)
 does the subscriptions, history and live delivery. The endpoint is the
 session's websocket transport.
 """
@@ -13,14 +13,11 @@ import logging
 import time
 from typing import Any
 
-from . import conf
-from .blocking import run_blocking
-from .connection import Endpoint, WebSocket
-from .cursor import Entry
-from .exceptions import BackendUnavailable, RefusedError
-from .history import catch_up
-from .policies import check_publish, check_subscribe
-from .protocol import (
+from .. import conf
+from ..backend.publishing import publish_json
+from ..blocking import run_blocking
+from ..core.cursor import Entry
+from ..core.protocol import (
     Ping,
     Publish,
     StreamId,
@@ -31,12 +28,15 @@ from .protocol import (
     parse_command,
     reply,
 )
-from .publishing import publish_json
-from .session import ChannelSession, HubLink
+from ..core.session import HubLink
+from ..exceptions import BackendUnavailable, RefusedError
+from ..policies import check_publish, check_subscribe
+from .connection import Endpoint, WebSocket
+from .sessions import channel_session
 
 __all__ = ["ChannelsEndpoint", "EchoEndpoint"]
 
-log = logging.getLogger("offload.endpoints")
+log = logging.getLogger("offload.transports.endpoints")
 
 
 class EchoEndpoint(Endpoint):
@@ -56,14 +56,7 @@ class ChannelsEndpoint(Endpoint):
         super().__init__(ws)
         #: The hub writes live messages straight to this socket once a channel is in sync.
         self.direct_socket = ws
-        self.session = ChannelSession(
-            self,
-            hub,
-            subscribe_timeout=conf.get("OFFLOAD_SUBSCRIBE_TIMEOUT"),
-            max_buffer_bytes=conf.get("OFFLOAD_MAX_QUEUED_BYTES"),
-            page_bytes=conf.get("OFFLOAD_HISTORY_PAGE_BYTES"),
-            history=catch_up,
-        )
+        self.session = channel_session(self, hub)
         self._max_subscriptions = conf.get("OFFLOAD_MAX_SUBSCRIPTIONS")
         self._max_bytes = conf.get("OFFLOAD_MAX_MESSAGE_BYTES")
 

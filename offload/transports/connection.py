@@ -4,9 +4,9 @@ Theory of operation
 -------------------
 uWSGI performs the handshake (``uwsgi.websocket_handshake``, on the request's
 own greenlet). From then on the connection owns the client's fd (a duplicate
-once it left the request: :func:`offload.sockets.detach`). The protocol's
+once it left the request: :func:`offload.transports.sockets.detach`). The protocol's
 rules, states and timers live in
-:class:`offload.websocket_protocol.WebSocketProtocol` (sans-I/O, its
+:class:`offload.core.websocket_protocol.WebSocketProtocol` (sans-I/O, its
 transition table and tests need no socket and no clock); this module is the
 thin loop around it:
 
@@ -43,25 +43,25 @@ from collections.abc import Callable
 import gevent
 import gevent.event
 
-from . import conf
-from .closes import Disconnect
-from .frames import (
+from .. import conf
+from ..backend.slots import ConnectionSlots
+from ..core.closes import Disconnect
+from ..core.frames import (
     BinaryReceived,
     FrameReader,
     TextReceived,
     frame_binary,
     frame_text,
 )
-from .policies import Identity
-from .rates import TokenBucket, cooldowns
-from .slots import ConnectionSlots
+from ..core.rates import TokenBucket, cooldowns
+from ..core.websocket_protocol import Dropped, RateLimited, State, WebSocketProtocol
+from ..policies import Identity
 from .sockets import close_now, detach, shutdown_write
-from .websocket_protocol import Dropped, RateLimited, State, WebSocketProtocol
 
 __all__ = ["Endpoint", "State", "WebSocket", "close_all", "close_user", "open_connections"]
 
 
-log = logging.getLogger("offload.connection")
+log = logging.getLogger("offload.transports.connection")
 
 _READ_SIZE = 65536
 _READS_PER_WAKE = 16  # chunks read per wake-up before the other greenlets get a turn
@@ -306,7 +306,7 @@ class WebSocket:
 
     def detach(self) -> None:
         """Take the socket over from uWSGI, freeing the request's async core
-        (:func:`offload.sockets.detach`). Call it before any data is exchanged."""
+        (:func:`offload.transports.sockets.detach`). Call it before any data is exchanged."""
         self._write_watcher.stop()
         self.fd = detach(self.fd)
         self._owns_fd = True

@@ -76,5 +76,5 @@ class Cooldowns:
         return left
 
 
-#: This process's cooldowns (checked by offload.wsgi, set by offload.connection).
+#: This process's cooldowns (checked by offload.wsgi, set by offload.transports.connection).
 cooldowns = Cooldowns()

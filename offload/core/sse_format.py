@@ -2,7 +2,7 @@
 
 Imports no gevent, uwsgi, redis or Django, so every rule of the format is
 unit-tested without I/O (tests/test_sse_format.py). The stream itself is
-:mod:`offload.sse`.
+:mod:`offload.transports.sse`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from .exceptions import ChannelError, ProtocolError
+from ..exceptions import ChannelError, ProtocolError
 from .protocol import StreamId, format_stream_id, parse_stream_id, validate_channel
 
 __all__ = ["PING", "RETRY", "format_event", "format_resume_id", "parse_resume_id", "resume_positions"]

@@ -23,12 +23,12 @@ import uuid
 
 import redis
 
-from . import conf
+from .. import conf
 from .redis_client import REDIS_ERRORS, get_client, script
 
 __all__ = ["ConnectionSlots"]
 
-log = logging.getLogger("offload.slots")
+log = logging.getLogger("offload.backend.slots")
 
 _GATHER = 0.002  # seconds a busy broker waits for more commands before its next round trip
 

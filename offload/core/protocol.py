@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .exceptions import ChannelError, ProtocolError, RefusedError
+from ..exceptions import ChannelError, ProtocolError, RefusedError
 
 __all__ = [
     "Command",

@@ -12,10 +12,10 @@ from typing import Any
 
 import redis
 
-from . import conf
-from .exceptions import BackendUnavailable, LimitExceeded, OutcomeUnknown
-from .policies import namespace_of
-from .protocol import encode_data
+from .. import conf
+from ..core.protocol import encode_data
+from ..exceptions import BackendUnavailable, LimitExceeded, OutcomeUnknown
+from ..policies import namespace_of
 from .redis_client import REDIS_ERRORS, history_key, pubsub_channel, script
 
 __all__ = ["publish", "publish_json"]

@@ -53,15 +53,15 @@ from typing import Protocol
 import gevent
 import gevent.event
 
-from .cursor import Entry, make_entry
-from .exceptions import BackendUnavailable
+from ..core.cursor import Entry, make_entry
+from ..core.protocol import StreamId
+from ..exceptions import BackendUnavailable
 from .history import read_tip
-from .protocol import StreamId
 from .redis_client import REDIS_ERRORS, channel_of, get_client, new_client, pubsub_channel
 
 __all__ = ["DirectSocket", "Hub", "Subscriber", "on_control", "send_control"]
 
-log = logging.getLogger("offload.hub")
+log = logging.getLogger("offload.backend.hub")
 
 _CONTROL = "ctl"
 _IDLE_PING = 5.0  # seconds of silence before the hub pings Redis

@@ -10,12 +10,12 @@ channel names, policies, limits, the resume cursor) and refuses with a JSON
 400/403 *before* any byte of the stream is sent. It then returns a
 ``StreamingHttpResponse`` around :func:`response_body`: uWSGI writes the
 headers and the first chunk (``retry``) on the request's greenlet, then the
-stream takes the socket over (:func:`offload.sockets.detach`, the same detach
+stream takes the socket over (:func:`offload.transports.sockets.detach`, the same detach
 path as websockets) and a greenlet of its own writes the rest, so an open
 stream holds no async core, only its Python objects.
 
 An :class:`SseStream` is the event-stream transport of a
-:class:`~offload.session.ChannelSession`, the same session a websocket runs:
+:class:`~offload.core.session.ChannelSession`, the same session a websocket runs:
 subscriptions, history pages, re-syncs after a Redis outage and live delivery
 are written once there. The stream formats what the session sends as events
 into an outbox; its generator sleeps on one event, set by the session (a
@@ -34,7 +34,7 @@ queues up (``OFFLOAD_MAX_QUEUED_BYTES``), Redis stays down past
 ``OFFLOAD_SUBSCRIBE_TIMEOUT``, the user's session ends, or the worker
 reloads. The generator's ``finally`` always leaves the hub.
 
-The wire format is pure, in :mod:`offload.sse_format`.
+The wire format is pure, in :mod:`offload.core.sse_format`.
 """
 
 from __future__ import annotations
@@ -51,18 +51,18 @@ import gevent
 import gevent.event
 from gevent.socket import wait_write
 
-from . import conf
-from .closes import Disconnect
-from .cursor import Entry
-from .history import catch_up
-from .protocol import StreamId, error_text
-from .session import ChannelSession, HubLink
+from .. import conf
+from ..core.closes import Disconnect
+from ..core.cursor import Entry
+from ..core.protocol import StreamId, error_text
+from ..core.session import HubLink
+from ..core.sse_format import PING, RETRY, format_event, format_resume_id
+from .sessions import channel_session
 from .sockets import close_now, detach
-from .sse_format import PING, RETRY, format_event, format_resume_id
 
 __all__ = ["SseStream", "close_all_streams", "close_user_streams", "open_streams", "response_body"]
 
-log = logging.getLogger("offload.sse")
+log = logging.getLogger("offload.transports.sse")
 
 _streams: set[SseStream] = set()
 
@@ -99,7 +99,7 @@ class SseStream:
         channels: the channels, already checked against the policies.
         positions: each resumed channel's position (see :func:`resume_positions`).
         hub: this process's hub.
-        slots: this stream's per-IP connection slot (``offload.slots.ConnectionSlots``).
+        slots: this stream's per-IP connection slot (``offload.backend.slots.ConnectionSlots``).
         identity: who opened it (``offload.policies.Identity``), to end it when their session ends.
         fd: the client socket, watched for EOF (None: not under uWSGI).
     """
@@ -117,14 +117,7 @@ class SseStream:
         fd: int | None = None,
     ) -> None:
         self.channels = list(channels)
-        self.session = ChannelSession(
-            self,
-            hub,
-            subscribe_timeout=conf.get("OFFLOAD_SUBSCRIBE_TIMEOUT"),
-            max_buffer_bytes=conf.get("OFFLOAD_MAX_QUEUED_BYTES"),
-            page_bytes=conf.get("OFFLOAD_HISTORY_PAGE_BYTES"),
-            history=catch_up,
-        )
+        self.session = channel_session(self, hub)
         self._start = {channel: positions.get(channel) for channel in self.channels}
         #: What the client's Last-Event-ID says: advanced as events are written.
         self.positions = {channel: positions[channel] for channel in self.channels if channel in positions}
@@ -295,7 +288,7 @@ def _peer_closed(fd: int | None) -> bool:
 def response_body(stream: SseStream, detach_fd: bool = True) -> Iterator[bytes]:
     """The response body as uWSGI sees it: headers and the first chunk only.
 
-    Then the stream takes the socket over (:func:`offload.sockets.detach`)
+    Then the stream takes the socket over (:func:`offload.transports.sockets.detach`)
     and goes on from a greenlet of its own, and the uWSGI request ends: an
     open stream, like an open websocket, holds no async core, only its Python
     objects. ``detach_fd=False`` (not under uWSGI: tests of the view) streams

@@ -4,12 +4,12 @@ Theory of operation
 -------------------
 :class:`WebSocketProtocol` knows the RFC 6455 rules the server applies after
 the handshake and the library's limits; it does no I/O and reads no clock.
-The connection (:mod:`offload.connection`) feeds it what the socket read
+The connection (:mod:`offload.transports.connection`) feeds it what the socket read
 (:meth:`~WebSocketProtocol.receive`, with ``now``), hands the messages it
 yields to the endpoint, writes what :meth:`~WebSocketProtocol.data_to_send`
 returns, and calls :meth:`~WebSocketProtocol.tick` when
 :meth:`~WebSocketProtocol.next_deadline` comes. Client frames are parsed by
-:class:`offload.frames.FrameReader` (wsproto), lazily: once a client is over
+:class:`offload.core.frames.FrameReader` (wsproto), lazily: once a client is over
 its rate limit the rest of its bytes are not even parsed.
 
 Every client frame takes a token from the connection's bucket (data frames,

@@ -17,7 +17,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from . import conf
+from .. import conf
 
 __all__ = ["REDIS_ERRORS", "channel_of", "get_client", "history_key", "new_client", "pubsub_channel"]
 
@@ -80,7 +80,7 @@ def script(name: str):
     if found is None:
         from importlib.resources import files
 
-        source = files("offload").joinpath(f"lua/{name}.lua").read_text()
+        source = files("offload.backend").joinpath(f"lua/{name}.lua").read_text()
         if len(_scripts) > 16:
             _scripts.clear()
         found = _scripts[key] = client.register_script(source)

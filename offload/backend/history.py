@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
-from .cursor import FIRST_PAGE, make_entry
-from .exceptions import BackendUnavailable
-from .protocol import StreamId, format_stream_id, parse_stream_id
+from ..core.cursor import FIRST_PAGE, make_entry
+from ..core.protocol import StreamId, format_stream_id, parse_stream_id
+from ..core.session import CatchUp
+from ..exceptions import BackendUnavailable
 from .redis_client import REDIS_ERRORS, get_client, history_key
-from .session import CatchUp
 
 __all__ = ["CatchUp", "HistoryRead", "catch_up", "read_after", "read_tip"]
 
@@ -76,7 +76,7 @@ def catch_up(
     """One page of history for a subscription's cursor. Shared by websockets and SSE.
 
     A first subscription without a position needs only the newest id ("from
-    now"), from ``newest_id`` (the hub's :meth:`~offload.hub.Hub.newest_id`
+    now"), from ``newest_id`` (the hub's :meth:`~offload.backend.hub.Hub.newest_id`
     knows it without a Redis read once its channel is ready); otherwise up to
     ``count`` retained messages after ``last`` (from the start for a cursor
     that never had a position, e.g. a re-sync after a Redis outage) are read

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-A websocket (``offload.endpoints``) and an event stream (``offload.sse``) both
+A websocket (``offload.transports.endpoints``) and an event stream (``offload.transports.sse``) both
 subscribe a client to channels and must join history and live messages with
 no gap and no duplicate. :class:`ChannelSession` is that logic, once: it owns
 the resume cursors, the subscriptions waiting for the hub's Redis
@@ -10,13 +10,13 @@ subscription, the history re-reads (page by page) and their retry timing,
 and the hand-over to the hub's direct writes. It does no I/O of its own:
 
 * the hub calls it (``channel_ready``, ``channel_lost``, ``deliver``: the
-  :class:`~offload.hub.Subscriber` interface);
+  :class:`~offload.backend.hub.Subscriber` interface);
 * the transport calls :meth:`subscribe`, :meth:`unsubscribe`, :meth:`step`
   (with ``now``) whenever it wakes, and :meth:`next_deadline` for its timer;
 * the session answers through the small :class:`Transport` interface:
   replies, messages, wake-ups, and whether history may be sent now;
 * history is read through an injected function (``history``: the
-  transports pass :func:`offload.history.catch_up`) and the hub is passed in, so the session
+  transports pass :func:`offload.backend.history.catch_up`) and the hub is passed in, so the session
   is unit-tested with neither a socket, nor Redis, nor a clock
   (``tests/test_session.py``).
 
@@ -41,8 +41,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ..exceptions import BackendUnavailable, LimitExceeded
 from .cursor import ChannelCursor, Entry
-from .exceptions import BackendUnavailable, LimitExceeded
 from .protocol import StreamId, format_stream_id, reply
 
 __all__ = ["RETRY_HISTORY", "CatchUp", "ChannelSession", "HubLink", "Transport"]
@@ -76,7 +76,7 @@ class Transport(Protocol):
 
 
 class HubLink(Protocol):
-    """The part of :class:`offload.hub.Hub` a session uses."""
+    """The part of :class:`offload.backend.hub.Hub` a session uses."""
 
     def subscribe(self, subscriber: Any, channel: str) -> None: ...
 
@@ -124,7 +124,7 @@ class ChannelSession:
         subscribe_timeout: seconds a subscription may wait for the hub.
         max_buffer_bytes: live messages buffered per channel during a history replay.
         page_bytes: target size of one history page.
-        history: reads one page of history (:func:`offload.history.catch_up`; a
+        history: reads one page of history (:func:`offload.backend.history.catch_up`; a
             fake in tests).
     """
 

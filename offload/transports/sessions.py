@@ -1,0 +1,21 @@
+"""A channel session with this deployment's settings, for either transport."""
+
+from __future__ import annotations
+
+from .. import conf
+from ..backend.history import catch_up
+from ..core.session import ChannelSession, HubLink, Transport
+
+__all__ = ["channel_session"]
+
+
+def channel_session(transport: Transport, hub: HubLink) -> ChannelSession:
+    """The session a websocket endpoint or an event stream runs (settings read here, once)."""
+    return ChannelSession(
+        transport,
+        hub,
+        subscribe_timeout=conf.get("OFFLOAD_SUBSCRIBE_TIMEOUT"),
+        max_buffer_bytes=conf.get("OFFLOAD_MAX_QUEUED_BYTES"),
+        page_bytes=conf.get("OFFLOAD_HISTORY_PAGE_BYTES"),
+        history=catch_up,
+    )
