@@ -104,7 +104,7 @@ class CatchUp:
     next_count: int
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     """A subscription waiting for its first ``subscribed`` reply."""
 
@@ -118,6 +118,8 @@ History = Callable[..., CatchUp]
 class ChannelSession:
     """The channels of one client: cursors, pending subscribes, history, direct writes.
 
+    One per open socket: ``__slots__`` keeps each small (thousands per worker).
+
     Args:
         transport: the connection (websocket or event stream).
         hub: this process's hub (or anything with its :class:`HubLink` methods).
@@ -127,6 +129,20 @@ class ChannelSession:
         history: reads one page of history (:func:`offload.backend.history.catch_up`; a
             fake in tests).
     """
+
+    __slots__ = (
+        "_direct",
+        "_history",
+        "_max_buffer",
+        "_needs_history",
+        "_page_bytes",
+        "_pending",
+        "_retry_at",
+        "_subscribe_timeout",
+        "cursors",
+        "hub",
+        "transport",
+    )
 
     def __init__(
         self,

@@ -107,6 +107,21 @@ class WebSocketProtocol:
             connected together must not all ping together).
     """
 
+    __slots__ = (
+        "_bucket",
+        "_closing_since",
+        "_control_bucket",
+        "_next_ping",
+        "_outgoing",
+        "_ping_interval",
+        "_ping_sent",
+        "_ping_timeout",
+        "_reader",
+        "close_code",
+        "send_fin",
+        "state",
+    )
+
     def __init__(
         self,
         reader: FrameReader,

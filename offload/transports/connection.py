@@ -116,6 +116,23 @@ class Endpoint:
 class WebSocket:
     """An upgraded connection: the protocol, the outgoing queue, the loop."""
 
+    __slots__ = (
+        "_clock",
+        "_max_queued",
+        "_out",
+        "_owns_fd",
+        "_queued_bytes",
+        "_slots",
+        "_stuck_since",
+        "_wake",
+        "_write_watcher",
+        "fd",
+        "identity",
+        "protocol",
+        "query",
+        "worker_id",
+    )
+
     def __init__(
         self,
         fd: int,
