@@ -12,7 +12,8 @@ The architecture, in layers whose dependencies point one way (README.md):
 * ``transports/`` - websockets and event streams around the session (gevent, uWSGI)
 * the Django/uWSGI edge at the top level: ``views``, ``wsgi``, ``urls``,
   ``worker`` (one hub per process), ``accounts``, ``policies``, ``conf``,
-  ``tasks``, ``transfers``, ``upstream_gate``, ``watchdog``, ``testing``
+  ``tasks``, ``transfers``, ``upstream_gate``, ``watchdog``, ``testing`` (servers, a websocket
+  client and waits for tests of any project)
 """
 
 from .exceptions import (

@@ -390,7 +390,7 @@ def test_the_timeout_factor_stretches_every_budget(monkeypatch):
 
 
 def test_the_project_is_the_working_directory_with_a_uwsgi_ini_else_the_repository(tmp_path, monkeypatch):
-    repository = Path(offload.testing.__file__).resolve().parent.parent
+    repository = Path(offload.__file__).resolve().parent.parent  # the directory that holds the package
     monkeypatch.chdir(tmp_path)
     assert default_project_dir() == repository
     (tmp_path / "uwsgi.ini").write_text("[uwsgi]\n")
