@@ -55,13 +55,7 @@ def handshake(
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     sock.connect(("127.0.0.1", port))
     sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    head_bytes, _, rest = data.partition(b"\r\n\r\n")
+    head_bytes, rest = read_head(sock)
     head = head_bytes.decode("latin-1").split("\r\n")
     headers = {}
     for line in head[1:]:
@@ -72,3 +66,15 @@ def handshake(
         return status, headers, sock, rest
     sock.close()
     return status, headers
+
+
+def read_head(sock: socket.socket) -> tuple[bytes, bytes]:
+    """Read up to the end of a response head; returns the head and whatever came after it."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return head, rest

@@ -21,7 +21,7 @@ import pytest
 
 from offload.testing import frame
 from tests.integration.demo import DemoServer
-from tests.integration.rawws import handshake
+from tests.integration.rawws import handshake, read_head
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -235,14 +235,8 @@ def api_raw(server, head: bytes, body: bytes = b"", timeout: float = 5) -> tuple
     with socket.create_connection(("127.0.0.1", server.port), timeout=timeout) as sock:
         started = time.monotonic()
         sock.sendall(head + b"\r\n\r\n" + body)
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        head_bytes, rest = read_head(sock)
         elapsed = time.monotonic() - started
-        head_bytes, _, rest = data.partition(b"\r\n\r\n")
     return int(head_bytes.split()[1]), rest, elapsed
 
 
