@@ -2,7 +2,8 @@
 
 Public API::
 
-    offload.publish(channel, data) -> message id
+    offload.publish(channel, data, *, on_commit=True, using=None) -> message id
+        (None inside transaction.atomic(): it goes out after the commit)
 
 The architecture, in layers whose dependencies point one way (README.md):
 
@@ -16,6 +17,8 @@ The architecture, in layers whose dependencies point one way (README.md):
   client and waits for tests of any project)
 """
 
+# Importing it needs no configured settings (Django's are read at the first call).
+from .backend.publishing import publish
 from .exceptions import (
     BackendUnavailable,
     ChannelError,
@@ -38,14 +41,3 @@ __all__ = [
     "RefusedError",
     "publish",
 ]
-
-
-def publish(channel: str, data) -> str:
-    """Publish ``data`` on ``channel``; returns the message id.
-
-    See :func:`offload.backend.publishing.publish` (imported lazily so that importing
-    ``offload`` does not require configured Django settings).
-    """
-    from .backend.publishing import publish as _publish
-
-    return _publish(channel, data)
