@@ -47,15 +47,16 @@ def test_resume_from_a_trimmed_id_is_reported_unrecoverable(redis_client):
     assert read_after("public:nothing", (1, 0), 100) == ([], False)
 
 
-@pytest.mark.parametrize(
-    "channel, data, error, code",
-    [
-        ("nocolon", 1, offload.ChannelError, "invalid_channel"),
-        ("secret:x", 1, offload.ChannelError, "unknown_namespace"),
-        ("public:x", object(), offload.ProtocolError, "bad_message"),
-        ("public:x", "x" * (64 * 1024), offload.LimitExceeded, "message_too_large"),
-    ],
-)
+#: ``(channel, data, error, code)`` that publish refuses (tests/test_publish_on_commit.py too).
+BAD_INPUT = [
+    ("nocolon", 1, offload.ChannelError, "invalid_channel"),
+    ("secret:x", 1, offload.ChannelError, "unknown_namespace"),
+    ("public:x", object(), offload.ProtocolError, "bad_message"),
+    ("public:x", "x" * (64 * 1024), offload.LimitExceeded, "message_too_large"),
+]
+
+
+@pytest.mark.parametrize("channel, data, error, code", BAD_INPUT)
 def test_bad_input_is_refused_with_a_clear_error_and_publishes_nothing(redis_client, channel, data, error, code):
     with pytest.raises(error) as info:
         offload.publish(channel, data)

@@ -20,6 +20,7 @@ from django.test import TestCase
 import offload
 from offload.backend import redis_client as client_module
 from offload.backend.redis_client import history_key, pubsub_channel
+from tests.test_publish import BAD_INPUT
 
 
 class Rollback(Exception):
@@ -82,15 +83,7 @@ def test_a_publish_in_a_rolled_back_savepoint_does_not_go_out(redis_client):
     assert not Group.objects.exists()
 
 
-@pytest.mark.parametrize(
-    "channel, data, error, code",
-    [
-        ("nocolon", 1, offload.ChannelError, "invalid_channel"),
-        ("secret:x", 1, offload.ChannelError, "unknown_namespace"),
-        ("public:x", object(), offload.ProtocolError, "bad_message"),
-        ("public:x", "x" * (64 * 1024), offload.LimitExceeded, "message_too_large"),
-    ],
-)
+@pytest.mark.parametrize("channel, data, error, code", BAD_INPUT)
 def test_bad_messages_raise_at_once_inside_the_block(redis_client, channel, data, error, code):
     with transaction.atomic():
         with pytest.raises(error) as info:
