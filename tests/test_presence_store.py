@@ -55,7 +55,7 @@ def test_a_grace_period_that_ends_is_exactly_one_leave(redis_client):
     join("w1", "u1", now=100)
     leave("w1", "u1", now=101)
     early = sweep(now=102)
-    assert early.left == [] and early.next_due == pytest.approx(106)
+    assert early.left == [] and early.next_in == pytest.approx(4)
     assert sweep(now=106).left == ["u1"]
     assert sweep(now=106).left == []  # a second sweeper finds nothing to report
     assert presence.count(CH) == 0
@@ -76,7 +76,7 @@ def test_a_lease_that_is_not_renewed_releases_its_members(redis_client):
         assert sweep("live", now=now).renewed
     assert sweep("live", now=129).left == []  # dead's lease expires at 130
     swept = sweep("live", now=131)
-    assert swept.left == [] and swept.next_due == pytest.approx(136)  # u1 in grace (u2 is held by live)
+    assert swept.left == [] and swept.next_in == pytest.approx(5)  # u1 in grace (u2 is held by live)
     assert sweep("live", now=136).left == ["u1"]
     assert presence.count(CH) == 1
     assert not sweep("dead", now=137).renewed  # the dead lease is gone: its worker must join again
@@ -85,7 +85,7 @@ def test_a_lease_that_is_not_renewed_releases_its_members(redis_client):
 def test_renewing_keeps_members_and_the_next_due_is_the_earliest_lease(redis_client):
     join("w1", "u1", now=100)
     join("w2", "u2", now=110)
-    assert sweep("w1", now=120).next_due == pytest.approx(140)  # w2 expires at 140, w1 now at 150
+    assert sweep("w1", now=120).next_in == pytest.approx(20)  # w2 expires at 140, w1 now at 150
     assert presence.count(CH) == 2
 
 

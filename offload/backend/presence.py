@@ -31,8 +31,8 @@ class Sweep:
 
     #: Members whose grace period ended (each reported by exactly one sweep).
     left: list[str]
-    #: When the channel needs its next sweep (seconds, Redis' clock), None if never.
-    next_due: float | None
+    #: Seconds until the channel needs its next sweep, None if never.
+    next_in: float | None
     #: More expired work is due now (the sweep stopped at its budget).
     more: bool
     #: The lease was renewed; False: it had expired and its members were released.
@@ -111,12 +111,12 @@ def sweep(
     channel: str, lease: str | None, *, lease_ttl: float, grace: float, budget: int = 1000, now: float | None = None
 ) -> Sweep:
     """Renew ``lease`` (the heartbeat), release expired leases, end finished grace periods."""
-    left, next_due, more, renewed = _call(
+    left, next_in, more, renewed = _call(
         channel, "sweep", _now(now), _key_ttl(lease_ttl, grace), lease or "", _ms(lease_ttl), _ms(grace), budget
     )
     return Sweep(
         [member.decode() for member in left],
-        None if next_due is None else next_due / 1000,
+        None if next_in is None else next_in / 1000,
         bool(more),
         bool(renewed),
     )

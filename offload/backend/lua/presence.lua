@@ -26,7 +26,7 @@
 --        returns the members that left at once (grace 0)
 -- sweep: ARGV[4] lease to renew or "", ARGV[5] lease ttl (ms), ARGV[6] grace (ms),
 --        ARGV[7] most members to release in this call
---        returns {members that left, next deadline in ms or false, 1 if more work is
+--        returns {members that left, ms until the next deadline or false, 1 if more work is
 --        due now, 1 if the lease was renewed (0: it expired and its members were
 --        released: the worker must join them again)}
 local m, g, n, i, l, c = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
@@ -133,6 +133,9 @@ if op == 'sweep' then
     if first and (not next_due or tonumber(first) < next_due) then
       next_due = tonumber(first)
     end
+  end
+  if next_due then
+    next_due = math.max(0, next_due - now)  -- a delay: callers' clocks need not be Redis'
   end
   return { left, next_due, more, renewed }
 end
