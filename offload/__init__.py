@@ -15,7 +15,13 @@ The architecture, in layers whose dependencies point one way (README.md):
   ``worker`` (one hub per process), ``accounts``, ``policies``, ``conf``,
   ``tasks``, ``transfers``, ``upstream_gate``, ``watchdog``, ``testing`` (servers, a websocket
   client and waits for tests of any project)
+* ``uwsgiconf/`` - the library's uWSGI options (``offload.ini``, the embedded Redis'
+  script): a project's uwsgi.ini includes them with
+  ``ini = exec://%d.venv/bin/python -m offload.uwsgiconf %d`` (docs/guide.md)
 """
+
+#: The library's version (pyproject.toml reads it; the uWSGI options carry it, checked at app load).
+__version__ = "0.4.0"
 
 # Importing it needs no configured settings (Django's are read at the first call).
 from .backend.publishing import publish

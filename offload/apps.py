@@ -1,5 +1,7 @@
 from django.apps import AppConfig
 
+from .uwsgiconf import config_problem
+
 
 class OffloadConfig(AppConfig):
     """The offload library as a Django app (static JS client, spooler tasks, session ends)."""
@@ -20,6 +22,12 @@ class OffloadConfig(AppConfig):
             import uwsgi
         except ImportError:
             return
+        # The library's uWSGI options must be there, from this installation: uWSGI only warns
+        # when the `ini = exec://... -m offload.uwsgiconf` include fails, and would then serve
+        # without gevent, Redis or routes. SystemExit stops uWSGI with the message in its log.
+        problem = config_problem(uwsgi.opt)
+        if problem:
+            raise SystemExit(problem)
         from .tasks import spooler
 
         if uwsgi.opt.get("spooler"):

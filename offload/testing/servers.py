@@ -287,10 +287,15 @@ class LiveServer:
         )
         log.close()
         wait_for(self._healthy, timeout, f"uWSGI on port {self.port} (log: {self.log_path})", 0.1)
-        if "offload.upstream_gate" in self.ini.read_text():
+        if self._starts_the_gate():
             # uWSGI starts the upstream gate (offload.upstream_gate) beside the workers: /slow needs it.
             wait_for((self.var_dir / "upstream.sock").exists, timeout, "the upstream gate's socket", 0.05)
         return self
+
+    def _starts_the_gate(self) -> bool:
+        """Does the ini include the library's uWSGI options (or start the gate itself)?"""
+        text = self.ini.read_text()
+        return "offload.uwsgiconf" in text or "offload.upstream_gate" in text
 
     def _healthy(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
