@@ -4,6 +4,9 @@ Public API::
 
     offload.publish(channel, data, *, on_commit=True, using=None) -> message id
         (None inside transaction.atomic(): it goes out after the commit)
+    @offload.rpc("name")  def method(identity, data) -> reply data   (server-side handlers)
+    raise offload.Rejected(reason, code="...")   (an RPC method or publish hook refuses)
+    offload.signals.connected / disconnected / subscribed / unsubscribed   (lifecycle)
 
 The architecture, in layers whose dependencies point one way (README.md):
 
@@ -34,7 +37,9 @@ from .exceptions import (
     PermissionDenied,
     ProtocolError,
     RefusedError,
+    Rejected,
 )
+from .handlers import rpc
 
 __all__ = [
     "BackendUnavailable",
@@ -45,5 +50,7 @@ __all__ = [
     "PermissionDenied",
     "ProtocolError",
     "RefusedError",
+    "Rejected",
     "publish",
+    "rpc",
 ]

@@ -4,7 +4,7 @@ from .uwsgiconf import config_problem
 
 
 class OffloadConfig(AppConfig):
-    """The offload library as a Django app (static JS client, spooler tasks, session ends)."""
+    """The offload library as a Django app (static JS client, spooler tasks, RPC methods, session ends)."""
 
     name = "offload"
     verbose_name = "uWSGI offload real-time layer"
@@ -12,12 +12,14 @@ class OffloadConfig(AppConfig):
     def ready(self) -> None:
         from django.utils.module_loading import autodiscover_modules
 
-        from . import accounts
+        from . import accounts, handlers
 
         # A logout, password change or deactivation closes that user's sockets everywhere.
         accounts.install()
         # Register every app's tasks.py, in workers and in spooler processes alike.
         autodiscover_modules("tasks")
+        # Register every app's RPC methods (rpc.py), as the admin finds admin.py.
+        handlers.autodiscover()
         try:
             import uwsgi
         except ImportError:

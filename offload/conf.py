@@ -21,6 +21,9 @@ DEFAULT_NAMESPACE = {
     "publish": False,
     "history_size": 100,
     "history_ttl": 3600,
+    # Dotted path of (or a callable) hook(identity, channel, data) -> data run on
+    # every client publish before it goes out (offload.handlers); None: none.
+    "publish_hook": None,
 }
 
 DEFAULTS: dict[str, Any] = {
@@ -111,6 +114,25 @@ DEFAULTS: dict[str, Any] = {
     # handshake answers with the first one the client offered; with none in
     # common (or this empty) no Sec-WebSocket-Protocol header is sent (RFC 6455).
     "OFFLOAD_SUBPROTOCOLS": (),
+    # Server-side handlers (offload.handlers): RPC methods, publish hooks and
+    # lifecycle signal receivers run in a thread pool of their own, this many
+    # threads per worker, apart from gevent's pool that resolves the users of
+    # handshakes: slow handlers never delay a connect (docs/settings.md).
+    "OFFLOAD_HANDLER_THREADS": 10,
+    # Seconds an RPC call or a publish hook may take, waiting for a thread
+    # included; beyond, the client gets rpc_timeout (the thread cannot be
+    # stopped: the function may still finish, its result is dropped).
+    "OFFLOAD_RPC_TIMEOUT": 10.0,
+    # Handler calls (RPC and hooked publishes) running at once per connection;
+    # beyond: too_many_calls.
+    "OFFLOAD_RPC_MAX_IN_FLIGHT": 8,
+    # Handler calls per second per connection (token bucket refilled at this
+    # rate, holding OFFLOAD_RPC_BURST); beyond: rate_limited (the socket stays open).
+    "OFFLOAD_RPC_CALLS_PER_SECOND": 10.0,
+    "OFFLOAD_RPC_BURST": 20,
+    # Lifecycle events (offload.signals) waiting for their receivers, per
+    # worker; beyond, new events are dropped (counted and logged), never waited for.
+    "OFFLOAD_SIGNAL_QUEUE_SIZE": 10_000,
     # Seconds a spooler task may run (@task(timeout=...) overrides it). Beyond
     # it the task is stopped inside the spooler and retried or failed like any
     # error. Keep it well below uwsgi.ini's spooler-harakiri (600 s), which
@@ -128,6 +150,7 @@ class Namespace:
     publish: Any
     history_size: int
     history_ttl: int
+    publish_hook: Any = None
 
 
 _values: dict[str, Any] = {}
@@ -188,5 +211,7 @@ def namespaces() -> dict[str, Namespace]:
             raise ImproperlyConfigured(
                 f"OFFLOAD_NAMESPACES[{name!r}]: history_size must be an int >= 0 and history_ttl an int > 0"
             )
-        result[name] = Namespace(name, merged["subscribe"], merged["publish"], size, ttl)
+        result[name] = Namespace(
+            name, merged["subscribe"], merged["publish"], size, ttl, publish_hook=merged["publish_hook"]
+        )
     return result

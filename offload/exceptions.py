@@ -8,7 +8,9 @@ Hierarchy::
     │   ├── ProtocolError       malformed or unknown client command
     │   ├── ChannelError        bad channel name / unknown namespace
     │   ├── PermissionDenied    a namespace policy said no
-    │   └── LimitExceeded       a configured limit was hit
+    │   ├── LimitExceeded       a configured limit was hit
+    │   └── Rejected            the project's own code said no (an RPC method,
+    │                           a publish hook): its code goes to the client
     └── BackendUnavailable      Redis is down (code ``unavailable``)
         └── OutcomeUnknown      Redis timed out mid-call (code ``outcome_unknown``)
 
@@ -18,6 +20,8 @@ by the programmer raises ordinary ``TypeError``/``ValueError``.
 """
 
 from __future__ import annotations
+
+import re
 
 
 class OffloadError(Exception):
@@ -61,6 +65,30 @@ class LimitExceeded(RefusedError):
     """A configured limit was exceeded (``message_too_large``, ...)."""
 
     code = "limit_exceeded"
+
+
+class Rejected(RefusedError):
+    """Raised by an RPC method or a publish hook to refuse with a client-visible code.
+
+    ``raise offload.Rejected("the room is closed", code="room_closed")``: the
+    client gets ``{"type":"error","code":"room_closed","reason":...}``. Any
+    other exception from project code becomes ``internal_error`` (logged with
+    its traceback, never shown to the client), so the reason here must be fit
+    for the client's eyes.
+
+    Raises:
+        ValueError: ``code`` is not 1 to 64 characters of ``[a-z0-9_]``.
+    """
+
+    code = "rejected"
+
+    def __init__(self, reason: str = "", *, code: str = "rejected") -> None:
+        if not isinstance(code, str) or not _CODE_RE.fullmatch(code):
+            raise ValueError(f"a Rejected code is 1 to 64 characters of [a-z0-9_], not {code!r}")
+        super().__init__(str(reason), code=code)
+
+
+_CODE_RE = re.compile(r"[a-z0-9_]{1,64}")
 
 
 class BackendUnavailable(OffloadError):

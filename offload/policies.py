@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
+from django.core.exceptions import ImproperlyConfigured
+from django.utils.module_loading import import_string
+
 from . import conf
 from .core.protocol import split_channel
 from .exceptions import ChannelError, PermissionDenied
@@ -74,9 +77,6 @@ def compile_rule(spec: Any) -> Rule:
     Raises:
         django.core.exceptions.ImproperlyConfigured: unknown rule.
     """
-    from django.core.exceptions import ImproperlyConfigured
-    from django.utils.module_loading import import_string
-
     if spec is False or spec is None:
         return Rule(_nobody)
     if callable(spec):
@@ -91,11 +91,29 @@ def compile_rule(spec: Any) -> Rule:
         group = spec[6:]
         return Rule(lambda identity, channel: group in identity.groups)
     if isinstance(spec, str) and "." in spec:
-        try:
-            return Rule(import_string(spec), blocking=True)
-        except ImportError as exc:
-            raise ImproperlyConfigured(f"policy {spec!r} cannot be imported: {exc}") from exc
+        return Rule(_import(spec, "policy"), blocking=True)
     raise ImproperlyConfigured(f"unknown policy rule {spec!r}")
+
+
+def compile_hook(spec: Any) -> Callable[[Identity, str, Any], Any] | None:
+    """A namespace's ``publish_hook`` (a callable or a dotted path to one) as a callable.
+
+    Raises:
+        django.core.exceptions.ImproperlyConfigured: not importable, or not callable.
+    """
+    if spec is None:
+        return None
+    hook = _import(spec, "publish_hook") if isinstance(spec, str) else spec
+    if not callable(hook):
+        raise ImproperlyConfigured(f"publish_hook {spec!r} is not callable")
+    return hook
+
+
+def _import(spec: str, what: str) -> Any:
+    try:
+        return import_string(spec)
+    except ImportError as exc:
+        raise ImproperlyConfigured(f"{what} {spec!r} cannot be imported: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -103,6 +121,8 @@ class CompiledNamespace:
     namespace: conf.Namespace
     subscribe: Rule
     publish: Rule
+    #: hook(identity, channel, data) -> data for client publishes (None: publish as sent).
+    publish_hook: Callable[[Identity, str, Any], Any] | None = None
 
 
 @cache
@@ -111,7 +131,7 @@ def _compiled() -> dict[str, CompiledNamespace]:
     for name, ns in conf.namespaces().items():
         sub = compile_rule(ns.subscribe)
         pub = sub if ns.publish is True else compile_rule(ns.publish)
-        result[name] = CompiledNamespace(ns, sub, pub)
+        result[name] = CompiledNamespace(ns, sub, pub, compile_hook(ns.publish_hook))
     return result
 
 

@@ -1,8 +1,15 @@
-"""Redis connections: one pooled client per process, and key naming.
+"""Redis connections: one pooled client per process and thread, and key naming.
 
 The pool is created lazily and re-created after ``fork()`` (uWSGI loads the
 app in the master and forks workers), so no socket is ever shared between
-processes. It is a *blocking* pool: when every connection is busy, callers
+processes. Nor between OS threads: under gevent a socket belongs to the hub
+of the thread that made it, and a handler thread
+(:func:`offload.blocking.handler_pool`: an RPC method that publishes) that
+used the worker's connections failed with "Cannot switch to a different
+thread". Each thread gets its own client (the real thread-local, not gevent's
+greenlet-local one); the worker's greenlets all share the main thread's.
+
+It is a *blocking* pool: when every connection is busy, callers
 wait up to the timeout instead of failing with ``MaxConnectionsError``.
 Retries are limited to one immediate retry, so that a Redis outage makes
 ``publish`` fail fast instead of backing off for seconds.
@@ -11,7 +18,9 @@ Retries are limited to one immediate retry, so that a Redis outage makes
 from __future__ import annotations
 
 import os
+import sys
 import threading
+from importlib.resources import files
 
 import redis
 from redis.backoff import NoBackoff
@@ -24,9 +33,16 @@ __all__ = ["REDIS_ERRORS", "channel_of", "get_client", "history_key", "new_clien
 #: What a Redis outage raises; callers turn it into BackendUnavailable.
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, OSError)
 
-_lock = threading.Lock()
-_client: redis.Redis | None = None
-_client_pid: int | None = None
+
+def _os_thread_local() -> threading.local:
+    """A real per-OS-thread local (gevent's monkey-patching makes ``threading.local`` per greenlet)."""
+    monkey = sys.modules.get("gevent.monkey")  # imported only where gevent patches (uWSGI workers)
+    return (monkey.get_original("threading", "local") if monkey is not None else threading.local)()
+
+
+#: per OS thread: ``key`` (pid, generation), ``client``, ``scripts``
+_local = _os_thread_local()
+_generation = 0  # bumped by reset(): every thread makes a new client
 
 
 def _options(timeout: float, retries: int) -> dict:
@@ -54,18 +70,17 @@ def new_client(max_connections: int = 1, timeout: float | None = None, retries: 
 
 
 def get_client() -> redis.Redis:
-    """The process-wide pooled client for publish and history reads."""
-    global _client, _client_pid
-    pid = os.getpid()
-    if _client is None or _client_pid != pid:
-        with _lock:
-            if _client is None or _client_pid != pid:
-                _client = new_client(conf.get("OFFLOAD_REDIS_POOL_SIZE"))
-                _client_pid = pid
-    return _client
+    """This process's (and OS thread's) pooled client for publish and history reads."""
+    local = _local
+    key = (os.getpid(), _generation)
+    if getattr(local, "key", None) != key:
+        local.client = new_client(conf.get("OFFLOAD_REDIS_POOL_SIZE"))
+        local.scripts = {}
+        local.key = key
+    return local.client
 
 
-_scripts: dict[tuple[int, str], object] = {}
+_sources: dict[str, str] = {}
 
 
 def script(name: str):
@@ -75,25 +90,24 @@ def script(name: str):
     (e.g. after a restart).
     """
     client = get_client()
-    key = (id(client), name)
-    found = _scripts.get(key)
+    scripts = _local.scripts
+    found = scripts.get(name)
     if found is None:
-        from importlib.resources import files
-
-        source = files("offload.backend").joinpath(f"lua/{name}.lua").read_text()
-        if len(_scripts) > 16:
-            _scripts.clear()
-        found = _scripts[key] = client.register_script(source)
+        source = _sources.get(name)
+        if source is None:
+            source = _sources[name] = files("offload.backend").joinpath(f"lua/{name}.lua").read_text()
+        found = scripts[name] = client.register_script(source)
     return found
 
 
 def reset() -> None:
-    """Drop the process-wide client (tests that change the Redis URL)."""
-    global _client
-    with _lock:
-        if _client is not None:
-            _client.connection_pool.disconnect()
-        _client = None
+    """Drop the clients (tests that change the Redis URL): every thread makes a new one."""
+    global _generation
+    client = getattr(_local, "client", None)
+    if client is not None:
+        client.connection_pool.disconnect()
+    _local.key = None
+    _generation += 1
 
 
 def history_key(channel: str) -> str:

@@ -23,15 +23,18 @@ __all__ = [
     "Command",
     "Ping",
     "Publish",
+    "Rpc",
     "StreamId",
     "Subscribe",
     "Unsubscribe",
     "command_from_object",
     "error_text",
+    "is_method_name",
     "parse_ascii_int",
     "parse_command",
     "parse_stream_id",
     "reply",
+    "rpc_reply",
     "split_channel",
     "validate_channel",
 ]
@@ -41,6 +44,8 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_.@=-]{1,128}")
 # [0-9], never \d: \d and int() also take other scripts' digits ('١٢٣' is 123).
 _STREAM_ID_RE = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
 _ASCII_DIGITS_RE = re.compile(r"[0-9]+")
+# RPC method names: ASCII, dotted like Python names ("chat.typing", "orders.cancel_v2").
+_METHOD_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,63}")
 
 _U64_MAX = 2**64 - 1  # both parts of a Redis Stream id are unsigned 64-bit
 
@@ -74,7 +79,17 @@ class Ping:
     ref: Any = None
 
 
-Command = Subscribe | Unsubscribe | Publish | Ping
+@dataclass(frozen=True)
+class Rpc:
+    """A call of a server-side method (``offload.rpc``); answered by ``reply`` or ``error``."""
+
+    method: str
+    data: Any = None
+    """The ``data`` value as decoded from the message (any JSON value)."""
+    ref: Any = None
+
+
+Command = Subscribe | Unsubscribe | Publish | Ping | Rpc
 
 
 def split_channel(channel: Any) -> tuple[str, str]:
@@ -190,6 +205,8 @@ def _command(obj: dict, ref: Any, max_data_bytes: int | None) -> Command:
         raise ProtocolError("message needs a string 'type'")
     if kind == "ping":
         return Ping(ref=ref)
+    if kind == "rpc":
+        return _rpc(obj, ref, max_data_bytes)
     if kind not in ("subscribe", "unsubscribe", "publish"):
         raise ProtocolError(f"unknown message type {kind[:40]!r}", code="unknown_type")
     if "channel" not in obj:
@@ -206,6 +223,21 @@ def _command(obj: dict, ref: Any, max_data_bytes: int | None) -> Command:
     if max_data_bytes is not None and len(data_json.encode()) > max_data_bytes:
         raise ProtocolError(f"data is larger than {max_data_bytes} bytes", code="message_too_large")
     return Publish(channel, data_json, ref)
+
+
+def is_method_name(name: Any) -> bool:
+    """Is ``name`` a valid RPC method name (1 to 64 ASCII characters, dotted)?"""
+    return isinstance(name, str) and _METHOD_RE.fullmatch(name) is not None
+
+
+def _rpc(obj: dict, ref: Any, max_data_bytes: int | None) -> Rpc:
+    method = obj.get("method")
+    if not is_method_name(method):
+        raise ProtocolError("'rpc' needs a 'method': 1 to 64 characters of [A-Za-z0-9_.:-], not starting with a digit")
+    data = obj.get("data")
+    if max_data_bytes is not None and len(encode_data(data).encode()) > max_data_bytes:
+        raise ProtocolError(f"data is larger than {max_data_bytes} bytes", code="message_too_large")
+    return Rpc(method, data, ref)
 
 
 def encode_data(data: Any) -> str:
@@ -229,6 +261,12 @@ def reply(kind: str, ref: Any = None, **fields: Any) -> str:
     if ref is not None:
         obj["ref"] = ref
     return json.dumps(obj, separators=(",", ":"))
+
+
+def rpc_reply(ref: Any, data_json: str) -> str:
+    """Build the ``reply`` to an ``rpc`` call, splicing in its data's JSON text (encoded once, off the loop)."""
+    ref_part = "" if ref is None else f',"ref":{json.dumps(ref)}'
+    return f'{{"type":"reply"{ref_part},"data":{data_json}}}'
 
 
 def error_text(code: str, reason: str, ref: Any = None, channel: str | None = None) -> str:

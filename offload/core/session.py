@@ -18,7 +18,13 @@ and the hand-over to the hub's direct writes. It does no I/O of its own:
 * history is read through an injected function (``history``: the
   transports pass :func:`offload.backend.history.catch_up`) and the hub is passed in, so the session
   is unit-tested with neither a socket, nor Redis, nor a clock
-  (``tests/test_session.py``).
+  (``tests/test_session.py``);
+* lifecycle events go out through an injected ``notify(event, channel=None)``
+  (the transports pass :class:`offload.transports.lifecycle.ConnectionEvents`):
+  ``connected`` from :meth:`open`, ``subscribed`` when a subscription's
+  ``subscribed`` reply is sent, ``unsubscribed`` when a confirmed one ends
+  (:meth:`unsubscribe`, or :meth:`close` for each one left), then
+  ``disconnected`` from :meth:`close`, once.
 
 Subscription lifecycle (per channel)::
 
@@ -113,6 +119,8 @@ class _Pending:
 
 
 History = Callable[..., CatchUp]
+Notify = Callable[..., None]
+"""``notify(event, channel=None)``: a lifecycle event (``connected``, ``subscribed``, ...)."""
 
 
 class ChannelSession:
@@ -128,6 +136,7 @@ class ChannelSession:
         page_bytes: target size of one history page.
         history: reads one page of history (:func:`offload.backend.history.catch_up`; a
             fake in tests).
+        notify: receives the lifecycle events (None: nobody).
     """
 
     __slots__ = (
@@ -135,6 +144,7 @@ class ChannelSession:
         "_history",
         "_max_buffer",
         "_needs_history",
+        "_notify",
         "_page_bytes",
         "_pending",
         "_retry_at",
@@ -153,6 +163,7 @@ class ChannelSession:
         max_buffer_bytes: int,
         page_bytes: int,
         history: History,
+        notify: Notify | None = None,
     ) -> None:
         self.transport = transport
         self.hub = hub
@@ -165,8 +176,14 @@ class ChannelSession:
         self._max_buffer = max_buffer_bytes
         self._page_bytes = page_bytes
         self._history = history
+        self._notify = notify
 
     # -- the transport's side -----------------------------------------------------
+
+    def open(self) -> None:
+        """The connection is established (emits ``connected``)."""
+        if self._notify is not None:
+            self._notify("connected")
 
     def subscribe(self, channel: str, since: StreamId | None, ref: Any, now: float, limit: int) -> bool:
         """Subscribe to ``channel`` (its policy already checked).
@@ -192,6 +209,8 @@ class ChannelSession:
         return True
 
     def unsubscribe(self, channel: str) -> None:
+        if self._notify is not None and channel in self.cursors and channel not in self._pending:
+            self._notify("unsubscribed", channel)
         self.cursors.pop(channel, None)
         self._pending.pop(channel, None)
         self._needs_history.discard(channel)
@@ -199,13 +218,18 @@ class ChannelSession:
         self.hub.unsubscribe(self, channel)
 
     def close(self) -> None:
-        """Leave the hub (the transport ended)."""
+        """Leave the hub (the transport ended); emits ``disconnected`` the first time."""
+        notify, self._notify = self._notify, None
         for channel in list(self.cursors):
             self.hub.unsubscribe(self, channel)
+            if notify is not None and channel not in self._pending:
+                notify("unsubscribed", channel)
         self.cursors.clear()
         self._pending.clear()
         self._needs_history.clear()
         self._direct.clear()
+        if notify is not None:
+            notify("disconnected")
 
     def step(self, now: float) -> None:
         """Read history where the hub is ready; give up on subscriptions that waited too long."""
@@ -299,6 +323,8 @@ class ChannelSession:
             text = reply("subscribed", pending.ref, channel=channel, last_id=last_id, recovered=page.recovered)
             # A channel with no history yet resumes from 0-0: all it will retain is new.
             self.transport.send_reply("subscribed", channel, text, start or (0, 0))
+            if self._notify is not None:
+                self._notify("subscribed", channel)
         elif not page.recovered:
             text = reply("subscribed", None, channel=channel, last_id=None, recovered=False)
             self.transport.send_reply("subscribed", channel, text, None)

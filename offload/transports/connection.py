@@ -56,6 +56,7 @@ from ..core.frames import (
 from ..core.rates import TokenBucket, cooldowns
 from ..core.websocket_protocol import Dropped, RateLimited, State, WebSocketProtocol
 from ..policies import Identity
+from .lifecycle import new_connection_id
 from .sockets import close_now, detach, shutdown_write
 
 __all__ = ["Endpoint", "State", "WebSocket", "close_all", "close_user", "open_connections"]
@@ -126,6 +127,7 @@ class WebSocket:
         "_stuck_since",
         "_wake",
         "_write_watcher",
+        "connection_id",
         "fd",
         "identity",
         "protocol",
@@ -144,6 +146,8 @@ class WebSocket:
     ) -> None:
         self.fd = fd
         self.identity = identity
+        #: random hex, unique per connection (lifecycle signals, logs)
+        self.connection_id = new_connection_id()
         self.query = query
         self.worker_id = worker_id
         self._clock = clock

@@ -20,6 +20,7 @@ from ..core.cursor import Entry
 from ..core.protocol import (
     Ping,
     Publish,
+    Rpc,
     StreamId,
     Subscribe,
     Unsubscribe,
@@ -31,6 +32,7 @@ from ..core.protocol import (
 from ..core.session import HubLink
 from ..exceptions import BackendUnavailable, RefusedError
 from ..policies import check_publish, check_subscribe
+from .calls import Calls
 from .connection import Endpoint, WebSocket
 from .sessions import channel_session
 
@@ -56,7 +58,11 @@ class ChannelsEndpoint(Endpoint):
         super().__init__(ws)
         #: The hub writes live messages straight to this socket once a channel is in sync.
         self.direct_socket = ws
-        self.session = channel_session(self, hub)
+        self.session = channel_session(
+            self, hub, identity=ws.identity, connection_id=ws.connection_id, kind="websocket"
+        )
+        #: RPC calls and hooked publishes in flight (made at the first one: most sockets never call)
+        self._calls: Calls | None = None
         self._max_subscriptions = conf.get("OFFLOAD_MAX_SUBSCRIPTIONS")
         self._max_bytes = conf.get("OFFLOAD_MAX_MESSAGE_BYTES")
 
@@ -86,6 +92,7 @@ class ChannelsEndpoint(Endpoint):
     # -- websocket hooks (connection greenlet) ----------------------------------
 
     def on_open(self) -> None:
+        self.session.open()
         since = self.ws.query.get("since", [None])[-1]
         for channel in self.ws.query.get("channel", []):
             self._run({"type": "subscribe", "channel": channel, "since": since})
@@ -104,6 +111,8 @@ class ChannelsEndpoint(Endpoint):
 
     def on_close(self) -> None:
         self.session.close()
+        if self._calls is not None:
+            self._calls.close()
 
     # -- commands ------------------------------------------------------------
 
@@ -138,11 +147,23 @@ class ChannelsEndpoint(Endpoint):
         self.ws.send_text(reply("unsubscribed", command.ref, channel=command.channel))
 
     def _publish(self, command: Publish) -> None:
-        check_publish(self.ws.identity, command.channel, run_blocking)
+        ns = check_publish(self.ws.identity, command.channel, run_blocking)
+        if ns.publish_hook is not None:  # the hook runs in a thread; the answer comes from there
+            self.calls().publish(ns.publish_hook, command)
+            return
         message_id = publish_json(command.channel, command.data_json)
         self.ws.send_text(reply("published", command.ref, channel=command.channel, id=message_id))
+
+    def _rpc(self, command: Rpc) -> None:
+        self.calls().rpc(command)
+
+    def calls(self) -> Calls:
+        """This socket's calls into project code."""
+        if self._calls is None:
+            self._calls = Calls(self.ws)
+        return self._calls
 
     def _ping(self, command: Ping) -> None:
         self.ws.send_text(reply("pong", command.ref))
 
-    _handlers = {Subscribe: _subscribe, Unsubscribe: _unsubscribe, Publish: _publish, Ping: _ping}
+    _handlers = {Subscribe: _subscribe, Unsubscribe: _unsubscribe, Publish: _publish, Ping: _ping, Rpc: _rpc}

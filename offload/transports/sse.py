@@ -57,6 +57,7 @@ from ..core.cursor import Entry
 from ..core.protocol import StreamId, error_text
 from ..core.session import HubLink
 from ..core.sse_format import PING, RETRY, format_event, format_resume_id
+from .lifecycle import new_connection_id
 from .sessions import channel_session
 from .sockets import close_now, detach
 
@@ -117,7 +118,9 @@ class SseStream:
         fd: int | None = None,
     ) -> None:
         self.channels = list(channels)
-        self.session = channel_session(self, hub)
+        #: random hex, unique per connection (lifecycle signals, logs)
+        self.connection_id = new_connection_id()
+        self.session = channel_session(self, hub, identity=identity, connection_id=self.connection_id, kind="sse")
         self._start = {channel: positions.get(channel) for channel in self.channels}
         #: What the client's Last-Event-ID says: advanced as events are written.
         self.positions = {channel: positions[channel] for channel in self.channels if channel in positions}
@@ -196,6 +199,7 @@ class SseStream:
         _streams.add(self)
         try:
             self.watch(self.fd)
+            self.session.open()
             self.start(time.monotonic())
             yield RETRY
             next_ping = time.monotonic() + self._ping_interval

@@ -5,6 +5,7 @@
  *   const client = new OffloadClient(null, {onState: (s) => console.log(s)});
  *   client.subscribe('room:general', (data, msg) => render(data, msg.id), {since: '0-0'});
  *   client.publish('staff:chat', {text: 'hi'}).then((id) => ..., (err) => err.code);
+ *   client.rpc('orders.cancel', {id: 42}).then((result) => ..., (err) => err.code);
  *
  * Guarantees: every subscription is restored after a reconnect, resuming after the
  * last id received, so no message is lost (as long as it is still in history) or
@@ -41,7 +42,8 @@
     heartbeat: 25000,       // ms without traffic before an application ping (0 = off)
     heartbeatTimeout: 10000, // ms to wait for any traffic after that ping
     connectTimeout: 10000,   // ms allowed for the websocket handshake
-    requestTimeout: 10000,   // ms to wait for a `published` / `pong` reply
+    requestTimeout: 10000,   // ms to wait for a `pong` reply
+    rpcTimeout: 15000,       // ms to wait for a `reply` or `published` (server: OFFLOAD_RPC_TIMEOUT, 10 s)
     liveTimeout: 5000,       // ms to wait for subscription replies before 'live' anyway
   };
 
@@ -253,12 +255,33 @@
 
     /**
      * Publishes `data` to `channel` (only where the namespace allows client publishing).
-     * Queued while disconnected. Rejects with an OffloadError (code from the server,
-     * or 'timeout', 'disconnected', 'closed').
+     * Queued while disconnected. Rejects with an OffloadError (code from the server: the
+     * namespace's publish hook may refuse with its own, or 'timeout', 'disconnected', 'closed').
+     * @param {{timeout?: number}} [opts] ms to wait (default options.rpcTimeout: a hook may run)
      * @returns {Promise<string>} the message id
      */
-    publish(channel, data) {
-      return this._request('publish', {type: 'publish', channel, data}, this.options.requestTimeout, true);
+    publish(channel, data, opts) {
+      const timeout = (opts && opts.timeout) || this.options.rpcTimeout;
+      return this._request('publish', {type: 'publish', channel, data}, timeout, true);
+    }
+
+    /**
+     * Calls the server-side method `method` (`@offload.rpc` in Python) with `data`.
+     * Queued while disconnected, like publish(). Rejects with an OffloadError whose `code`
+     * is the server's ('method_not_found', 'rate_limited', 'too_many_calls', 'rpc_timeout',
+     * 'internal_error', or the method's own `offload.Rejected` code) or 'timeout',
+     * 'disconnected', 'closed'.
+     * @param {string} method
+     * @param {*} [data] any JSON value
+     * @param {{timeout?: number}} [opts] ms to wait (default options.rpcTimeout)
+     * @returns {Promise<*>} what the method returned
+     */
+    rpc(method, data, opts) {
+      if (typeof method !== 'string' || !method) throw new TypeError('method must be a non-empty string');
+      const timeout = (opts && opts.timeout) || this.options.rpcTimeout;
+      const cmd = {type: 'rpc', method};
+      if (data !== undefined) cmd.data = data;
+      return this._request('rpc', cmd, timeout, true);
     }
 
     /** Application-level ping. @returns {Promise<number>} round trip in ms */
@@ -452,6 +475,7 @@
         case 'message': this._onChannelMessage(msg); break;
         case 'subscribed': this._onSubscribed(msg); break;
         case 'published': this._onReply(msg, msg.id); break;
+        case 'reply': this._onReply(msg, msg.data); break;
         case 'pong': this._onPong(msg); break;
         case 'error': this._onError(msg); break;
         case 'unsubscribed': this._log('unsubscribed', msg.channel); break;
