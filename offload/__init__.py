@@ -4,6 +4,8 @@ Public API::
 
     offload.publish(channel, data, *, on_commit=True, using=None) -> message id
         (None inside transaction.atomic(): it goes out after the commit)
+    offload.connection_token(user, *, ttl=None) -> token   (connect without the session cookie)
+    offload.subscription_token(channel, *, user=None, ttl=None) -> token   ("token" namespaces)
     @offload.rpc("name")  def method(identity, data) -> reply data   (server-side handlers)
     raise offload.Rejected(reason, code="...")   (an RPC method or publish hook refuses)
     offload.signals.connected / disconnected / subscribed / unsubscribed   (lifecycle)
@@ -15,7 +17,7 @@ The architecture, in layers whose dependencies point one way (README.md):
 * ``backend/``    - Redis: atomic publish (Lua), history, the per-worker hub, slots
 * ``transports/`` - websockets and event streams around the session (gevent, uWSGI)
 * the Django/uWSGI edge at the top level: ``views``, ``wsgi``, ``urls``,
-  ``worker`` (one hub per process), ``accounts``, ``policies``, ``conf``,
+  ``worker`` (one hub per process), ``accounts``, ``policies``, ``tokens``, ``conf``,
   ``tasks``, ``transfers``, ``upstream_gate``, ``watchdog``, ``testing`` (servers, a websocket
   client and waits for tests of any project)
 * ``uwsgiconf/`` - the library's uWSGI options (``offload.ini``, the embedded Redis'
@@ -40,6 +42,7 @@ from .exceptions import (
     Rejected,
 )
 from .handlers import rpc
+from .tokens import connection_token, subscription_token
 
 __all__ = [
     "BackendUnavailable",
@@ -51,6 +54,8 @@ __all__ = [
     "ProtocolError",
     "RefusedError",
     "Rejected",
+    "connection_token",
     "publish",
     "rpc",
+    "subscription_token",
 ]

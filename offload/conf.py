@@ -114,6 +114,13 @@ DEFAULTS: dict[str, Any] = {
     # handshake answers with the first one the client offered; with none in
     # common (or this empty) no Sec-WebSocket-Protocol header is sent (RFC 6455).
     "OFFLOAD_SUBPROTOCOLS": (),
+    # Seconds a connection token (offload.connection_token) is valid. A live
+    # websocket must refresh before then (offload.js does) or is closed with 4003;
+    # an event stream ends with an error event token_expired.
+    "OFFLOAD_CONNECTION_TOKEN_TTL": 900.0,
+    # Seconds a subscription token (offload.subscription_token) may be used to
+    # subscribe; a live subscription outlasts it (docs/security.md).
+    "OFFLOAD_SUBSCRIPTION_TOKEN_TTL": 3600.0,
     # Server-side handlers (offload.handlers): RPC methods, publish hooks and
     # lifecycle signal receivers run in a thread pool of their own, this many
     # threads per worker, apart from gevent's pool that resolves the users of

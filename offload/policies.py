@@ -6,9 +6,12 @@ A namespace declares its rules in ``settings.OFFLOAD_NAMESPACES``::
     "user":  {"subscribe": "user"}              # user:<id> for user <id> only
     "staff": {"subscribe": "group:staff", "publish": True}
     "x":     {"subscribe": "myapp.rules.can_see"}   # custom callable
+    "private": {"subscribe": "token"}           # a subscription token per channel
 
 A rule is ``"public"``, ``"authenticated"``, ``"user"``, ``"group:<name>"``, a
 callable ``rule(identity, channel) -> bool`` or a dotted path to one.
+``"token"`` (subscribe only) requires a subscription token naming the channel
+(:func:`offload.tokens.subscription_token`): the view that mints it decided.
 ``publish`` is ``False`` (server only), ``True`` (whoever may subscribe) or a
 rule. Custom callables may touch the database, so the connection runs them in
 a thread (``Rule.blocking``); the built-in rules only look at the
@@ -17,6 +20,7 @@ a thread (``Rule.blocking``); the built-in rules only look at the
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
@@ -28,8 +32,18 @@ from django.utils.module_loading import import_string
 from . import conf
 from .core.protocol import split_channel
 from .exceptions import ChannelError, PermissionDenied
+from .tokens import ConnectionClaim, check_subscription, user_for
 
-__all__ = ["ANONYMOUS", "Identity", "Rule", "check_publish", "check_subscribe", "compile_rule", "namespace_of"]
+__all__ = [
+    "ANONYMOUS",
+    "Identity",
+    "Rule",
+    "check_publish",
+    "check_subscribe",
+    "compile_rule",
+    "namespace_of",
+    "token_identity",
+]
 
 
 @dataclass(frozen=True)
@@ -39,10 +53,20 @@ class Identity:
     user_id: int | None = None
     username: str = ""
     groups: frozenset[str] = field(default_factory=frozenset)
+    #: Unix time at which the connection token expires (None: a session cookie, or anonymous).
+    expires: float | None = field(default=None, compare=False)
 
     @property
     def is_authenticated(self) -> bool:
         return self.user_id is not None
+
+    @classmethod
+    def of_user(cls, user: Any, *, expires: float | None = None) -> Identity:
+        """The identity of a Django user (reads their groups: a database query)."""
+        if not user.is_authenticated:
+            return cls()
+        groups = frozenset(user.groups.values_list("name", flat=True))
+        return cls(user.pk, user.get_username(), groups, expires)
 
 
 ANONYMOUS = Identity()
@@ -53,6 +77,8 @@ class Rule:
     check: Callable[[Identity, str], bool]
     blocking: bool = False
     """True for custom callables: run them off the event loop."""
+    token: bool = False
+    """True for ``"token"``: a subscription token decides, not ``check``."""
 
 
 def _public(identity: Identity, channel: str) -> bool:
@@ -87,6 +113,8 @@ def compile_rule(spec: Any) -> Rule:
         return Rule(_authenticated)
     if spec == "user":
         return Rule(_same_user)
+    if spec == "token":
+        return Rule(_nobody, token=True)
     if isinstance(spec, str) and spec.startswith("group:") and len(spec) > 6:
         group = spec[6:]
         return Rule(lambda identity, channel: group in identity.groups)
@@ -131,6 +159,11 @@ def _compiled() -> dict[str, CompiledNamespace]:
     for name, ns in conf.namespaces().items():
         sub = compile_rule(ns.subscribe)
         pub = sub if ns.publish is True else compile_rule(ns.publish)
+        if pub.token:
+            raise ImproperlyConfigured(
+                f"OFFLOAD_NAMESPACES[{name!r}]: a subscription token gates subscribing only;"
+                " set publish to False or to another rule"
+            )
         result[name] = CompiledNamespace(ns, sub, pub, compile_hook(ns.publish_hook))
     return result
 
@@ -154,10 +187,31 @@ def namespace_of(channel: str) -> CompiledNamespace:
         raise ChannelError(f"namespace {namespace!r} is not declared", code="unknown_namespace") from None
 
 
-def check_subscribe(identity: Identity, channel: str, run_blocking: Callable | None = None) -> CompiledNamespace:
-    """Raise :class:`PermissionDenied` unless ``identity`` may subscribe."""
+def check_subscribe(
+    identity: Identity,
+    channel: str,
+    run_blocking: Callable | None = None,
+    *,
+    token: str | None = None,
+    now: float | None = None,
+) -> CompiledNamespace:
+    """Raise :class:`PermissionDenied` unless ``identity`` may subscribe.
+
+    Args:
+        token: the subscription token sent with the subscribe (only a
+            ``"token"`` namespace reads it).
+        now: unix time the token's expiry is checked against (default: now).
+
+    Raises:
+        PermissionDenied: ``forbidden``, or for a ``"token"`` namespace
+            ``token_invalid`` / ``token_expired``.
+    """
     ns = namespace_of(channel)
-    if not _allowed(ns.subscribe, identity, channel, run_blocking):
+    if ns.subscribe.token:
+        if token is None:
+            raise PermissionDenied(f"subscribing to {channel} needs a subscription token")
+        check_subscription(token, channel, identity.user_id, now=time.time() if now is None else now)
+    elif not _allowed(ns.subscribe, identity, channel, run_blocking):
         raise PermissionDenied(f"not allowed to subscribe to {channel}")
     return ns
 
@@ -174,3 +228,14 @@ def _allowed(rule: Rule, identity: Identity, channel: str, run_blocking: Callabl
     if rule.blocking and run_blocking is not None:
         return bool(run_blocking(rule.check, identity, channel))
     return bool(rule.check(identity, channel))
+
+
+def token_identity(claim: ConnectionClaim) -> Identity:
+    """The identity a verified connection token names, its expiry included.
+
+    Reads the database (the user, their groups): call it off the event loop.
+
+    Raises:
+        PermissionDenied: ``token_invalid`` (the user is gone, deactivated, or changed their password).
+    """
+    return Identity.of_user(user_for(claim), expires=claim.expires)

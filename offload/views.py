@@ -16,6 +16,7 @@ import hmac
 import json
 import logging
 import re
+import time
 from collections.abc import Callable, Sequence
 from importlib import import_module
 from urllib.parse import parse_qs, urlsplit
@@ -50,7 +51,8 @@ from .exceptions import (
     ProtocolError,
     RefusedError,
 )
-from .policies import ANONYMOUS, Identity, check_subscribe
+from .policies import ANONYMOUS, Identity, check_subscribe, token_identity
+from .tokens import ConnectionClaim, query_subscriptions, verify_connection_token
 from .transports.connection import Endpoint, WebSocket
 from .transports.endpoints import ChannelsEndpoint, EchoEndpoint
 from .transports.sse import SseStream, response_body
@@ -68,6 +70,7 @@ __all__ = [
     "WebSocketView",
     "api_publish",
     "channels_socket",
+    "connection_claim",
     "echo_socket",
     "healthz",
     "origin_allowed",
@@ -123,23 +126,52 @@ def _identity_of(request: HttpRequest) -> Identity:
         engine = import_module(settings.SESSION_ENGINE)
         request.session = engine.SessionStore(request.COOKIES.get(settings.SESSION_COOKIE_NAME))
         user = get_user(request)
-    if not user.is_authenticated:
-        return ANONYMOUS
-    groups = frozenset(user.groups.values_list("name", flat=True))
-    return Identity(user.pk, user.get_username(), groups)
+    return Identity.of_user(user)
 
 
-def resolve_identity(request: HttpRequest) -> Identity:
+def resolve_identity(request: HttpRequest, claim: ConnectionClaim | None = None) -> Identity:
     """The user behind a websocket or event stream, without blocking the loop.
 
-    Without a session cookie the client is anonymous and nothing needs the
+    With a connection token (``claim``, verified already) the token's user is
+    loaded and checked again, whatever the session cookie says. Without a
+    token or a session cookie the client is anonymous and nothing needs the
     database (a connect storm of anonymous clients never queues on the thread
     pool); otherwise the session and user are loaded in a thread.
+
+    Raises:
+        PermissionDenied: ``token_invalid``: the token's user is gone, deactivated or changed their password.
     """
+    # Idempotent reads: rather inline than a handshake stuck behind a stranded pool task.
+    inline_after = conf.get("OFFLOAD_HANDSHAKE_TIMEOUT") / 4
+    if claim is not None:
+        return run_blocking(token_identity, claim, inline_after=inline_after)
     if settings.SESSION_COOKIE_NAME not in request.COOKIES:
         return ANONYMOUS
-    # Idempotent read: rather inline than a handshake stuck behind a stranded pool task.
-    return run_blocking(_identity_of, request, inline_after=conf.get("OFFLOAD_HANDSHAKE_TIMEOUT") / 4)
+    return run_blocking(_identity_of, request, inline_after=inline_after)
+
+
+def connection_claim(env: dict, tokens: list[str], now: float) -> ConnectionClaim | None:
+    """The verified connection token of a websocket or event-stream request (None: it has none).
+
+    The token comes from ``?token=`` (a browser's WebSocket and EventSource
+    cannot set headers), else from ``Authorization: Bearer``.
+
+    Raises:
+        PermissionDenied: ``token_invalid`` or ``token_expired`` (answered with 401).
+    """
+    if len(tokens) > 1:
+        raise PermissionDenied("one token= at most", code="token_invalid")
+    if not tokens:
+        scheme, _, value = env.get("HTTP_AUTHORIZATION", "").partition(" ")
+        if scheme.lower() != "bearer":
+            return None
+        tokens = [value.strip(_HTTP_BLANKS)]
+    return verify_connection_token(tokens[0], now=now)
+
+
+def _token_refusal(kind: str, exc: PermissionDenied) -> JsonResponse:
+    log.info("%s refused: %s", kind, exc.reason)
+    return _error(401, exc.code, exc.reason, **{"WWW-Authenticate": 'Bearer error="invalid_token"'})
 
 
 def _query(env: dict) -> dict[str, list[str]]:
@@ -267,6 +299,11 @@ class WebSocketView:
         if not origin_allowed(env.get("HTTP_ORIGIN")):
             log.warning("websocket refused: origin %r not allowed", env.get("HTTP_ORIGIN"))
             return HttpResponseForbidden("origin not allowed\n")
+        query = _query(env)
+        try:
+            claim = connection_claim(env, query.get("token", []), time.time())
+        except PermissionDenied as exc:
+            return _token_refusal("websocket", exc)
         slots = _slots(request)
         timeout = conf.get("OFFLOAD_HANDSHAKE_TIMEOUT")
         waiting_for = "a connection slot (Redis)"
@@ -276,11 +313,14 @@ class WebSocketView:
                     log.warning("websocket refused: too many connections from %s", env.get("REMOTE_ADDR"))
                     return HttpResponse("too many connections from this address\n", status=429)
                 waiting_for = "the session user (thread pool)"
-                identity = resolve_identity(request)
+                identity = resolve_identity(request, claim)
         except gevent.Timeout:
             log.warning("websocket refused: handshake timed out after %.1f s waiting for %s", timeout, waiting_for)
             slots.release()
             return HttpResponse("handshake timed out\n", status=503)
+        except PermissionDenied as exc:  # the token's user may no longer connect
+            slots.release()
+            return _token_refusal("websocket", exc)
         key = env["HTTP_SEC_WEBSOCKET_KEY"].strip(_HTTP_BLANKS)
         try:
             if subprotocol is None and offered:
@@ -292,7 +332,7 @@ class WebSocketView:
             return HttpResponse(f"bad websocket handshake: {exc}\n", status=400)
         env[UPGRADED] = True
         install_signal_handlers()
-        ws = WebSocket(uwsgi.connection_fd(), identity, _query(env), uwsgi.worker_id(), slots)
+        ws = WebSocket(uwsgi.connection_fd(), identity, query, uwsgi.worker_id(), slots)
         return Upgraded(ws, self.make_endpoint(ws))
 
 
@@ -372,29 +412,35 @@ def healthz(request: HttpRequest) -> JsonResponse:
 
 
 def stream_view(request: HttpRequest) -> HttpResponse:
-    """``GET /sse/?channel=C[&channel=D][&since=ID]``: the channels as an event stream.
+    """``GET /sse/?channel=C[&channel=D][&sub_token=T][&since=ID][&token=T]``: the channels as an event stream.
 
     Everything is checked before the first byte: a refusal is a JSON
-    ``{"error": code, "reason": ...}`` with 400 (bad request) or 403 (origin
-    or policy), never a stream that ends at once.
+    ``{"error": code, "reason": ...}`` with 400 (bad request), 401 (the
+    connection token) or 403 (origin or policy), never a stream that ends at once.
     """
     if request.method != "GET":
         return HttpResponseNotAllowed(["GET"])
     if not origin_allowed(request.META.get("HTTP_ORIGIN")):
         log.warning("sse refused: origin %r not allowed", request.META.get("HTTP_ORIGIN"))
         return _error(403, "forbidden", "origin not allowed")
-    channels = list(dict.fromkeys(request.GET.getlist("channel")))
+    subscriptions, unreadable = query_subscriptions(request.GET.getlist("channel"), request.GET.getlist("sub_token"))
+    if unreadable:
+        return _error(403, "token_invalid", "a sub_token= is not a subscription token")
+    channels = list(subscriptions)
     if not channels:
-        return _error(400, "bad_message", "at least one channel= is required")
+        return _error(400, "bad_message", "at least one channel= (or sub_token=) is required")
     limit = conf.get("OFFLOAD_MAX_SUBSCRIPTIONS")
     if len(channels) > limit:
         return _error(400, "too_many_subscriptions", f"at most {limit} channels per stream")
     try:
+        identity = resolve_identity(request, connection_claim(request.META, request.GET.getlist("token"), time.time()))
+    except PermissionDenied as exc:
+        return _token_refusal("sse", exc)
+    try:
         last_event_id = request.headers.get("Last-Event-ID") or request.GET.get("last_event_id")
         positions = resume_positions(channels, request.GET.get("since"), last_event_id)
-        identity = resolve_identity(request)
-        for channel in channels:
-            check_subscribe(identity, channel, run_blocking)
+        for channel, token in subscriptions.items():
+            check_subscribe(identity, channel, run_blocking, token=token)
     except RefusedError as exc:
         return _error(403 if isinstance(exc, PermissionDenied) else 400, exc.code, exc.reason)
     slots = _slots(request)

@@ -27,6 +27,7 @@ class CloseCode(enum.IntEnum):
     INTERNAL = 1011
     RESTART = 1012
     SESSION_ENDED = 4001
+    TOKEN_EXPIRED = 4003
 
 
 class Disconnect(enum.Enum):
@@ -40,6 +41,7 @@ class Disconnect(enum.Enum):
     LOGGED_OUT = (CloseCode.SESSION_ENDED, "logged out")
     PASSWORD_CHANGED = (CloseCode.SESSION_ENDED, "password changed")
     DEACTIVATED = (CloseCode.SESSION_ENDED, "account deactivated")
+    TOKEN_EXPIRED = (CloseCode.TOKEN_EXPIRED, "token expired")
 
     @property
     def code(self) -> CloseCode:

@@ -23,6 +23,7 @@ __all__ = [
     "Command",
     "Ping",
     "Publish",
+    "Refresh",
     "Rpc",
     "StreamId",
     "Subscribe",
@@ -58,6 +59,8 @@ class Subscribe:
     channel: str
     since: StreamId | None = None
     ref: Any = None
+    token: str | None = None
+    """A subscription token (namespaces whose ``subscribe`` rule is ``"token"``)."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,14 @@ class Ping:
 
 
 @dataclass(frozen=True)
+class Refresh:
+    """A fresh connection token for a connection opened with one (before the old one expires)."""
+
+    token: str
+    ref: Any = None
+
+
+@dataclass(frozen=True)
 class Rpc:
     """A call of a server-side method (``offload.rpc``); answered by ``reply`` or ``error``."""
 
@@ -89,7 +100,7 @@ class Rpc:
     ref: Any = None
 
 
-Command = Subscribe | Unsubscribe | Publish | Ping | Rpc
+Command = Subscribe | Unsubscribe | Publish | Ping | Refresh | Rpc
 
 
 def split_channel(channel: Any) -> tuple[str, str]:
@@ -205,6 +216,8 @@ def _command(obj: dict, ref: Any, max_data_bytes: int | None) -> Command:
         raise ProtocolError("message needs a string 'type'")
     if kind == "ping":
         return Ping(ref=ref)
+    if kind == "refresh":
+        return Refresh(_token(obj, required=True), ref)
     if kind == "rpc":
         return _rpc(obj, ref, max_data_bytes)
     if kind not in ("subscribe", "unsubscribe", "publish"):
@@ -214,7 +227,7 @@ def _command(obj: dict, ref: Any, max_data_bytes: int | None) -> Command:
     channel = validate_channel(obj["channel"])
     if kind == "subscribe":
         since = obj.get("since")
-        return Subscribe(channel, None if since is None else parse_stream_id(since), ref)
+        return Subscribe(channel, None if since is None else parse_stream_id(since), ref, _token(obj))
     if kind == "unsubscribe":
         return Unsubscribe(channel, ref)
     if "data" not in obj:
@@ -238,6 +251,20 @@ def _rpc(obj: dict, ref: Any, max_data_bytes: int | None) -> Rpc:
     if max_data_bytes is not None and len(encode_data(data).encode()) > max_data_bytes:
         raise ProtocolError(f"data is larger than {max_data_bytes} bytes", code="message_too_large")
     return Rpc(method, data, ref)
+
+
+#: Longest token a client may send (offload.tokens mints them shorter: about 330
+#: characters for a subscription token with the longest channel name).
+MAX_TOKEN_LENGTH = 1024
+
+
+def _token(obj: dict, *, required: bool = False) -> str | None:
+    token = obj.get("token")
+    if token is None and not required:
+        return None
+    if not isinstance(token, str) or not 0 < len(token) <= MAX_TOKEN_LENGTH:
+        raise ProtocolError(f"token must be a string of 1 to {MAX_TOKEN_LENGTH} characters")
+    return token
 
 
 def encode_data(data: Any) -> str:

@@ -16,10 +16,12 @@ from typing import Any
 from .. import conf
 from ..backend.publishing import publish_json
 from ..blocking import run_blocking
+from ..core.closes import Disconnect
 from ..core.cursor import Entry
 from ..core.protocol import (
     Ping,
     Publish,
+    Refresh,
     Rpc,
     StreamId,
     Subscribe,
@@ -30,8 +32,9 @@ from ..core.protocol import (
     reply,
 )
 from ..core.session import HubLink
-from ..exceptions import BackendUnavailable, RefusedError
-from ..policies import check_publish, check_subscribe
+from ..exceptions import BackendUnavailable, PermissionDenied, RefusedError
+from ..policies import check_publish, check_subscribe, token_identity
+from ..tokens import expiry_deadline, query_subscriptions, verify_connection_token
 from .calls import Calls
 from .connection import Endpoint, WebSocket
 from .sessions import channel_session
@@ -65,6 +68,8 @@ class ChannelsEndpoint(Endpoint):
         self._calls: Calls | None = None
         self._max_subscriptions = conf.get("OFFLOAD_MAX_SUBSCRIPTIONS")
         self._max_bytes = conf.get("OFFLOAD_MAX_MESSAGE_BYTES")
+        #: When the connection token runs out (monotonic; None: no token, or closing).
+        self._expires_at = expiry_deadline(ws.identity.expires, time.time(), time.monotonic())
 
     # -- the session's transport ---------------------------------------------------
 
@@ -94,8 +99,13 @@ class ChannelsEndpoint(Endpoint):
     def on_open(self) -> None:
         self.session.open()
         since = self.ws.query.get("since", [None])[-1]
-        for channel in self.ws.query.get("channel", []):
-            self._run({"type": "subscribe", "channel": channel, "since": since})
+        subscriptions, unreadable = query_subscriptions(
+            self.ws.query.get("channel", []), self.ws.query.get("sub_token", [])
+        )
+        for _ in unreadable:
+            self.ws.send_text(error_text("token_invalid", "a sub_token= is not a subscription token"))
+        for channel, token in subscriptions.items():
+            self._run({"type": "subscribe", "channel": channel, "since": since, "token": token})
 
     def on_text(self, text: str) -> None:
         self._run(text)
@@ -104,10 +114,19 @@ class ChannelsEndpoint(Endpoint):
         self.ws.send_text(error_text("binary_unsupported", "commands are JSON text messages"))
 
     def on_wake(self) -> None:
-        self.session.step(time.monotonic())
+        now = time.monotonic()
+        if self._expires_at is not None and now >= self._expires_at:
+            log.info("closing the websocket of user %s: its connection token expired", self.ws.identity.user_id)
+            self._expires_at = None
+            self.ws.disconnect(Disconnect.TOKEN_EXPIRED)
+            return
+        self.session.step(now)
 
     def next_deadline(self) -> float | None:
-        return self.session.next_deadline()
+        deadline = self.session.next_deadline()
+        if self._expires_at is None:
+            return deadline
+        return self._expires_at if deadline is None else min(deadline, self._expires_at)
 
     def on_close(self) -> None:
         self.session.close()
@@ -138,7 +157,7 @@ class ChannelsEndpoint(Endpoint):
             self.ws.send_text(error_text(exc.code, exc.reason, ref, channel))
 
     def _subscribe(self, command: Subscribe) -> None:
-        check_subscribe(self.ws.identity, command.channel, run_blocking)
+        check_subscribe(self.ws.identity, command.channel, run_blocking, token=command.token)
         self.session.subscribe(command.channel, command.since, command.ref, time.monotonic(), self._max_subscriptions)
 
     def _unsubscribe(self, command: Unsubscribe) -> None:
@@ -166,4 +185,23 @@ class ChannelsEndpoint(Endpoint):
     def _ping(self, command: Ping) -> None:
         self.ws.send_text(reply("pong", command.ref))
 
-    _handlers = {Subscribe: _subscribe, Unsubscribe: _unsubscribe, Publish: _publish, Ping: _ping, Rpc: _rpc}
+    def _refresh(self, command: Refresh) -> None:
+        """A fresh connection token for the same user moves the connection's expiry."""
+        identity = self.ws.identity
+        if identity.expires is None:
+            raise PermissionDenied("this connection was not opened with a connection token")
+        claim = verify_connection_token(command.token, now=time.time())
+        if str(claim.user_id) != str(identity.user_id):
+            raise PermissionDenied("the token is for another user")
+        self.ws.identity = run_blocking(token_identity, claim)  # still active, same password
+        self._expires_at = expiry_deadline(claim.expires, time.time(), time.monotonic())
+        self.ws.send_text(reply("refreshed", command.ref, expires=claim.expires))
+
+    _handlers = {
+        Subscribe: _subscribe,
+        Unsubscribe: _unsubscribe,
+        Publish: _publish,
+        Ping: _ping,
+        Refresh: _refresh,
+        Rpc: _rpc,
+    }

@@ -31,7 +31,9 @@ it back; each channel resumes from its own position.
 
 The end: the client closes (EOF on the socket), a write fails, too much
 queues up (``OFFLOAD_MAX_QUEUED_BYTES``), Redis stays down past
-``OFFLOAD_SUBSCRIBE_TIMEOUT``, the user's session ends, or the worker
+``OFFLOAD_SUBSCRIBE_TIMEOUT``, the user's session ends, the connection token
+expires (an ``error`` event ``token_expired`` first: an EventSource cannot
+refresh in place, so the client reconnects with a fresh token), or the worker
 reloads. The generator's ``finally`` always leaves the hub.
 
 The wire format is pure, in :mod:`offload.core.sse_format`.
@@ -57,6 +59,7 @@ from ..core.cursor import Entry
 from ..core.protocol import StreamId, error_text
 from ..core.session import HubLink
 from ..core.sse_format import PING, RETRY, format_event, format_resume_id
+from ..tokens import expiry_deadline
 from .lifecycle import new_connection_id
 from .sessions import channel_session
 from .sockets import close_now, detach
@@ -138,6 +141,8 @@ class SseStream:
         self._max_queued = conf.get("OFFLOAD_MAX_QUEUED_BYTES")
         self._ping_interval = conf.get("OFFLOAD_PING_INTERVAL")
         self.ping_timeout = conf.get("OFFLOAD_PING_TIMEOUT")
+        #: When the connection token runs out (monotonic; None: no token).
+        self._expires_at = expiry_deadline(getattr(identity, "expires", None), time.time(), time.monotonic())
 
     @property
     def cursors(self) -> dict:
@@ -212,6 +217,8 @@ class SseStream:
                         self.ended = "client closed"
                 if self.ended is not None:
                     break
+                if self._expires_at is not None and time.monotonic() >= self._expires_at:
+                    self._token_expired()
                 self.session.step(time.monotonic())
                 chunk = self._drain()
                 if chunk:
@@ -248,15 +255,21 @@ class SseStream:
             self._watcher = gevent.get_hub().loop.io(fd, 1)
             self._watcher.start(self._on_readable)
 
+    def _token_expired(self) -> None:
+        """Tell the client why, then end: it reconnects with a fresh token and resumes."""
+        self._expires_at = None
+        self._outbox.append(("", None, "error", error_text("token_expired", "the connection token expired")))
+        self._finish = True
+
     def _on_readable(self) -> None:
         self._peer_readable = True
         self._wake.set()
 
     def _timeout(self, next_ping: float) -> float:
         deadline = next_ping
-        session_deadline = self.session.next_deadline()
-        if session_deadline is not None:
-            deadline = min(deadline, session_deadline)
+        for other in (self.session.next_deadline(), self._expires_at):
+            if other is not None:
+                deadline = min(deadline, other)
         return max(0.0, deadline - time.monotonic())
 
     def _drain(self) -> bytes:

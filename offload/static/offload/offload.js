@@ -7,6 +7,16 @@
  *   client.publish('staff:chat', {text: 'hi'}).then((id) => ..., (err) => err.code);
  *   client.rpc('orders.cancel', {id: 42}).then((result) => ..., (err) => err.code);
  *
+ * Without the session cookie (docs/security.md, "Tokens"): pass `getToken`, an async
+ * function that returns a fresh connection token from your server; it is called on every
+ * (re)connect and before the token expires (the client reads `exp` from the token and
+ * sends `refresh`). Private channels take a subscription token, or a function for one:
+ *
+ *   const client = new OffloadClient(null, {getToken: () => fetch('/token').then((r) => r.text())});
+ *   client.subscribe('private:doc-1', render, {token: () => fetchSubscriptionToken('private:doc-1')});
+ *
+ * OffloadClient.EventStream is the same over Server-Sent Events, for where websockets cannot go.
+ *
  * Guarantees: every subscription is restored after a reconnect, resuming after the
  * last id received, so no message is lost (as long as it is still in history) or
  * delivered twice.
@@ -27,6 +37,8 @@
   const RESTART_DELAY_SPREAD = 650;
   /** Close code of a socket whose user logged out (or lost the session otherwise): do not reconnect. */
   const CLOSE_SESSION_ENDED = 4001;
+  /** Close code of a socket whose connection token expired: reconnect at once with a fresh one (getToken). */
+  const CLOSE_TOKEN_EXPIRED = 4003;
   /** Close code used when the client itself gives up on a dead socket. */
   const CLOSE_CLIENT_TIMEOUT = 4000;
   /** `since` value meaning "everything still retained". */
@@ -42,9 +54,12 @@
     heartbeat: 25000,       // ms without traffic before an application ping (0 = off)
     heartbeatTimeout: 10000, // ms to wait for any traffic after that ping
     connectTimeout: 10000,   // ms allowed for the websocket handshake
-    requestTimeout: 10000,   // ms to wait for a `pong` reply
+    requestTimeout: 10000,   // ms to wait for a `pong` (or `refreshed`) reply
     rpcTimeout: 15000,       // ms to wait for a `reply` or `published` (server: OFFLOAD_RPC_TIMEOUT, 10 s)
     liveTimeout: 5000,       // ms to wait for subscription replies before 'live' anyway
+    token: null,             // a connection token (replaces the session cookie); see getToken
+    getToken: null,          // async () => a fresh connection token: on every (re)connect and to refresh
+    refreshBefore: 30000,    // ms before the token's expiry to refresh it (at most half its life)
   };
 
   // ---------------------------------------------------------------- ids
@@ -89,6 +104,32 @@
     if (u.protocol === 'http:') u.protocol = 'ws:';
     else if (u.protocol === 'https:') u.protocol = 'wss:';
     return u.href;
+  }
+
+  /** Adds `name=value` to a URL's query string. */
+  function withParam(url, name, value) {
+    return url + (url.indexOf('?') === -1 ? '?' : '&') + name + '=' + encodeURIComponent(value);
+  }
+
+  /**
+   * When a token (offload.tokens: `<base64url JSON payload>.<signature>`) expires,
+   * in ms since the epoch, from its payload's `exp`; null if it cannot be read.
+   */
+  function tokenExpiry(token) {
+    if (typeof token !== 'string' || typeof atob !== 'function') return null;
+    try {
+      let b64 = token.split('.')[0].replace(/-/g, '+').replace(/_/g, '/');
+      while (b64.length % 4) b64 += '=';
+      const exp = JSON.parse(atob(b64)).exp;
+      return typeof exp === 'number' ? exp * 1000 : null;
+    } catch (e) {
+      return null;
+    }
+  }
+
+  /** Calls `fn()` (a token getter: sync or async) and always returns a promise. */
+  function fetchToken(fn, ...args) {
+    return new Promise((resolve) => resolve(fn(...args)));
   }
 
   /** Error used to reject publish() / ping(); mirrors the server's `error` reply. */
@@ -150,7 +191,9 @@
       this._outbox = [];          // refs of publishes waiting for a connection
       this._refSeq = 0;
       this._awaiting = null;      // channels whose reply gates 'live'
-      this._timers = {reconnect: null, connect: null, live: null, heartbeat: null};
+      this._timers = {reconnect: null, connect: null, live: null, heartbeat: null, refresh: null};
+      this._token = null;         // the connection token of the current socket
+      this._opening = null;       // the attempt waiting for getToken()
       this._probing = false;
       this._listening = false;
       this._onOnline = this._onOnline.bind(this);
@@ -182,7 +225,7 @@
     connect() {
       this._closed = false;
       this._listen(true);
-      if (this._ws) return this;
+      if (this._ws || this._opening) return this;
       this._clearTimer('reconnect');
       this._open();
       return this;
@@ -191,6 +234,8 @@
     /** Closes the connection for good: no reconnect until connect() is called again. */
     close(code, reason) {
       this._closed = true;
+      this._opening = null;
+      this._clearTimer('connect');
       this._listen(false);
       this._clearTimer('reconnect');
       const ws = this._ws;
@@ -212,8 +257,10 @@
      * Subscribing again to the same channel replaces the handler.
      * @param {string} channel
      * @param {function(*, object)} handler
-     * @param {{since?: string, onSubscribed?: function}} [opts] since: start after this id
-     *   ('0-0' = all retained history); onSubscribed(reply, info) for this channel only.
+     * @param {{since?: string, onSubscribed?: function, token?: (string|function)}} [opts] since: start
+     *   after this id ('0-0' = all retained history); onSubscribed(reply, info) for this channel only;
+     *   token: the subscription token of a private channel, or a function (channel) => token or
+     *   a promise of one, called for every subscribe (a resubscribe after a reconnect needs a valid one).
      * @returns {function} a function that unsubscribes
      */
     subscribe(channel, handler, opts) {
@@ -223,12 +270,14 @@
       if (sub) {
         sub.handler = handler;
         if (opts.onSubscribed) sub.onSubscribed = opts.onSubscribed;
+        if (opts.token != null) sub.token = opts.token;
       } else {
         sub = {
           channel,
           handler,
           since: opts.since != null ? String(opts.since) : null,
           onSubscribed: opts.onSubscribed || null,
+          token: opts.token != null ? opts.token : null,
           lastId: null,      // newest id delivered (or subscription start)
           confirmed: false,  // got at least one `subscribed` reply
           active: false,     // subscribed on the current connection
@@ -297,9 +346,32 @@
       const first = this.stats.attempts === 0;
       this.stats.attempts++;
       this._setState(first ? 'connecting' : 'reconnecting');
+      if (typeof this.options.getToken !== 'function') {
+        this._dial(this.options.token);
+        return;
+      }
+      const attempt = this._opening = {};
+      const failed = (why) => {
+        if (this._opening !== attempt) return;
+        this._opening = null;
+        this._log('no connection token:', why);
+        if (!this._closed) this._scheduleReconnect(null, false);
+      };
+      this._setTimer('connect', this.options.connectTimeout, () => failed('getToken timed out'));
+      fetchToken(this.options.getToken).then((token) => {
+        if (this._opening !== attempt) return;
+        this._opening = null;
+        this._clearTimer('connect');
+        if (!this._closed) this._dial(token);
+      }, failed);
+    }
+
+    /** Opens the websocket, with `token` (a connection token) if there is one. */
+    _dial(token) {
+      this._token = token || null;
       let ws;
       try {
-        ws = new WebSocket(this.url);
+        ws = new WebSocket(token ? withParam(this.url, 'token', token) : this.url);
       } catch (err) {
         this._log('cannot create websocket', err);
         this._scheduleReconnect(null, false);
@@ -337,6 +409,42 @@
       if (this._awaiting.size === 0) this._goLive();
       else this._setTimer('live', this.options.liveTimeout, () => this._goLive());
       this._startHeartbeat();
+      this._scheduleRefresh();
+    }
+
+    // ------------------------------------------------------------ token refresh
+
+    /** Refreshes the connection token ahead of its expiry (only with getToken). */
+    _scheduleRefresh() {
+      this._clearTimer('refresh');
+      const expires = tokenExpiry(this._token);
+      if (expires == null || typeof this.options.getToken !== 'function') return;
+      const left = expires - Date.now();
+      const lead = Math.min(this.options.refreshBefore, left / 2);
+      this._setTimer('refresh', Math.max(0, left - lead), () => this._refresh());
+    }
+
+    /** Sends `refresh` with a fresh token; on failure retries until the server closes with 4003. */
+    _refresh() {
+      const ws = this._ws;
+      if (!this.connected) return;
+      let token;
+      fetchToken(this.options.getToken)
+        .then((fresh) => {
+          token = fresh;
+          if (ws !== this._ws) return null;
+          return this._request('refresh', {type: 'refresh', token}, this.options.requestTimeout, false);
+        })
+        .then((expires) => {
+          if (ws !== this._ws || expires == null) return;
+          this._log('token refreshed until', expires);
+          this._token = token;
+          this._scheduleRefresh();
+        })
+        .catch((err) => {
+          this._log('token refresh failed', err);
+          if (ws === this._ws) this._setTimer('refresh', 1000 + Math.random() * 1000, () => this._refresh());
+        });
     }
 
     _goLive() {
@@ -359,6 +467,7 @@
       this._clearTimer('connect');
       this._clearTimer('live');
       this._clearTimer('heartbeat');
+      this._clearTimer('refresh');
       this.stats.lastCloseCode = code;
       this._log('closed', code, reason || '');
       for (const sub of this._subs.values()) {
@@ -370,6 +479,8 @@
         if (p.sent || !p.queue) this._settle(ref, new OffloadError({code: 'disconnected', reason: 'connection lost'}));
       }
       if (code === CLOSE_SESSION_ENDED) this._closed = true;  // a new session means a new page
+      // An expired token without a way to get another: reconnecting would be refused.
+      if (code === CLOSE_TOKEN_EXPIRED && typeof this.options.getToken !== 'function') this._closed = true;
       if (this._closed) {
         this._setState('closed');
         return;
@@ -380,7 +491,7 @@
 
     _scheduleReconnect(code, wasOpen) {
       let delay;
-      if (wasOpen && RESTART_CODES.indexOf(code) !== -1) {
+      if (wasOpen && (RESTART_CODES.indexOf(code) !== -1 || code === CLOSE_TOKEN_EXPIRED)) {
         delay = RESTART_DELAY_MIN + Math.random() * RESTART_DELAY_SPREAD;
       } else {
         const ceiling = Math.min(BACKOFF_MAX, BACKOFF_BASE * Math.pow(BACKOFF_FACTOR, Math.min(this._attempt, 30)));
@@ -390,7 +501,7 @@
       this._setState('reconnecting');
       this._log('reconnect in', Math.round(delay), 'ms');
       this._setTimer('reconnect', delay, () => {
-        if (!this._closed && !this._ws) this._open();
+        if (!this._closed && !this._ws && !this._opening) this._open();
       });
     }
 
@@ -420,7 +531,7 @@
       this._log('browser online');
       if (this.connected) {
         this._probe();
-      } else if (!this._ws) {
+      } else if (!this._ws && !this._opening) {
         this._clearTimer('reconnect');
         this._attempt = 0;
         this._open();
@@ -476,6 +587,7 @@
         case 'subscribed': this._onSubscribed(msg); break;
         case 'published': this._onReply(msg, msg.id); break;
         case 'reply': this._onReply(msg, msg.data); break;
+        case 'refreshed': this._onReply(msg, msg.expires); break;
         case 'pong': this._onPong(msg); break;
         case 'error': this._onError(msg); break;
         case 'unsubscribed': this._log('unsubscribed', msg.channel); break;
@@ -590,7 +702,23 @@
       sub.resumed = sub.confirmed;
       const cmd = {type: 'subscribe', channel: sub.channel, ref: sub.ref};
       if (since != null) cmd.since = since;
-      this._send(cmd);
+      if (typeof sub.token !== 'function') {
+        if (sub.token != null) cmd.token = String(sub.token);
+        this._send(cmd);
+        return;
+      }
+      const ws = this._ws;
+      const ref = sub.ref;
+      const current = () => ws === this._ws && sub.ref === ref && this._subs.get(sub.channel) === sub;
+      fetchToken(sub.token, sub.channel).then((token) => {
+        if (!current()) return;
+        cmd.token = String(token);
+        this._send(cmd);
+      }, (err) => {
+        if (!current()) return;
+        this._settleAwaiting(sub.channel);
+        safeCall(this.options.onError, {type: 'error', code: 'token_unavailable', reason: String(err), channel: sub.channel});
+      });
     }
 
     _request(kind, cmd, timeout, queue) {
@@ -669,6 +797,123 @@
     }
   }
 
+  // ---------------------------------------------------------------- event stream
+
+  /**
+   * The channels over Server-Sent Events (GET /sse/), for where websockets cannot go.
+   * It reconnects by itself and resumes after the last event id. With getToken, every
+   * connection asks for a fresh connection token: an EventSource cannot refresh one in
+   * place, so when the server ends the stream with the `error` event `token_expired`
+   * (or the connection drops) it reconnects with a new token and `last_event_id`.
+   *
+   *   const stream = new OffloadClient.EventStream('/sse/', {
+   *     channels: ['public:news'], subTokens: () => fetchTokens(), getToken, onMessage: (data, msg) => ...});
+   */
+  class OffloadEventStream {
+    /**
+     * @param {string} [url] the stream's URL (default '/sse/')
+     * @param {object} [options] channels: names; subTokens: subscription tokens (each names its
+     *   channel), or a function returning them (or a promise of them), called on every connect;
+     *   token / getToken: as for OffloadClient; onMessage(data, msg), onSubscribed(channel, msg),
+     *   onError(msg), onState(state); retry: ms before reconnecting (jittered).
+     */
+    constructor(url, options) {
+      this.url = url || '/sse/';
+      this.options = Object.assign({
+        channels: [], subTokens: [], token: null, getToken: null,
+        onMessage: null, onSubscribed: null, onError: null, onState: null, retry: 2000,
+      }, options || {});
+      /** The resume cursor of the whole stream (every channel's position), sent back on reconnect. */
+      this.lastEventId = null;
+      this.stats = {connects: 0, messages: 0};
+      this.state = 'connecting';
+      this._es = null;
+      this._attempt = null;
+      this._timer = null;
+      this._closed = false;
+      this._open();
+    }
+
+    /** Ends the stream for good. */
+    close() {
+      this._closed = true;
+      this._attempt = null;
+      clearTimeout(this._timer);
+      if (this._es) this._es.close();
+      this._es = null;
+      this._setState('closed');
+    }
+
+    _open() {
+      const attempt = this._attempt = {};
+      const o = this.options;
+      const subTokens = typeof o.subTokens === 'function' ? fetchToken(o.subTokens) : Promise.resolve(o.subTokens);
+      const token = typeof o.getToken === 'function' ? fetchToken(o.getToken) : Promise.resolve(o.token);
+      Promise.all([token, subTokens]).then(([connectionToken, subscriptionTokens]) => {
+        if (this._attempt !== attempt || this._closed) return;
+        let url = this.url;
+        for (const channel of o.channels || []) url = withParam(url, 'channel', channel);
+        for (const sub of subscriptionTokens || []) url = withParam(url, 'sub_token', sub);
+        if (connectionToken) url = withParam(url, 'token', connectionToken);
+        if (this.lastEventId) url = withParam(url, 'last_event_id', this.lastEventId);
+        this._listen(new EventSource(url));
+      }, () => this._reopen());
+    }
+
+    _listen(es) {
+      this._es = es;
+      const track = (ev) => {
+        if (ev.lastEventId) this.lastEventId = ev.lastEventId;
+        return JSON.parse(ev.data);
+      };
+      es.onopen = () => {
+        this.stats.connects++;
+        this._setState('live');
+      };
+      es.addEventListener('message', (ev) => {
+        const msg = track(ev);
+        this.stats.messages++;
+        safeCall(this.options.onMessage, msg.data, msg);
+      });
+      es.addEventListener('subscribed', (ev) => {
+        const msg = track(ev);
+        safeCall(this.options.onSubscribed, msg.channel, msg);
+      });
+      es.addEventListener('error', (ev) => {
+        if (ev.data !== undefined) {  // the server's `error` event: the stream ends after it
+          const msg = track(ev);
+          const expired = msg.code === 'token_expired';
+          if (!expired) safeCall(this.options.onError, msg);
+          this._reopen(expired ? 100 * Math.random() : null);  // a fresh token at once
+          return;
+        }
+        // The connection failed. EventSource retries by itself unless it gave up (a 401/403
+        // answer), but with the token of its URL: with getToken, reconnect here instead.
+        if (es.readyState === 2 || typeof this.options.getToken === 'function') this._reopen();
+        else this._setState('reconnecting');
+      });
+    }
+
+    _reopen(delay) {
+      if (this._es) this._es.close();
+      this._es = null;
+      if (this._closed) return;
+      this._attempt = null;
+      this._setState('reconnecting');
+      clearTimeout(this._timer);
+      if (delay == null) delay = this.options.retry * (0.5 + Math.random());
+      this._timer = setTimeout(() => { if (!this._closed) this._open(); }, delay);
+    }
+
+    _setState(state) {
+      if (this.state === state) return;
+      this.state = state;
+      safeCall(this.options.onState, state);
+    }
+  }
+
+  OffloadClient.EventStream = OffloadEventStream;
+  OffloadClient.tokenExpiry = tokenExpiry;
   OffloadClient.compareIds = compareIds;
   OffloadClient.OffloadError = OffloadError;
   OffloadClient.ZERO_ID = ZERO_ID;
