@@ -10,10 +10,9 @@ fresh token at every expiry. Messages published all along arrive once each.
 from __future__ import annotations
 
 import pytest
-from playwright.sync_api import sync_playwright
 
 from offload.testing import wait_for
-from tests.browser.test_demo import CHROMIUM, FLAGS
+from tests.browser.test_demo import browser  # noqa: F401 (the fixture: Debian's Chromium, headless)
 from tests.integration.test_tokens import start_token_server
 
 pytestmark = pytest.mark.timeout(180)
@@ -38,16 +37,8 @@ def server(tmp_path_factory):
     live.stop()
 
 
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
-        yield browser
-        browser.close()
-
-
 @pytest.fixture
-def page(server, browser):
+def page(server, browser):  # noqa: F811
     """A page of the server's origin with offload.js loaded and no session cookie."""
     context = browser.new_context()
     page = context.new_page()
