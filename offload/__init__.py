@@ -28,8 +28,9 @@ The architecture, in layers whose dependencies point one way (README.md):
 #: The library's version (pyproject.toml reads it; the uWSGI options carry it, checked at app load).
 __version__ = "0.4.0"
 
-# Importing it needs no configured settings (Django's are read at the first call).
-from .backend.publishing import publish
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 from .exceptions import (
     BackendUnavailable,
     ChannelError,
@@ -41,8 +42,21 @@ from .exceptions import (
     RefusedError,
     Rejected,
 )
-from .handlers import rpc
-from .tokens import connection_token, subscription_token
+
+if TYPE_CHECKING:  # what type checkers and IDEs see
+    from .backend.publishing import publish
+    from .handlers import rpc
+    from .tokens import connection_token, subscription_token
+
+# Where the public functions live. They are imported at first use (PEP 562), so
+# that importing the pure layer (``offload.core``, e.g. in a client or a test)
+# pulls in neither Django, nor redis-py, nor gevent (tests/test_architecture.py).
+_PUBLIC = {
+    "publish": ".backend.publishing",
+    "rpc": ".handlers",
+    "connection_token": ".tokens",
+    "subscription_token": ".tokens",
+}
 
 __all__ = [
     "BackendUnavailable",
@@ -59,3 +73,15 @@ __all__ = [
     "rpc",
     "subscription_token",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'offload' has no attribute {name!r}")
+    value = globals()[name] = getattr(import_module(module, __name__), name)
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC})
