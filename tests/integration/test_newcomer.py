@@ -8,8 +8,10 @@ opening fence: ``run``, ``serve``, or ``file=PATH action=create|append``; an
 unmarked or unknown block fails the test, so the guide cannot drift from
 what is tested). Its ``uwsgi --ini uwsgi.ini`` runs from that project, not
 from this repository: the guide's view publishes, a websocket client and the
-guide's page in Chromium receive, and once stopped like Ctrl-C stops it,
-nothing (Redis included) is left running. Then the guide's own pytest test
+guide's page in Chromium receive; with a connection token from the guide's
+view, a cookie-less websocket publishes through the guide's publish hook
+(stored, transformed, or refused with its code) and calls its RPC method;
+once stopped like Ctrl-C stops it, nothing (Redis included) is left running. Then the guide's own pytest test
 runs in that project, through offload.testing.
 
 uWSGI compiles from source. To keep CI time sane its wheel is built once per
@@ -36,7 +38,7 @@ import pytest
 from playwright.sync_api import expect, sync_playwright
 
 from offload import __version__
-from offload.testing import HttpSession, WebSocketClient, free_port, timeout_factor, wait_for
+from offload.testing import HandshakeError, HttpSession, WebSocketClient, free_port, timeout_factor, wait_for
 from tests.test_packaging import build
 
 pytestmark = pytest.mark.timeout(2400)
@@ -47,7 +49,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 #: Seconds for one step of the guide (a cold uWSGI build takes about half a minute here).
 STEP_TIMEOUT = 900
 #: Variables of this test session that a newcomer's shell does not have.
-FOREIGN_ENV = ("VIRTUAL_ENV", "DJANGO_SETTINGS_MODULE", "OFFLOAD_VAR_DIR", "REDIS_URL", "PYTHONPATH", "PIP_FIND_LINKS")
+FOREIGN_ENV = ("VIRTUAL_ENV", "DJANGO_SETTINGS_MODULE", "OFFLOAD_VAR_DIR", "REDIS_URL", "PYTHONPATH")
 FENCE = re.compile(r"^```(\S*)[ \t]*(.*)$")
 
 
@@ -93,7 +95,14 @@ def test_every_block_of_the_guide_is_marked_for_this_test():
     kinds = [block.kind for block in blocks]
     assert kinds.count("serve") == 1, "the guide starts uWSGI exactly once"
     files = [block.marks["file"] for block in blocks if block.kind == "file"]
-    for needed in ("mysite/settings.py", "mysite/urls.py", "mysite/wsgi.py", "uwsgi.ini", "news/views.py"):
+    for needed in (
+        "mysite/settings.py",
+        "mysite/urls.py",
+        "mysite/wsgi.py",
+        "uwsgi.ini",
+        "news/hooks.py",
+        "news/rpc.py",
+    ):
         assert needed in files, f"the guide no longer writes {needed}"
 
 
@@ -135,7 +144,10 @@ def cached_uwsgi_wheel() -> Path:
         timeout=STEP_TIMEOUT,
     )
     print(f"\nbuilt uWSGI {version}'s wheel in {time.monotonic() - started:.0f} s (cached in {directory})")
-    building.rename(directory)
+    try:
+        building.rename(directory)
+    except OSError:  # another run cached it meanwhile
+        shutil.rmtree(building)
     return next(directory.glob("*.whl"))
 
 
@@ -143,7 +155,8 @@ def newcomer_env(links: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in FOREIGN_ENV and not k.startswith("OFFLOAD_")}
     venv_bin = str(Path(sys.executable).parent)  # not this repository's virtualenv
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p != venv_bin)
-    env["PIP_FIND_LINKS"] = str(links)
+    # the wheels first; the machine's own find-links (if any) stay
+    env["PIP_FIND_LINKS"] = " ".join([str(links), env.get("PIP_FIND_LINKS", "")]).strip()
     env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
     return env
 
@@ -186,7 +199,8 @@ def test_a_newcomer_follows_the_guide_and_gets_real_time(tmp_path):
     project.mkdir()
     env = newcomer_env(links)
     served = False
-    for block in guide_blocks(GUIDE.read_text()):
+    blocks = guide_blocks(GUIDE.read_text())
+    for block in blocks:
         if block.kind == "file":
             write(block, project)
         elif block.kind == "run":
@@ -194,7 +208,7 @@ def test_a_newcomer_follows_the_guide_and_gets_real_time(tmp_path):
             if "pytest" in block.code:
                 assert re.search(r"\b1 passed\b", output), output[-3000:]
         else:
-            serve_and_check(block, project, env)
+            serve_and_check(block, project, env, account(blocks))
             served = True
     assert served
     installed = subprocess.run(
@@ -217,9 +231,20 @@ def test_a_newcomer_follows_the_guide_and_gets_real_time(tmp_path):
     print(f"\nthe newcomer's project from docs/guide.md: {time.monotonic() - started:.0f} s")
 
 
-def serve_and_check(block: Block, project: Path, env: dict) -> None:
+def account(blocks: list[Block]) -> tuple[str, str]:
+    """The username and password of the account the guide creates."""
+    (match,) = [
+        m
+        for block in blocks
+        if block.kind == "run" and (m := re.search(r"DJANGO_SUPERUSER_PASSWORD=(\S+) .*--username (\S+)", block.code))
+    ]
+    return match[2], match[1]
+
+
+def serve_and_check(block: Block, project: Path, env: dict, editor: tuple[str, str]) -> None:
     """Start the guide's uWSGI, publish from the guide's view, receive on a websocket
-    and on the guide's page, then stop it as Ctrl-C does and find nothing left."""
+    and on the guide's page, call its handlers with its token, then stop it as Ctrl-C
+    does and find nothing left."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     log_path = project / "uwsgi.log"
@@ -254,6 +279,7 @@ def serve_and_check(block: Block, project: Path, env: dict) -> None:
                 "data": {"title": "Hello, newcomer"},
             }
             check_the_page_in_chromium(base, ws)
+        check_the_handlers_with_a_token(base, port, editor)
         var = project / "var"
         daemons = [int((var / name).read_text()) for name in ("redis.pid", "upstream.pid")]
     finally:
@@ -305,6 +331,45 @@ def running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def check_the_handlers_with_a_token(base: str, port: int, editor: tuple[str, str]) -> None:
+    """The guide's publish hook and RPC method, on a connection opened with a token from the
+    guide's view (no cookie); anonymous clients may read the comments but not publish."""
+    channel = "comments:general"
+    with pytest.raises(HandshakeError) as refused:
+        WebSocketClient(f"ws://127.0.0.1:{port}/ws/?token=forged")
+    assert refused.value.status == 401
+    user = HttpSession(base, login_url="/admin/login/")
+    user.login(*editor)
+    status, _, token = user.request("GET", "/token")
+    assert status == 200, token
+    with (
+        WebSocketClient(f"ws://127.0.0.1:{port}/ws/?channel={channel}") as reader,
+        WebSocketClient(f"ws://127.0.0.1:{port}/ws/?token={token.decode()}") as writer,
+    ):
+        assert json.loads(reader.recv())["type"] == "subscribed"
+        writer.send_text(
+            json.dumps({"type": "publish", "channel": channel, "data": {"text": "  First!  "}, "ref": "p1"})
+        )
+        published = json.loads(writer.recv())
+        assert published == {"type": "published", "ref": "p1", "channel": channel, "id": published["id"]}
+        message = json.loads(reader.recv())
+        assert (message["id"], message["data"]) == (published["id"], {"id": 1, "author": editor[0], "text": "First!"})
+        writer.send_text(json.dumps({"type": "publish", "channel": channel, "data": {"text": " "}, "ref": "p2"}))
+        refusal = json.loads(writer.recv())
+        assert (refusal["type"], refusal["code"], refusal["ref"]) == ("error", "empty_comment", "p2")
+        writer.send_text(json.dumps({"type": "rpc", "method": "comments.recent", "data": channel, "ref": "r1"}))
+        assert json.loads(writer.recv()) == {
+            "type": "reply",
+            "ref": "r1",
+            "data": [{"id": 1, "author": editor[0], "text": "First!"}],
+        }
+        reader.send_text(
+            json.dumps({"type": "publish", "channel": channel, "data": {"text": "anonymous"}, "ref": "a1"})
+        )
+        refusal = json.loads(reader.recv())
+        assert (refusal["type"], refusal["code"]) == ("error", "publish_forbidden")
 
 
 def processes_of(project: Path) -> list[str]:
