@@ -58,6 +58,7 @@ MAX_DOWNLOAD_NAME = 1024
 _MAX_SEGMENT_BYTES = 255
 _TASK_ID_RE = re.compile(r"[0-9a-f]{32}")  # uuid4().hex, as offload.tasks makes them
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_MESSAGE_CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # all but \t \n \r
 
 
 # -- numbers ----------------------------------------------------------------------
@@ -150,13 +151,21 @@ class ReportForm(ApiForm):
         return 200_000 if value is None else value
 
 
+def _plain_text(value: str) -> None:
+    """Refuse control characters other than tab and line breaks (a message is text a person typed)."""
+    if _MESSAGE_CONTROL_RE.search(value):
+        raise ValidationError("control characters are not allowed", code="invalid")
+
+
 class MessageForm(ApiForm):
-    """``POST /rooms/<room>/messages``: one chat message (blanks around it dropped)."""
+    """One chat message (blanks around it dropped), from ``POST /rooms/<room>/messages``
+    or from a websocket ``publish`` through the room's publish hook (app/realtime.py)."""
 
     error_codes = {"required": "empty", "max_length": "too_long"}
 
     text = forms.CharField(
         max_length=MAX_TEXT,
+        validators=[_plain_text],
         error_messages={"required": "message is empty", "max_length": f"at most {MAX_TEXT} characters"},
     )
 

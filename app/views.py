@@ -1,7 +1,8 @@
 """The demo app: chat rooms and personal notifications.
 
-Sending a chat message is an ordinary CSRF-protected Django POST view that
-calls ``offload.publish``; every open page receives it over its websocket.
+The room page sends chat messages over its websocket (a client ``publish``
+that the room's publish hook saves, app/realtime.py) and renders the saved
+ones on load. ``POST /rooms/<room>/messages`` does the same for HTTP clients.
 Every input is checked by a form of :mod:`app.forms` first; a refusal is a
 400 with ``{"error": code, "reason": ...}``, never a 500.
 """
@@ -13,6 +14,7 @@ import math
 from django.conf import settings
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
+from django.db import transaction
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.urls import reverse
@@ -20,8 +22,11 @@ from django.utils import timezone
 from django.views.decorators.http import require_POST
 
 import offload
+from offload.backend.history import read_tip
+from offload.core.protocol import format_stream_id
 from offload.transfers import proxy_upstream, resolve_under, send_file
 
+from .chat import ROOMS, save_message
 from .forms import (
     ApiForm,
     MessageForm,
@@ -30,8 +35,12 @@ from .forms import (
     valid_download_name,
     valid_task_id,
 )
+from .models import ChatMessage
 
-ROOMS = ["general", "random", "offtopic"]
+#: Saved messages the room page renders on load.
+RECENT_MESSAGES = 50
+#: ``since`` of a subscription that replays all retained history.
+_ALL_HISTORY = "0-0"
 
 
 def _room_or_404(room: str) -> str:
@@ -40,14 +49,36 @@ def _room_or_404(room: str) -> str:
     return room
 
 
+def _recent_messages(room: str) -> tuple[list[ChatMessage], str]:
+    """The newest saved messages of ``room``, oldest first, and where its live channel resumes.
+
+    The channel's newest id is read before the table: every message published
+    up to that id was saved before it was published (the hook saves, then
+    offload publishes), so the query that follows holds it, and the page
+    subscribes from that id for everything after. A message saved in between
+    comes both ways; the page shows it once (by ``pk``). Without that id
+    (Redis down, or no history) the page subscribes from the start of the
+    retained history, deduplicated the same way.
+    """
+    channel = f"room:{room}"
+    try:
+        tip = read_tip(channel)
+    except offload.BackendUnavailable:
+        tip = None
+    newest = ChatMessage.objects.filter(room=room).select_related("user").order_by("-id")[:RECENT_MESSAGES]
+    return list(reversed(newest)), format_stream_id(tip) if tip else _ALL_HISTORY
+
+
 @login_required
 def room(request: HttpRequest, room: str) -> HttpResponse:
     room = _room_or_404(room)
+    recent, since = _recent_messages(room)
     config = {
         "room": room,
         "room_channel": f"room:{room}",
+        "room_since": since,
+        "typing_channel": f"typing:{room}",
         "user_channel": f"user:{request.user.pk}",
-        "post_url": reverse("post-message", args=[room]),
         "notify_url": reverse("notify"),
         "report_url": reverse("start-report"),
         "username": request.user.get_username(),
@@ -58,10 +89,9 @@ def room(request: HttpRequest, room: str) -> HttpResponse:
         {
             "room": room,
             "rooms": ROOMS,
+            "recent": recent,
             "user_channel": config["user_channel"],
             "room_channel": config["room_channel"],
-            "post_url": config["post_url"],
-            "notify_url": config["notify_url"],
             "config": config,
         },
     )
@@ -75,9 +105,9 @@ def _refuse_form(form: ApiForm) -> JsonResponse:
     return _refuse(*form.first_error())
 
 
-def _publish(channel: str, data: dict) -> JsonResponse:
+def _publish(channel: str, data: dict, *, on_commit: bool = True) -> JsonResponse:
     try:
-        return JsonResponse({"id": offload.publish(channel, data)})
+        return JsonResponse({"id": offload.publish(channel, data, on_commit=on_commit)})
     except offload.BackendUnavailable as exc:
         return JsonResponse({"error": exc.code, "reason": "the message service is down, try again"}, status=503)
     except offload.RefusedError as exc:
@@ -87,13 +117,20 @@ def _publish(channel: str, data: dict) -> JsonResponse:
 @login_required
 @require_POST
 def post_message(request: HttpRequest, room: str) -> JsonResponse:
+    """Save and publish one chat message, or neither: the publish runs inside the
+    transaction (``on_commit=False``), so a Redis failure rolls the row back and
+    the client, told 503, may simply send it again (after a Redis timeout, 503
+    ``outcome_unknown``, the message may be out without its row)."""
     room = _room_or_404(room)
     form = MessageForm(request.POST)
     if not form.is_valid():
         return _refuse_form(form)
-    text = form.cleaned_data["text"]
-    data = {"user": request.user.get_username(), "text": text, "sent_at": timezone.now().isoformat()}
-    return _publish(f"room:{room}", data)
+    with transaction.atomic():
+        data = save_message(room, request.user.pk, request.user.get_username(), form.cleaned_data["text"])
+        response = _publish(f"room:{room}", data, on_commit=False)
+        if response.status_code != 200:
+            transaction.set_rollback(True)  # not published: not saved either
+    return response
 
 
 @login_required

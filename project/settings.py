@@ -161,8 +161,17 @@ OFFLOAD_API_KEY = os.environ.get("OFFLOAD_API_KEY") or None
 OFFLOAD_NAMESPACES = {
     # Anyone may listen; only the server publishes (benchmarks, smoke checks).
     "public": {"subscribe": "public", "publish": False, "history_size": 100, "history_ttl": 3600},
-    # Chat rooms: logged-in users listen; messages go through the Django view.
-    "room": {"subscribe": "authenticated", "publish": False, "history_size": 200, "history_ttl": 86400},
+    # Chat rooms: logged-in users listen and publish from the socket; the hook
+    # checks and saves each message (app/realtime.py) and sets its author.
+    "room": {
+        "subscribe": "authenticated",
+        "publish": "authenticated",
+        "publish_hook": "app.realtime.save_chat_message",
+        "history_size": 200,
+        "history_ttl": 86400,
+    },
+    # "<user> is typing…" notices: published by the server (RPC "typing"), kept seconds.
+    "typing": {"subscribe": "authenticated", "publish": False, "history_size": 1, "history_ttl": 10},
     # Personal notifications: user:<id> is readable by that user only.
     "user": {"subscribe": "user", "publish": False, "history_size": 50, "history_ttl": 86400},
     # Members of the Django group "staff" may listen and publish from the socket.

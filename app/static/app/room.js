@@ -10,6 +10,8 @@
   const compareIds = OffloadClient.compareIds;
 
   const STATS_TTL = 10000;      // drop worker rows not updated for this long
+  const TYPING_EVERY = 2000;    // at most one "typing" call per this many ms while typing
+  const TYPING_SHOWN = 4000;    // a "<user> is typing…" notice lasts this long without news
   const MAX_MESSAGES = 500;     // keep the DOM small
   const MAX_NOTIFICATIONS = 100;
   const MAX_ECHOES = 100;
@@ -26,7 +28,11 @@
 
   /** A <time> element showing HH:MM for an ISO timestamp. */
   function timeEl(iso) {
-    const node = el('time', 'time');
+    return localTime(el('time', 'time'), iso);
+  }
+
+  /** Shows `node` (a <time>) as HH:MM of `iso` in the browser's time zone. */
+  function localTime(node, iso) {
     const date = iso ? new Date(iso) : null;
     if (date && !isNaN(date)) {
       node.dateTime = date.toISOString();
@@ -149,15 +155,31 @@
 
   const messages = $('#messages');
   const seenMessages = new Set();
+  // Saved messages the server rendered (by pk). The subscription resumes from the
+  // channel's newest id read before they were (config.room_since), so a message may
+  // come both ways: it is shown once.
+  const seenPks = new Set();
+  for (const li of messages.querySelectorAll('li.message[data-pk]')) {
+    seenPks.add(li.dataset.pk);
+    const time = li.querySelector('time');
+    if (time) localTime(time, time.getAttribute('datetime'));
+  }
+  messages.scrollTop = messages.scrollHeight;
 
   function renderMessage(data, msg) {
     const id = msg.id;
     if (id == null || seenMessages.has(String(id))) return;
     seenMessages.add(String(id));
     const body = data && typeof data === 'object' ? data : {text: data};
+    if (body.pk != null) {
+      if (seenPks.has(String(body.pk))) return;
+      seenPks.add(String(body.pk));
+    }
+    if (body.user != null) typingStopped(String(body.user));
 
     const li = el('li', 'message');
     li.dataset.id = id;
+    if (body.pk != null) li.dataset.pk = body.pk;
     if (body.user != null && body.user === config.username) li.classList.add('mine');
     const meta = el('div', 'meta');
     meta.append(el('span', 'author', body.user != null ? body.user : 'server'), timeEl(body.sent_at));
@@ -169,8 +191,7 @@
     if (nearBottom || li.classList.contains('mine')) messages.scrollTop = messages.scrollHeight;
   }
 
-  // '0-0': all retained history first, then live messages.
-  client.subscribe(config.room_channel, renderMessage, {since: OffloadClient.ZERO_ID});
+  client.subscribe(config.room_channel, renderMessage, {since: config.room_since});
 
   const messageForm = $('#message-form');
   const messageInput = $('#message-input');
@@ -189,11 +210,12 @@
     sending = true;
     sendButton.disabled = true;
     try {
-      await post(config.post_url, {text});
+      // The room's publish hook checks and saves it; refusals come back as errors.
+      await client.publish(config.room_channel, {text});
       messageInput.value = '';
       showInline(sendError, '');
     } catch (err) {
-      showInline(sendError, 'Not sent: ' + err.message);
+      showInline(sendError, 'Not sent: ' + (err.reason || err.message) + (err.code ? ' (' + err.code + ')' : ''));
     } finally {
       sending = false;
       sendButton.disabled = false;
@@ -202,7 +224,47 @@
   });
   messageInput.addEventListener('input', () => {
     if (!sendError.hidden) showInline(sendError, '');
+    typingNow();
   });
+
+  // ------------------------------------------------------------ typing…
+
+  const typingNotice = $('#typing');
+  const typists = new Map(); // username -> timer hiding their notice
+  let typingSentAt = -Infinity;
+
+  /** Tells the room (RPC "typing", app/realtime.py) at most once per TYPING_EVERY ms. */
+  function typingNow() {
+    const now = Date.now();
+    if (!messageInput.value.trim() || now - typingSentAt < TYPING_EVERY || !client.connected) return;
+    typingSentAt = now;
+    client.rpc('typing', {room: config.room}).catch(() => { /* a lost notice is harmless */ });
+  }
+
+  function showTypists() {
+    const names = Array.from(typists.keys());
+    typingNotice.textContent = names.length === 0 ? ''
+      : names.join(', ') + (names.length === 1 ? ' is typing…' : ' are typing…');
+    typingNotice.hidden = names.length === 0;
+  }
+
+  function typingStopped(user) {
+    if (!typists.has(user)) return;
+    clearTimeout(typists.get(user));
+    typists.delete(user);
+    showTypists();
+  }
+
+  function renderTyping(data) {
+    const user = data && typeof data.user === 'string' ? data.user : null;
+    if (user == null || user === config.username) return;
+    clearTimeout(typists.get(user));
+    typists.set(user, setTimeout(() => typingStopped(user), TYPING_SHOWN));
+    showTypists();
+  }
+
+  // Live only (no since): an old notice means nothing.
+  client.subscribe(config.typing_channel, renderTyping);
 
   // ------------------------------------------------------------ notifications
 
