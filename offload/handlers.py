@@ -47,11 +47,12 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
 from django.core.exceptions import ImproperlyConfigured
-from django.db import close_old_connections
+from django.db import close_old_connections, transaction
 from django.utils.module_loading import autodiscover_modules
 
+from .backend.publishing import publish_json
 from .core.protocol import encode_data, is_method_name
-from .exceptions import Rejected
+from .exceptions import BackendUnavailable, OutcomeUnknown, RefusedError, Rejected
 from .policies import Identity
 
 __all__ = ["Method", "Outcome", "autodiscover", "method", "rpc", "run_hook", "run_method", "unregister"]
@@ -157,23 +158,54 @@ def run_method(name: str, fn: Method, identity: Identity, data: Any) -> Outcome:
 
 
 def run_hook(
-    hook: Callable[[Identity, str, Any], Any], identity: Identity, channel: str, data_json: str, max_bytes: int
+    hook: Callable[[Identity, str, Any], Any],
+    identity: Identity,
+    channel: str,
+    data_json: str,
+    max_bytes: int,
+    cancelled: Callable[[], bool] = lambda: False,
 ) -> Outcome:
-    """Run a publish hook (in a handler thread): the data to publish as JSON text, or the error.
+    """Run a publish hook and publish what it returns (in a handler thread): the message id, or the error.
 
     The hook gets the client's data decoded; what it returns is encoded and
-    checked against ``max_bytes`` again (``message_too_large``).
+    checked against ``max_bytes`` again (``message_too_large``). The hook and
+    the publish share one database transaction: what the hook stored is rolled
+    back when the message cannot go out (Redis down, or the call timed out
+    before the publish: ``cancelled()``), so the client's error never hides a
+    stored message. Only when Redis timed out mid-publish (``outcome_unknown``:
+    the message may be out) is the hook's work kept.
     """
     close_old_connections()
     try:
-        text = encode_data(hook(identity, channel, json.loads(data_json)))
-    except Exception as exc:
-        return _failed(exc, f"publish hook of {channel}")
+        with transaction.atomic():
+            try:
+                text = encode_data(hook(identity, channel, json.loads(data_json)))
+            except Exception as exc:
+                raise _Undo(_failed(exc, f"publish hook of {channel}")) from exc
+            if len(text.encode()) > max_bytes:
+                reason = f"the data to publish is larger than {max_bytes} bytes"
+                raise _Undo(Outcome(code="message_too_large", reason=reason))
+            if cancelled():
+                raise _Undo(Outcome(code="rpc_timeout", reason="timed out before the message was published"))
+            try:
+                message_id = publish_json(channel, text)
+            except OutcomeUnknown as exc:  # it may be out: keep what the hook stored
+                return Outcome(code=exc.code, reason=exc.reason)
+            except (RefusedError, BackendUnavailable) as exc:
+                raise _Undo(Outcome(code=exc.code, reason=exc.reason)) from exc
+            return Outcome(message_id)
+    except _Undo as undo:
+        return undo.outcome
     finally:
         close_old_connections()
-    if len(text.encode()) > max_bytes:
-        return Outcome(code="message_too_large", reason=f"the data to publish is larger than {max_bytes} bytes")
-    return Outcome(text)
+
+
+class _Undo(Exception):
+    """Roll the hook's transaction back and answer ``outcome``."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome.reason)
+        self.outcome = outcome
 
 
 def _failed(exc: Exception, what: str) -> Outcome:

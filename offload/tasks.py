@@ -318,7 +318,9 @@ def _report(ctx: TaskContext, state: str, *, quiet: bool = False, **fields: Any)
                 stored[key] = json.dumps(fields[key])
         _save(ctx.task_id, stored)
         if ctx.channel:
-            publish(ctx.channel, message)
+            # At once, like the state saved above: progress reported from inside the
+            # task's own transaction.atomic() must not wait for its commit.
+            publish(ctx.channel, message, on_commit=False)
     except BackendUnavailable:
         if not quiet:
             raise

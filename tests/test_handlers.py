@@ -15,7 +15,10 @@ import time
 import gevent
 import gevent.event
 import pytest
+from django.conf import settings as django_settings
+from django.contrib.auth.models import Group
 from django.core.exceptions import ImproperlyConfigured
+from django.core.management import call_command
 
 import offload
 from offload import handlers
@@ -157,26 +160,76 @@ def test_a_method_result_becomes_json_and_its_failures_become_codes(caplog):
     assert run_method("m", lambda identity, data: float("nan"), ALICE, None) == INTERNAL_ERROR
 
 
-def test_a_hook_gets_the_decoded_data_and_what_it_returns_is_checked_again(caplog):
+@pytest.fixture(scope="module")
+def database():
+    """The session's own SQLite file (tests/conftest.py puts it in a fresh temporary var/), migrated."""
+    call_command("migrate", verbosity=0, interactive=False)
+
+
+def stored_on(redis_client, channel: str) -> list:
+    return [json.loads(fields[b"d"]) for _, fields in redis_client.xrange(history_key(channel))]
+
+
+def test_a_hook_gets_the_decoded_data_and_what_it_returns_is_published_and_checked_again(caplog, redis_client):
     seen = []
 
     def hook(identity, channel, data):
         seen.append((identity.username, channel, data))
         return {"text": data["text"].upper()}
 
-    assert run_hook(hook, ALICE, "room:a", '{"text":"hé"}', 100) == Outcome('{"text":"HÉ"}')
-    assert seen == [("alice", "room:a", {"text": "hé"})]
-    assert run_hook(hook, ALICE, "room:a", '{"text":"héé"}', 14) == Outcome(
+    outcome = run_hook(hook, ALICE, "public:hook", '{"text":"hé"}', 100)
+    assert outcome.code is None and outcome.text == redis_client.xrange(history_key("public:hook"))[-1][0].decode()
+    assert seen == [("alice", "public:hook", {"text": "hé"})]
+    assert stored_on(redis_client, "public:hook") == [{"text": "HÉ"}]
+    assert run_hook(hook, ALICE, "public:hook", '{"text":"héé"}', 14) == Outcome(
         code="message_too_large", reason="the data to publish is larger than 14 bytes"
     )
 
     def refuse(identity, channel, data):
         raise Rejected("spam", code="spam")
 
-    assert run_hook(refuse, ALICE, "room:a", "1", 100) == Outcome(code="spam", reason="spam")
+    assert run_hook(refuse, ALICE, "public:hook", "1", 100) == Outcome(code="spam", reason="spam")
     with caplog.at_level(logging.ERROR, logger="offload.handlers"):
-        assert run_hook(lambda i, c, d: object(), ALICE, "room:a", "1", 100) == INTERNAL_ERROR
-    assert "publish hook of room:a failed" in caplog.text
+        assert run_hook(lambda i, c, d: object(), ALICE, "public:hook", "1", 100) == INTERNAL_ERROR
+    assert "publish hook of public:hook failed" in caplog.text
+    assert stored_on(redis_client, "public:hook") == [{"text": "HÉ"}], "only the first one went out"
+
+
+def store_group(identity, channel, data):
+    """A hook that stores the message (a Django group stands in for a model)."""
+    Group.objects.create(name=data)
+    return data
+
+
+@pytest.mark.parametrize(
+    "breaks, code",
+    [
+        ("redis", "unavailable"),  # the publish failed
+        ("timeout", "rpc_timeout"),  # the client was told the call timed out before the publish
+        ("size", "message_too_large"),  # what the hook returned is too large
+    ],
+)
+def test_what_a_hook_stored_is_rolled_back_when_its_message_cannot_go_out(
+    database, redis_client, settings, breaks, code
+):
+    Group.objects.all().delete()
+    url = django_settings.OFFLOAD_REDIS_URL
+    if breaks == "redis":
+        settings.OFFLOAD_REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens there
+        client_module.reset()
+    try:
+        outcome = run_hook(
+            store_group, ALICE, "public:stored", '"kept?"', 3 if breaks == "size" else 100, lambda: breaks == "timeout"
+        )
+    finally:
+        settings.OFFLOAD_REDIS_URL = url
+        client_module.reset()
+    assert outcome.code == code
+    assert not Group.objects.filter(name="kept?").exists(), "the hook's row was rolled back"
+    assert stored_on(redis_client, "public:stored") == []
+    assert run_hook(store_group, ALICE, "public:stored", '"kept"', 100).code is None
+    assert Group.objects.filter(name="kept").exists() and stored_on(redis_client, "public:stored") == ["kept"]
+    Group.objects.all().delete()
 
 
 # -- hooks in the namespace settings ------------------------------------------------------

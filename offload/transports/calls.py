@@ -17,8 +17,9 @@ reading frames and answering pings meanwhile.
   client gets ``rpc_timeout``. A call still waiting for a thread never
   starts; one running in its thread cannot be stopped: the function may still
   finish (and write to the database), and its result is dropped.
-* A hooked publish goes out in the order the client sent it: once its hook
-  ran, it waits for the publish sent before it (hooks may run side by side).
+* A hooked publish runs its hook and publishes in one thread and one database
+  transaction (:func:`offload.handlers.run_hook`), after the publish the
+  client sent before it: a connection's messages go out in the order sent.
 * Close: calls waiting for a thread and RPC calls end at once (their
   greenlets are killed: nothing keeps the socket alive); a publish whose hook
   already runs is finished, so that what the hook stored is also published
@@ -37,11 +38,10 @@ import gevent.event
 from gevent import Greenlet
 
 from .. import conf
-from ..backend.publishing import publish_json
 from ..blocking import handler_pool
 from ..core.protocol import Publish, Rpc, error_text, reply, rpc_reply
 from ..core.rates import TokenBucket
-from ..exceptions import BackendUnavailable, LimitExceeded, RefusedError
+from ..exceptions import LimitExceeded, RefusedError
 from ..handlers import INTERNAL_ERROR, Outcome, method, run_hook, run_method
 from .connection import WebSocket
 
@@ -136,31 +136,39 @@ class Calls:
     ) -> None:
         channel, ref = command.channel, command.ref
         try:
-            what = f"publish hook of {channel}"
-            identity = self._ws.identity
-            outcome = self._run(what, True, run_hook, hook, identity, channel, command.data_json, self._max_bytes)
-            if outcome.text is None:
-                self._ws.send_text(error_text(outcome.code, outcome.reason, ref, channel))
-                return
             if before is not None:  # bounded: a publish killed before it started never sets its event
                 before.wait(self._timeout)
-            try:
-                message_id = publish_json(channel, outcome.text)
-            except (RefusedError, BackendUnavailable) as exc:
-                self._ws.send_text(error_text(exc.code, exc.reason, ref, channel))
-                return
-            self._ws.send_text(reply("published", ref, channel=channel, id=message_id))
+            timed_out: list[bool] = []  # read by the thread: no publish once the client was told rpc_timeout
+            outcome = self._run(
+                f"publish hook of {channel}",
+                True,
+                run_hook,
+                hook,
+                self._ws.identity,
+                channel,
+                command.data_json,
+                self._max_bytes,
+                lambda: bool(timed_out),
+                on_timeout=lambda: timed_out.append(True),
+            )
+            if outcome.text is None:
+                self._ws.send_text(error_text(outcome.code, outcome.reason, ref, channel))
+            else:
+                self._ws.send_text(reply("published", ref, channel=channel, id=outcome.text))
         finally:
             done.set()
             if self._last_publish is done:
                 self._last_publish = None
             self._calls.pop(gevent.getcurrent(), None)
 
-    def _run(self, what: str, finish: bool, fn: Callable[..., Outcome], *args: Any) -> Outcome:
+    def _run(
+        self, what: str, finish: bool, fn: Callable[..., Outcome], *args: Any, on_timeout: Callable | None = None
+    ) -> Outcome:
         """``fn(*args)`` in a handler thread, under the call's timeout: its outcome, or ``rpc_timeout``.
 
         Args:
             finish: once ``fn`` runs, finish the call even if the socket closes.
+            on_timeout: called when the timeout is answered (the thread may still run).
         """
         timer = gevent.Timeout(self._timeout)
         timer.start()
@@ -172,6 +180,8 @@ class Calls:
         except gevent.Timeout as exc:
             if exc is not timer:
                 raise
+            if on_timeout is not None:
+                on_timeout()
             log.warning("%s did not return within %.1f s: answered rpc_timeout", what, self._timeout)
             return Outcome(code="rpc_timeout", reason=f"no answer within {self._timeout:g} s")
         except Exception:  # fn maps the project's exceptions itself: this is the pool failing
