@@ -7,6 +7,7 @@ Public API::
     offload.connection_token(user, *, ttl=None) -> token   (connect without the session cookie)
     offload.subscription_token(channel, *, user=None, ttl=None) -> token   ("token" namespaces)
     @offload.rpc("name")  def method(identity, data) -> reply data   (server-side handlers)
+    offload.presence(channel, *, after=None, limit=100) -> members page; offload.presence_count(channel)
     raise offload.Rejected(reason, code="...")   (an RPC method or publish hook refuses)
     offload.signals.connected / disconnected / subscribed / unsubscribed   (lifecycle)
 
@@ -44,6 +45,7 @@ from .exceptions import (
 )
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
+    from .backend.presence_store import presence, presence_count
     from .backend.publishing import publish
     from .handlers import rpc
     from .tokens import connection_token, subscription_token
@@ -54,6 +56,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
 _PUBLIC = {
     "publish": ".backend.publishing",
     "rpc": ".handlers",
+    "presence": ".backend.presence_store",
+    "presence_count": ".backend.presence_store",
     "connection_token": ".tokens",
     "subscription_token": ".tokens",
 }
@@ -69,6 +73,8 @@ __all__ = [
     "RefusedError",
     "Rejected",
     "connection_token",
+    "presence",
+    "presence_count",
     "publish",
     "rpc",
     "subscription_token",

@@ -24,6 +24,13 @@ DEFAULT_NAMESPACE = {
     # Dotted path of (or a callable) hook(identity, channel, data) -> data run on
     # every client publish before it goes out (offload.handlers); None: none.
     "publish_hook": None,
+    # Presence (docs/presence.md): keep the channel's members (one per user,
+    # every tab included), with join/leave events to its subscribers, and a
+    # payload per member from presence_info(identity) -> dict (a dotted path or
+    # a callable, run in a handler thread; None: the user id and name only).
+    "presence": False,
+    "join_leave": True,
+    "presence_info": None,
 }
 
 DEFAULTS: dict[str, Any] = {
@@ -140,6 +147,22 @@ DEFAULTS: dict[str, Any] = {
     # Lifecycle events (offload.signals) waiting for their receivers, per
     # worker; beyond, new events are dropped (counted and logged), never waited for.
     "OFFLOAD_SIGNAL_QUEUE_SIZE": 10_000,
+    # Presence (namespaces with "presence": True; docs/presence.md). Each worker
+    # renews its hold on its members every HEARTBEAT seconds; a hold not renewed
+    # for LEASE_TTL seconds (a worker SIGKILLed, an instance gone) is released.
+    # A member whose last connection went stays GRACE seconds more (a reconnect
+    # within it makes no leave/join). A member leaves at most LEASE_TTL + GRACE
+    # + HEARTBEAT seconds after its worker died.
+    "OFFLOAD_PRESENCE_HEARTBEAT": 10.0,
+    "OFFLOAD_PRESENCE_LEASE_TTL": 30.0,
+    "OFFLOAD_PRESENCE_GRACE": 10.0,
+    # Joins and leaves of a channel are gathered for this many seconds and sent
+    # as one event; a window with more than MAX_LISTED changes becomes one
+    # "reset" event (clients ask for the members again): storms stay small.
+    "OFFLOAD_PRESENCE_COALESCE": 0.5,
+    "OFFLOAD_PRESENCE_MAX_LISTED": 50,
+    # Members per page of a presence query at most.
+    "OFFLOAD_PRESENCE_PAGE_SIZE": 1000,
     # Seconds a spooler task may run (@task(timeout=...) overrides it). Beyond
     # it the task is stopped inside the spooler and retried or failed like any
     # error. Keep it well below uwsgi.ini's spooler-harakiri (600 s), which
@@ -158,6 +181,9 @@ class Namespace:
     history_size: int
     history_ttl: int
     publish_hook: Any = None
+    presence: bool = False
+    join_leave: bool = True
+    presence_info: Any = None
 
 
 _values: dict[str, Any] = {}
@@ -218,7 +244,17 @@ def namespaces() -> dict[str, Namespace]:
             raise ImproperlyConfigured(
                 f"OFFLOAD_NAMESPACES[{name!r}]: history_size must be an int >= 0 and history_ttl an int > 0"
             )
+        if not isinstance(merged["presence"], bool) or not isinstance(merged["join_leave"], bool):
+            raise ImproperlyConfigured(f"OFFLOAD_NAMESPACES[{name!r}]: presence and join_leave must be True or False")
         result[name] = Namespace(
-            name, merged["subscribe"], merged["publish"], size, ttl, publish_hook=merged["publish_hook"]
+            name,
+            merged["subscribe"],
+            merged["publish"],
+            size,
+            ttl,
+            publish_hook=merged["publish_hook"],
+            presence=merged["presence"],
+            join_leave=merged["join_leave"],
+            presence_info=merged["presence_info"],
         )
     return result

@@ -123,17 +123,17 @@ def compile_rule(spec: Any) -> Rule:
     raise ImproperlyConfigured(f"unknown policy rule {spec!r}")
 
 
-def compile_hook(spec: Any) -> Callable[[Identity, str, Any], Any] | None:
-    """A namespace's ``publish_hook`` (a callable or a dotted path to one) as a callable.
+def compile_hook(spec: Any, what: str = "publish_hook") -> Callable | None:
+    """A namespace's ``publish_hook`` or ``presence_info`` (a callable or a dotted path to one) as a callable.
 
     Raises:
         django.core.exceptions.ImproperlyConfigured: not importable, or not callable.
     """
     if spec is None:
         return None
-    hook = _import(spec, "publish_hook") if isinstance(spec, str) else spec
+    hook = _import(spec, what) if isinstance(spec, str) else spec
     if not callable(hook):
-        raise ImproperlyConfigured(f"publish_hook {spec!r} is not callable")
+        raise ImproperlyConfigured(f"{what} {spec!r} is not callable")
     return hook
 
 
@@ -151,6 +151,8 @@ class CompiledNamespace:
     publish: Rule
     #: hook(identity, channel, data) -> data for client publishes (None: publish as sent).
     publish_hook: Callable[[Identity, str, Any], Any] | None = None
+    #: presence_info(identity) -> dict shown with each member (None: id and name only).
+    presence_info: Callable[[Identity], Any] | None = None
 
 
 @cache
@@ -164,7 +166,9 @@ def _compiled() -> dict[str, CompiledNamespace]:
                 f"OFFLOAD_NAMESPACES[{name!r}]: a subscription token gates subscribing only;"
                 " set publish to False or to another rule"
             )
-        result[name] = CompiledNamespace(ns, sub, pub, compile_hook(ns.publish_hook))
+        result[name] = CompiledNamespace(
+            ns, sub, pub, compile_hook(ns.publish_hook), compile_hook(ns.presence_info, "presence_info")
+        )
     return result
 
 

@@ -169,6 +169,8 @@ OFFLOAD_NAMESPACES = {
         "publish_hook": "app.realtime.save_chat_message",
         "history_size": 200,
         "history_ttl": 86400,
+        # Who is in the room: one member per user (all tabs), join/leave events.
+        "presence": True,
     },
     # "<user> is typing…" notices: published by the server (RPC "typing"), kept seconds.
     "typing": {"subscribe": "authenticated", "publish": False, "history_size": 1, "history_ttl": 10},
@@ -198,6 +200,10 @@ for _name in (
     "HANDSHAKE_TIMEOUT",
     "TASK_TIMEOUT",
     "REDIS_TIMEOUT",
+    "PRESENCE_HEARTBEAT",
+    "PRESENCE_LEASE_TTL",
+    "PRESENCE_GRACE",
+    "PRESENCE_COALESCE",
 ):
     if f"OFFLOAD_{_name}" in os.environ:
         globals()[f"OFFLOAD_{_name}"] = float(os.environ[f"OFFLOAD_{_name}"])

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from offload.backend import presence
-from offload.backend.presence import presence_keys
+from offload.backend import presence_store as presence
+from offload.backend.presence_store import presence_keys
 
 CH = "room:lobby"
 TTL = 30.0  # lease ttl (s)

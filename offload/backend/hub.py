@@ -35,6 +35,10 @@ this user's connections", after a logout) and every hub of every worker
 and instance passes it to the handlers registered with
 :func:`on_control`; the hub itself knows no command.
 
+Notices: a payload whose id part is ``p`` (:func:`publish_notice`) is not a
+message but a notice (a presence event): the hub passes its text to every
+local subscriber of the channel (:meth:`Subscriber.notice`), outside history.
+
 Newest ids: while a channel is ready, every new message passes through the
 hub, so the newest id it saw (or read once from the history stream) stays
 current. A subscription "from now" takes it from :meth:`Hub.newest_id`: a
@@ -59,7 +63,7 @@ from ..exceptions import BackendUnavailable
 from .history import read_tip
 from .redis_client import REDIS_ERRORS, channel_of, get_client, new_client, pubsub_channel
 
-__all__ = ["DirectSocket", "Hub", "Subscriber", "on_control", "send_control"]
+__all__ = ["NOTICE", "DirectSocket", "Hub", "Subscriber", "on_control", "publish_notice", "send_control"]
 
 log = logging.getLogger("offload.backend.hub")
 
@@ -68,6 +72,8 @@ _IDLE_PING = 5.0  # seconds of silence before the hub pings Redis
 _BACKOFF = (0.05, 0.1, 0.2, 0.3, 0.5)  # short: live delivery must resume before history (the gap filler) is trimmed
 _MAX_BATCH = 256  # messages fanned out together at most
 _UNKNOWN = object()
+#: The id part of a notice published on a channel (a message's is its stream id): see publish_notice.
+NOTICE = b"p"
 _control_handlers: list[Callable[[dict], None]] = []
 
 
@@ -90,6 +96,19 @@ def send_control(command: dict) -> None:
         raise BackendUnavailable(f"Redis is unavailable: {exc}") from exc
 
 
+def publish_notice(channel: str, text: str) -> None:
+    """Send JSON ``text`` to every subscriber of ``channel`` in every worker, as a notice
+    (not a message: no id, no history; presence events).
+
+    Raises:
+        BackendUnavailable: Redis is down; nobody got it.
+    """
+    try:
+        get_client().publish(pubsub_channel(channel), NOTICE + b" " + text.encode())
+    except REDIS_ERRORS as exc:
+        raise BackendUnavailable(f"Redis is unavailable: {exc}") from exc
+
+
 class Subscriber(Protocol):
     """What the hub calls on a local subscriber (a websocket connection)."""
 
@@ -100,6 +119,9 @@ class Subscriber(Protocol):
     def deliver(self, channel: str, entries: list[Entry], frames: bytes) -> None:
         """New live messages of ``channel``, in id order; ``frames`` is all
         their websocket frames joined, ready to write in one call."""
+
+    def notice(self, channel: str, text: str) -> None:
+        """A server notice on ``channel`` that is not a message (a presence event: JSON text)."""
 
 
 class DirectSocket(Protocol):
@@ -382,7 +404,12 @@ class Hub:
         entries = []
         for payload in payloads:
             message_id, _, data = payload.partition(b" ")
+            if message_id == NOTICE:
+                self._notice(channel, data.decode())
+                continue
             entries.append(make_entry(channel_json, message_id, data))
+        if not entries:
+            return
         newest = entries[-1].id
         self._last_fanned[channel] = newest
         if channel in self._ready:
@@ -394,5 +421,9 @@ class Hub:
         for subscriber in others:
             subscriber.deliver(channel, entries, frames)
         self.delivered += count * len(entries)
+
+    def _notice(self, channel: str, text: str) -> None:
+        for subscriber in list(self._local.get(channel, ())):
+            subscriber.notice(channel, text)
 
     # -- stats ----------------------------------------------------------------

@@ -24,7 +24,9 @@ Everything takes ``now`` from the caller: the tests drive time by hand.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = ["Change", "Coalescer", "Holdings", "Schedule"]
 
@@ -57,6 +59,9 @@ class Holdings:
         members[member] = held - 1
         return False
 
+    def holds(self, channel: str, member: str) -> bool:
+        return member in self._counts.get(channel, ())
+
     def members(self, channel: str) -> list[str]:
         """The members this worker holds in ``channel`` (to join again after a lost lease)."""
         return list(self._counts.get(channel, ()))
@@ -73,7 +78,8 @@ class Change:
     """What clients of a channel are told after one coalescing window."""
 
     channel: str
-    joins: list[str] = field(default_factory=list)
+    #: The info of each member who joined (as it was when it joined), in member order.
+    joins: list[Any] = field(default_factory=list)
     leaves: list[str] = field(default_factory=list)
     #: Too many changes to list: clients re-read the members instead.
     reset: bool = False
@@ -90,17 +96,20 @@ class Coalescer:
     def __init__(self, window: float, max_listed: int) -> None:
         self.window = window
         self.max_listed = max_listed
-        # channel -> (first change time, member -> (first op, last op))
-        self._pending: dict[str, tuple[float, dict[str, tuple[str, str]]]] = {}
+        # channel -> (first change time, member -> [first op, last op, info at its last join])
+        self._pending: dict[str, tuple[float, dict[str, list]]] = {}
 
-    def add(self, channel: str, joins: list[str], leaves: list[str], now: float) -> None:
+    def add(self, channel: str, joins: Mapping[str, Any], leaves: Iterable[str], now: float) -> None:
+        """Record what Redis reported: ``joins`` maps each member who joined to its info."""
         if not joins and not leaves:
             return
         _, ops = self._pending.setdefault(channel, (now, {}))
-        for op, names in (("join", joins), ("leave", leaves)):
-            for member in names:
-                first = ops.get(member, (op, op))[0]
-                ops[member] = (first, op)
+        for member, info in joins.items():
+            entry = ops.setdefault(member, ["join", "join", None])
+            entry[1:] = ["join", info]
+        for member in leaves:
+            entry = ops.setdefault(member, ["leave", "leave", None])
+            entry[1] = "leave"
 
     def next_deadline(self) -> float | None:
         if not self._pending:
@@ -116,8 +125,8 @@ class Coalescer:
             del self._pending[channel]
             # Redis reports exact transitions, alternating per member: a member's
             # net change is its last op, unless it ended where it started.
-            joins = sorted(m for m, (first, last) in ops.items() if first == last == "join")
-            leaves = sorted(m for m, (first, last) in ops.items() if first == last == "leave")
+            joins = [info for _, (first, last, info) in sorted(ops.items()) if first == last == "join"]
+            leaves = sorted(member for member, (first, last, _) in ops.items() if first == last == "leave")
             if len(joins) + len(leaves) > self.max_listed:
                 changes.append(Change(channel, reset=True))
             elif joins or leaves:

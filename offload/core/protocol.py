@@ -21,6 +21,7 @@ from ..exceptions import ChannelError, ProtocolError, RefusedError
 
 __all__ = [
     "Command",
+    "Members",
     "Ping",
     "Publish",
     "Refresh",
@@ -100,7 +101,19 @@ class Rpc:
     ref: Any = None
 
 
-Command = Subscribe | Unsubscribe | Publish | Ping | Refresh | Rpc
+@dataclass(frozen=True)
+class Members:
+    """A query of a presence channel's members: a page after ``after`` (a member id), and the count."""
+
+    channel: str
+    after: str | None = None
+    limit: int | None = None
+    ref: Any = None
+
+
+Command = Subscribe | Unsubscribe | Publish | Ping | Refresh | Rpc | Members
+
+_MEMBER_RE = re.compile(r"[A-Za-z0-9_.:@=-]{1,80}")
 
 
 def split_channel(channel: Any) -> tuple[str, str]:
@@ -220,7 +233,7 @@ def _command(obj: dict, ref: Any, max_data_bytes: int | None) -> Command:
         return Refresh(_token(obj, required=True), ref)
     if kind == "rpc":
         return _rpc(obj, ref, max_data_bytes)
-    if kind not in ("subscribe", "unsubscribe", "publish"):
+    if kind not in ("subscribe", "unsubscribe", "publish", "members"):
         raise ProtocolError(f"unknown message type {kind[:40]!r}", code="unknown_type")
     if "channel" not in obj:
         raise ProtocolError(f"'{kind}' needs a 'channel'")
@@ -230,6 +243,8 @@ def _command(obj: dict, ref: Any, max_data_bytes: int | None) -> Command:
         return Subscribe(channel, None if since is None else parse_stream_id(since), ref, _token(obj))
     if kind == "unsubscribe":
         return Unsubscribe(channel, ref)
+    if kind == "members":
+        return _members(obj, channel, ref)
     if "data" not in obj:
         raise ProtocolError("'publish' needs 'data'")
     data_json = encode_data(obj["data"])
@@ -265,6 +280,15 @@ def _token(obj: dict, *, required: bool = False) -> str | None:
     if not isinstance(token, str) or not 0 < len(token) <= MAX_TOKEN_LENGTH:
         raise ProtocolError(f"token must be a string of 1 to {MAX_TOKEN_LENGTH} characters")
     return token
+
+
+def _members(obj: dict, channel: str, ref: Any) -> Members:
+    after, limit = obj.get("after"), obj.get("limit")
+    if after is not None and not (isinstance(after, str) and _MEMBER_RE.fullmatch(after)):
+        raise ProtocolError("after must be a member id from a previous page")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= 100_000):
+        raise ProtocolError("limit must be an integer from 0")
+    return Members(channel, after, limit, ref)
 
 
 def encode_data(data: Any) -> str:

@@ -277,6 +277,11 @@ class ChannelSession:
             cursor.resync()
         self._direct.discard(channel)
 
+    def notice(self, channel: str, text: str) -> None:
+        """A notice on a channel (a presence event): for subscriptions already confirmed."""
+        if channel in self.cursors and channel not in self._pending:
+            self.transport.send_reply("presence", channel, text, None)
+
     def deliver(self, channel: str, entries: list[Entry], frames: bytes) -> None:
         cursor = self.cursors.get(channel)
         if cursor is None:

@@ -14,11 +14,13 @@ import time
 from typing import Any
 
 from .. import conf
+from ..backend.presence_store import presence
 from ..backend.publishing import publish_json
 from ..blocking import run_blocking
 from ..core.closes import Disconnect
 from ..core.cursor import Entry
 from ..core.protocol import (
+    Members,
     Ping,
     Publish,
     Refresh,
@@ -185,6 +187,16 @@ class ChannelsEndpoint(Endpoint):
     def _ping(self, command: Ping) -> None:
         self.ws.send_text(reply("pong", command.ref))
 
+    def _members(self, command: Members) -> None:
+        """A page of a presence channel's members: of a channel this client is in, or may subscribe to."""
+        if command.channel not in self.session.cursors:
+            check_subscribe(self.ws.identity, command.channel, run_blocking)
+        page = presence(command.channel, after=command.after, limit=100 if command.limit is None else command.limit)
+        members = [info for _, info in page.members]
+        self.ws.send_text(
+            reply("members", command.ref, channel=command.channel, count=page.count, members=members, next=page.next)
+        )
+
     def _refresh(self, command: Refresh) -> None:
         """A fresh connection token for the same user moves the connection's expiry."""
         identity = self.ws.identity
@@ -204,4 +216,5 @@ class ChannelsEndpoint(Endpoint):
         Ping: _ping,
         Refresh: _refresh,
         Rpc: _rpc,
+        Members: _members,
     }

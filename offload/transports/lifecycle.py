@@ -5,6 +5,8 @@ Theory of operation
 The channel session emits a connection's events (``connected``,
 ``subscribed``, ``unsubscribed``, ``disconnected``) through the small callable
 it was given, a :class:`ConnectionEvents` (the session stays free of Django).
+The same events keep presence (``subscribed``/``unsubscribed`` on a channel of
+a presence namespace enter and leave it: :mod:`offload.transports.presence`).
 Emitting must cost nothing that a connection would wait for:
 
 * no receiver connected (``Signal.has_listeners()``, checked per event): nothing happens;
@@ -33,7 +35,8 @@ from django.dispatch import Signal
 
 from .. import conf, signals
 from ..blocking import handler_pool
-from ..policies import Identity
+from ..policies import Identity, namespace_of
+from .presence import presence
 
 __all__ = ["ConnectionEvents", "Dispatcher", "dispatcher", "new_connection_id"]
 
@@ -69,6 +72,11 @@ class ConnectionEvents:
         self.transport = transport
 
     def __call__(self, event: str, channel: str | None = None) -> None:
+        if channel is not None and namespace_of(channel).namespace.presence:
+            if event == "subscribed":
+                presence().enter(channel, self.identity, self.connection_id)
+            elif event == "unsubscribed":
+                presence().exit(channel, self.identity, self.connection_id)
         signal = _SIGNALS[event]
         if not signal.has_listeners():
             return

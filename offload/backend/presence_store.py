@@ -16,10 +16,22 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import conf
-from ..exceptions import BackendUnavailable
+from ..exceptions import BackendUnavailable, ChannelError
+from ..policies import namespace_of
 from .redis_client import REDIS_ERRORS, get_client, script
 
-__all__ = ["Page", "Sweep", "count", "join", "leave", "members", "presence_keys", "sweep"]
+__all__ = [
+    "Page",
+    "Sweep",
+    "count",
+    "join",
+    "leave",
+    "members",
+    "presence",
+    "presence_count",
+    "presence_keys",
+    "sweep",
+]
 
 #: Keys outlive the last renewal by this much more than a lease and a grace period.
 _KEY_MARGIN = 60.0
@@ -139,8 +151,40 @@ def members(channel: str, *, after: str | None = None, limit: int = 100) -> Page
             infos = get_client().hmget(i, page) if page else []
     except REDIS_ERRORS as exc:
         raise BackendUnavailable(f"Redis is unavailable: {exc}") from exc
-    entries = [(name, None if info is None else json.loads(info)) for name, info in zip(page, infos, strict=True)]
-    return Page(entries, page[-1] if len(names) > limit else None, total)
+    # A member that left between the two reads has no info any more: it is not listed.
+    entries = [(name, json.loads(info)) for name, info in zip(page, infos, strict=True) if info is not None]
+    return Page(entries, page[-1] if page and len(names) > limit else None, total)
+
+
+def presence(channel: str, *, after: str | None = None, limit: int = 100) -> Page:
+    """``offload.presence()``: a page of a presence channel's members, and their count.
+
+    Members are in name order; pass the page's ``next`` as ``after`` for the
+    next one. ``limit`` is capped at ``OFFLOAD_PRESENCE_PAGE_SIZE``; 0 gives the
+    count only. A member is listed from its first connection's subscription
+    until its grace period after the last one ended (docs/presence.md).
+
+    Raises:
+        ChannelError: invalid channel, undeclared namespace, or one without
+            presence (``presence_disabled``).
+        BackendUnavailable: Redis is down.
+    """
+    _check(channel)
+    return members(channel, after=after, limit=max(0, min(limit, conf.get("OFFLOAD_PRESENCE_PAGE_SIZE"))))
+
+
+def presence_count(channel: str) -> int:
+    """``offload.presence_count()``: how many members a presence channel has (O(1)).
+
+    Raises: as :func:`presence`.
+    """
+    _check(channel)
+    return count(channel)
+
+
+def _check(channel: str) -> None:
+    if not namespace_of(channel).namespace.presence:
+        raise ChannelError(f"{channel.partition(':')[0]!r} keeps no presence", code="presence_disabled")
 
 
 def count(channel: str) -> int:
