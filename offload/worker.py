@@ -21,6 +21,7 @@ from .backend.hub import Hub
 from .backend.publishing import publish
 from .core.closes import Disconnect
 from .transports.connection import close_all, open_connections
+from .transports.presence import close_presence
 from .transports.sse import close_all_streams, open_streams
 
 __all__ = ["hub", "install_signal_handlers", "stats"]
@@ -83,10 +84,12 @@ def install_signal_handlers() -> None:
     def reload() -> None:
         close_all(Disconnect.RESTART)
         close_all_streams(Disconnect.RESTART)
+        close_presence()
 
     def shutdown() -> None:
         close_all(Disconnect.SHUTDOWN)
         close_all_streams(Disconnect.SHUTDOWN)
+        close_presence()
 
     gevent.signal_handler(signal.SIGHUP, reload)
     # Shutdown (uWSGI stops a worker with SIGINT, and with SIGTERM/SIGQUIT on

@@ -48,7 +48,7 @@ from ..core.presence import Change, Coalescer, Holdings, Schedule
 from ..exceptions import BackendUnavailable
 from ..policies import Identity, namespace_of
 
-__all__ = ["Presence", "member_of", "presence", "presence_event"]
+__all__ = ["Presence", "close_presence", "member_of", "presence", "presence_event"]
 
 log = logging.getLogger("offload.transports.presence")
 
@@ -79,11 +79,22 @@ class Presence:
     Args:
         lease: this worker's lease name (unique per process).
         clock: monotonic seconds (tests drive it).
+        run: start the greenlet (False: tests call :meth:`work` themselves).
+        redis_clock: the time the Redis scripts go by (None: Redis' own clock, the
+            one every worker and instance shares; tests pass theirs).
     """
 
-    def __init__(self, lease: str | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        lease: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        run: bool = True,
+        redis_clock: Callable[[], float] | None = None,
+    ) -> None:
         self.lease = lease or f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
         self._clock = clock
+        self._redis_clock = redis_clock
         self._heartbeat = conf.get("OFFLOAD_PRESENCE_HEARTBEAT")
         self._lease_ttl = conf.get("OFFLOAD_PRESENCE_LEASE_TTL")
         self._grace = conf.get("OFFLOAD_PRESENCE_GRACE")
@@ -96,11 +107,14 @@ class Presence:
         self._coalescer = Coalescer(conf.get("OFFLOAD_PRESENCE_COALESCE"), conf.get("OFFLOAD_PRESENCE_MAX_LISTED"))
         self._schedule = Schedule()
         self._wake = gevent.event.Event()
-        self._greenlet = gevent.spawn(self._run)
+        self._closed = False
+        self._greenlet = gevent.spawn(self._run) if run else None
 
     # -- connections (their greenlets; never blocks) ---------------------------------------
 
     def enter(self, channel: str, identity: Identity | None, connection_id: str) -> None:
+        if self._closed:
+            return
         member = member_of(identity, connection_id)
         if self._holdings.add(channel, member):
             key = (channel, member)
@@ -111,6 +125,8 @@ class Presence:
                 self._wake.set()
 
     def exit(self, channel: str, identity: Identity | None, connection_id: str) -> None:
+        if self._closed:
+            return
         member = member_of(identity, connection_id)
         if self._holdings.remove(channel, member):
             key = (channel, member)
@@ -122,14 +138,26 @@ class Presence:
 
     def close(self) -> None:
         """Stop (the process ends): leave what this worker holds, best effort."""
-        self._greenlet.kill()
+        if self._closed:
+            return
+        self._closed = True
+        if self._greenlet is not None:
+            self._greenlet.kill()
         for channel in self._holdings.channels():
             try:
                 presence_store.leave(
-                    channel, self.lease, self._holdings.members(channel), lease_ttl=self._lease_ttl, grace=self._grace
+                    channel,
+                    self.lease,
+                    self._holdings.members(channel),
+                    lease_ttl=self._lease_ttl,
+                    grace=self._grace,
+                    now=self._redis_now(),
                 )
             except BackendUnavailable:
                 return  # the leases expire on their own
+
+    def _redis_now(self) -> float | None:
+        return None if self._redis_clock is None else self._redis_clock()
 
     # -- the greenlet -------------------------------------------------------------------------
 
@@ -138,7 +166,7 @@ class Presence:
             self._wake.wait(timeout=self._timeout())
             self._wake.clear()
             try:
-                self._work(self._clock())
+                self.work(self._clock())
             except BackendUnavailable as exc:
                 log.warning("presence: Redis unavailable (%s): retrying in %.0f s", exc, _RETRY)
                 gevent.sleep(_RETRY)
@@ -150,7 +178,8 @@ class Presence:
         deadlines = [d for d in (self._schedule.next_deadline(), self._coalescer.next_deadline()) if d is not None]
         return max(0.0, min(deadlines) - self._clock()) if deadlines else None
 
-    def _work(self, now: float) -> None:
+    def work(self, now: float) -> None:
+        """Send what changed, run the sweeps that are due, announce the windows that ended."""
         if self._leaving:
             leaving, self._leaving = self._leaving, set()
             try:
@@ -183,7 +212,9 @@ class Presence:
     def _join(self, channel: str, members: list[str], now: float) -> None:
         infos = {member: self._infos.get((channel, member), {"id": member}) for member in members}
         entries = [(member, json.dumps(info)) for member, info in infos.items()]
-        joined = presence_store.join(channel, self.lease, entries, lease_ttl=self._lease_ttl, grace=self._grace)
+        joined = presence_store.join(
+            channel, self.lease, entries, lease_ttl=self._lease_ttl, grace=self._grace, now=self._redis_now()
+        )
         self._coalescer.add(channel, {member: infos[member] for member in joined}, [], now)
         self._schedule.at(channel, now + self._heartbeat)
 
@@ -202,7 +233,9 @@ class Presence:
             handler_pool().apply(_call_infos, (custom,))
 
     def _leave(self, channel: str, members: list[str], now: float) -> None:
-        left = presence_store.leave(channel, self.lease, members, lease_ttl=self._lease_ttl, grace=self._grace)
+        left = presence_store.leave(
+            channel, self.lease, members, lease_ttl=self._lease_ttl, grace=self._grace, now=self._redis_now()
+        )
         for member in members:
             if not self._holdings.holds(channel, member):
                 self._infos.pop((channel, member), None)
@@ -213,7 +246,7 @@ class Presence:
     def _sweep(self, channel: str, now: float) -> None:
         held = channel in self._holdings
         result = presence_store.sweep(
-            channel, self.lease if held else None, lease_ttl=self._lease_ttl, grace=self._grace
+            channel, self.lease if held else None, lease_ttl=self._lease_ttl, grace=self._grace, now=self._redis_now()
         )
         self._coalescer.add(channel, {}, result.left, now)
         if held and not result.renewed:
@@ -262,6 +295,13 @@ def _call_infos(custom: list[tuple[dict, Callable, Identity]]) -> None:
 
 _presence: Presence | None = None
 _presence_pid: int | None = None
+
+
+def close_presence() -> None:
+    """The worker stops: let go of its members now (their grace periods start at
+    once instead of when its leases expire). Nothing if it kept no presence."""
+    if _presence is not None and _presence_pid == os.getpid():
+        _presence.close()
 
 
 def presence() -> Presence:
