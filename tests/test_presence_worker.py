@@ -141,3 +141,36 @@ def test_closing_lets_go_of_every_member_at_once(events):
     clock.now += 0.5
     other.work(clock.now)
     assert presence_count(CH) == 1
+
+
+def test_closing_without_grace_announces_each_leave_since_no_sweep_will(events, settings):
+    settings.OFFLOAD_PRESENCE_GRACE = 0.0
+    clock = Clock()
+    worker = Presence("w1", clock, run=False, redis_clock=clock)
+    worker.enter(CH, ALICE, "c1")
+    worker.enter(CH, BOB, "c2")
+    worker.work(clock.now)
+    clock.now += 0.5
+    worker.work(clock.now)
+    assert [e["count"] for e in events()] == [2]
+    worker.exit(CH, BOB, "c2")  # closed just before the worker stops: not sent yet
+    worker.close()
+    assert presence_count(CH) == 0
+    assert events() == [{"type": "presence", "channel": CH, "count": 0, "joins": [], "leaves": ["1", "2"]}]
+
+
+def test_closing_announces_the_joins_of_a_window_that_had_not_ended(events):
+    clock = Clock()
+    worker = Presence("w1", clock, run=False, redis_clock=clock)
+    worker.enter(CH, ALICE, "c1")
+    worker.work(clock.now)  # alice joined in Redis; her event waits for the window's end
+    worker.close()  # she is in her grace period now: whoever sees her come back was told she came
+    assert events() == [
+        {
+            "type": "presence",
+            "channel": CH,
+            "count": 1,
+            "joins": [{"id": "1", "user": 1, "name": "alice"}],
+            "leaves": [],
+        }
+    ]

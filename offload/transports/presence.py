@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -137,24 +138,37 @@ class Presence:
                 self._infos.pop(key, None)
 
     def close(self) -> None:
-        """Stop (the process ends): leave what this worker holds, best effort."""
+        """Stop (the process ends): leave what this worker holds, and announce what is
+        pending (the leaves of a grace of 0, the joins of a window not ended), best effort.
+
+        Nobody else would: a member that left at once is gone from Redis, and no
+        later sweep reports it.
+        """
         if self._closed:
             return
         self._closed = True
         if self._greenlet is not None:
             self._greenlet.kill()
+        now = self._clock()
+        leaving = _by_channel(self._leaving)  # closed before the greenlet sent them
+        self._leaving.clear()
         for channel in self._holdings.channels():
-            try:
-                presence_store.leave(
+            leaving.setdefault(channel, []).extend(self._holdings.members(channel))
+        try:
+            for channel, members in leaving.items():
+                left = presence_store.leave(
                     channel,
                     self.lease,
-                    self._holdings.members(channel),
+                    members,
                     lease_ttl=self._lease_ttl,
                     grace=self._grace,
                     now=self._redis_now(),
                 )
-            except BackendUnavailable:
-                return  # the leases expire on their own
+                self._coalescer.add(channel, {}, left, now)
+            for change in self._coalescer.due(math.inf):
+                self._announce(change)
+        except BackendUnavailable:
+            return  # the leases expire on their own
 
     def _redis_now(self) -> float | None:
         return None if self._redis_clock is None else self._redis_clock()
