@@ -131,3 +131,8 @@ bench-manychannels: setup $(BENCH_STAMP) ## 10,000 sockets over 1,000 channels a
 
 bench-publish: setup $(BENCH_STAMP) ## publishes/s: offload.publish() and HTTP API vs group_send and Channels' view (about 3 min)
 	BENCH_CLIENT_PYTHON=$(abspath $(BENCH_VENV))/bin/python $(PY) -m bench publish
+
+# --- presence (bench/scenarios/presence.py): connect storms with presence on vs off, memory, queries, leave time ---
+.PHONY: bench-presence
+bench-presence: setup $(BENCH_STAMP) ## presence on vs off: 10,000-socket storms, Redis bytes/member, query latency, leave time (about 3 min)
+	BENCH_CLIENT_PYTHON=$(abspath $(BENCH_VENV))/bin/python $(PY) -m bench presence

@@ -25,6 +25,7 @@ from .clients import Process
 from .config import Config
 from .cpu import CpuMeter
 from .server import BenchServer, rss_kib
+from .stats import summarize_us
 
 #: the server environment of the websocket scenarios: one worker, 2,000 cores, no per-IP cap
 SERVER_ENV = {"WORKERS": "1", "CORES": "2000", "OFFLOAD_MAX_CONNECTIONS_PER_IP": "1000000"}
@@ -120,21 +121,32 @@ class Bench:
 
     # -- measuring ---------------------------------------------------------------
 
-    def connect(self, target, name: str, n: int, processes: int = 1, meter: CpuMeter | None = None, **config):
-        """``n`` subscribers over ``processes`` clients, connected: (clients, connect time, retries, the server's
-        RSS per socket and, with ``meter``, CPU from the start to the last ``ready``)."""
+    def connect(self, target, name: str, n: int, processes: int = 1, meter=None, settled=lambda: None, **config):
+        """``n`` subscribers over ``processes`` clients, connected: (clients, connect time (all; each socket's in
+        ``connect_ms``), retries, the server's RSS per socket and, with ``meter``, CPU from the start to the last
+        ``ready``, or to ``settled()`` after it)."""
         rss0, before = rss_kib(target.pid), meter.snapshot() if meter else None
         share = [n // processes + (i < n % processes) for i in range(processes)]  # n over the processes
         clients = [self.subscribers(target, f"{name}{i or ''}", m, **config) for i, m in enumerate(share)]
         readies = [c.wait("ready", 120 + n / 20) for c in clients]
         info = {"sockets": n, "connect_s": max(r["connect_s"] for r in readies)}
+        info["connect_ms"] = summarize_us([us for r in readies for us in r["connect_us"]], 100)
         info["connect_errors"] = dict(sum((Counter(r["connect_errors"]) for r in readies), Counter()))
         if meter:
+            settled()
             info["cpu"] = CpuMeter.delta(before, meter.snapshot())
         self.sleep(2)  # the server settles before its memory is read
         rss1 = rss_kib(target.pid)
         per_socket = round((rss1 - rss0) / n, 2) if rss0 and rss1 and n else None
         return clients, {**info, "idle_rss": {"before_kib": rss0, "after_kib": rss1, "per_socket_kib": per_socket}}
+
+    def storm(self, target, name: str, n: int, meter: CpuMeter, settled: Callable[[], object] = lambda: None, **config):
+        """``n`` sockets at once from two processes (:meth:`connect`); CPU from the start until ``settled()``
+        returned after the last ``ready``, and per connect (ms) by group in ``ms_per_connect``."""
+        config.update(connect_concurrency=n, connect_timeout=10.0, start_at_ns=time.time_ns() + 2_000_000_000)
+        clients, info = self.connect(target, name, n, 2, meter, settled, **config)  # both start at start_at_ns
+        info["ms_per_connect"] = {g: round(c["cpu_s"] / n * 1000, 3) for g, c in info["cpu"]["groups"].items()}
+        return clients, info
 
     def window(self, meter: CpuMeter, name: str, clients: list[Process], seconds: float, **publishers) -> dict:
         """One window of ``seconds`` on every client, in which ``publishers`` publish (:meth:`_publish`); CPU

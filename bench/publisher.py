@@ -7,7 +7,8 @@ publish code. ``mode`` ``gevent``: greenlets after monkey-patching, as views
 run in the project's uWSGI workers; ``threads``: OS threads, as in a threaded
 server or a task runner. Each caller publishes once to ``public:warmup``
 before ``ready`` (connections and script loaded); then ``bench.publoop``'s
-protocol.
+protocol. ``call`` ``presence_count``: each call is ``offload.presence_count()``
+of the channel instead (``settings``: a settings module that declares it).
 """
 
 from __future__ import annotations
@@ -24,13 +25,13 @@ def main(cfg: dict) -> None:
         monkey.patch_all()
     import time
 
-    os.environ.update(DJANGO_SETTINGS_MODULE="project.settings", REDIS_URL=cfg["redis_url"])
+    os.environ.update(DJANGO_SETTINGS_MODULE=cfg.get("settings", "project.settings"), REDIS_URL=cfg["redis_url"])
     os.environ.update(OFFLOAD_VAR_DIR=cfg["var_dir"])
     os.environ.setdefault("DJANGO_SECRET_KEY", "bench-publisher-not-secret")
     import django
 
     django.setup()
-    from offload import publish
+    from offload import presence_count, publish
 
     from . import publoop, spread
 
@@ -39,10 +40,13 @@ def main(cfg: dict) -> None:
     def call(g: int) -> None:
         publish(names[g % len(names)], {"t": time.time_ns(), "seq": g})
 
+    def count(_g: int) -> None:
+        presence_count(names[0])
+
     publoop.run_threads(publoop.PublishRun(count=callers), lambda _: publish("public:warmup", {}), callers)
     publoop.ready_then_go()
     run = publoop.PublishRun(int(cfg["first"]), float(cfg["seconds"]), cfg.get("rate"))
-    publoop.run_threads(run, call, callers)
+    publoop.run_threads(run, count if cfg.get("call") == "presence_count" else call, callers)
     publoop.finish(run)
 
 

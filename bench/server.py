@@ -56,7 +56,8 @@ class BenchServer:
                 os.link(source, target / source.name)
             except OSError:
                 shutil.copyfile(source, target / source.name)
-        self.live.start()
+        settings = self.live.env.get("DJANGO_SETTINGS_MODULE")  # the ini sets the demo's: ours goes after it
+        self.live.start(extra_args=("--env", f"DJANGO_SETTINGS_MODULE={settings}") if settings else ())
         return self
 
     def close(self) -> None:

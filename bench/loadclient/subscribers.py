@@ -132,7 +132,8 @@ async def run(cfg: dict, chan) -> None:
     if cfg.get("start_at_ns"):  # connect storms: several processes start together
         await asyncio.sleep(max(0.0, (cfg["start_at_ns"] - time.time_ns()) / 1e9))
     connect_s = await client.pool.connect(cfg.get("connect_concurrency", 100), cfg.get("connect_timeout", 5.0))
-    chan.emit("ready", connect_s=round(connect_s, 3), connect_errors=dict(client.pool.errors))
+    errors, connect_us = dict(client.pool.errors), client.pool.connect_us
+    chan.emit("ready", connect_s=round(connect_s, 3), connect_errors=errors, connect_us=connect_us)
     client.tasks.append(asyncio.create_task(client.lag.run()))
     if cfg.get("probe_path"):
         client.probe = PublishRun(rate=1000 / cfg["probe_ms"])

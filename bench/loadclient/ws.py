@@ -76,10 +76,12 @@ class SubscriberPool:
         self.subscribers: list[Subscriber] = []
         self.errors: Counter[str] = Counter()
         self.disconnects: list[tuple[int, int, int | None]] = []  # (time_ns, index, close code)
+        self.connect_us: list[int] = []  # each socket's first try to its "subscribed", retries included
         self.closing = False
 
     async def _connect_one(self, index: int, gate: asyncio.Semaphore, timeout: float) -> Subscriber:
         async with gate:
+            started = time.perf_counter_ns()
             for attempt in range(ATTEMPTS):
                 sub = None
                 try:
@@ -87,6 +89,7 @@ class SubscriberPool:
                         how = {"extra_headers": self.headers, "websocket_handshake_timeout": timeout}
                         _, sub = await ws_connect(lambda: Subscriber(self, index), self.url(index), **how)
                         await sub.ready
+                        self.connect_us.append((time.perf_counter_ns() - started) // 1000)
                         return sub
                 except Exception as exc:  # picows' WSError (e.g. 429), timeouts, resets
                     self.errors[f"connect: {type(exc).__name__}"] += 1

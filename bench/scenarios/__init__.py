@@ -8,7 +8,7 @@ results that go to JSON, with a ``verdict``), ``markdown(results)``,
 
 from __future__ import annotations
 
-from . import backpressure, fanout, manychannels, offload, publish
+from . import backpressure, fanout, manychannels, offload, presence, publish
 
 SCENARIOS = {"offload": offload, "fanout": fanout, "manychannels": manychannels, "publish": publish}
-SCENARIOS["backpressure"] = backpressure
+SCENARIOS.update(backpressure=backpressure, presence=presence)
