@@ -1,5 +1,5 @@
 /*
- * Demo room page: chat, notifications, live server stats and an echo panel,
+ * Demo room page: chat with its members (presence), notifications, live server stats and an echo panel,
  * all built on OffloadClient (offload/static/offload/offload.js).
  */
 (function () {
@@ -191,7 +191,33 @@
     if (nearBottom || li.classList.contains('mine')) messages.scrollTop = messages.scrollHeight;
   }
 
-  client.subscribe(config.room_channel, renderMessage, {since: config.room_since});
+  // ------------------------------------------------------------ who is here (presence)
+
+  const memberList = $('#members');
+  const memberCount = $('#member-count');
+
+  /** The room's members as the client keeps them (every tab of a user is one member). */
+  function renderMembers(snapshot) {
+    const people = snapshot.members.slice().sort((a, b) =>
+      String(a.name || a.id).localeCompare(String(b.name || b.id)));
+    const count = snapshot.count != null ? snapshot.count : people.length;
+    memberCount.textContent = count + (count === 1 ? ' member' : ' members');
+    memberCount.dataset.count = String(count);
+    const items = people.map((info) => {
+      const li = el('li', 'member');
+      li.dataset.id = String(info.id);
+      li.append(el('span', 'name', info.name || info.id));
+      if (info.name === config.username) {
+        li.classList.add('me');
+        li.append(el('span', 'tag', 'you'));
+      }
+      return li;
+    });
+    memberList.replaceChildren(...items);
+    memberList.dataset.synced = String(snapshot.complete);
+  }
+
+  client.subscribe(config.room_channel, renderMessage, {since: config.room_since, onMembers: renderMembers});
 
   const messageForm = $('#message-form');
   const messageInput = $('#message-input');

@@ -15,6 +15,14 @@
  *   const client = new OffloadClient(null, {getToken: () => fetch('/token').then((r) => r.text())});
  *   client.subscribe('private:doc-1', render, {token: () => fetchSubscriptionToken('private:doc-1')});
  *
+ * Presence (docs/presence.md), in a namespace that keeps it: the client keeps the channel's
+ * member list up to date (join/leave events, and a fresh read of the whole list after every
+ * (re)subscribe and every `reset`), and calls onMembers with it whenever it changes:
+ *
+ *   client.subscribe('room:general', render, {onMembers: (m) => show(m.count, m.members)});
+ *   client.members('room:general');  // {count, members: [{id, user, name, ...}], complete, ...}
+ *   client.queryMembers('room:general', {limit: 100}).then((page) => page.next);  // one page
+ *
  * OffloadClient.EventStream is the same over Server-Sent Events, for where websockets cannot go.
  *
  * Guarantees: every subscription is restored after a reconnect, resuming after the
@@ -60,6 +68,11 @@
     token: null,             // a connection token (replaces the session cookie); see getToken
     getToken: null,          // async () => a fresh connection token: on every (re)connect and to refresh
     refreshBefore: 30000,    // ms before the token's expiry to refresh it (at most half its life)
+    onPresence: null,        // (channel, event) => void, every `presence` event of every channel
+    membersPage: 1000,       // members per page when a member list is read (server cap: OFFLOAD_PRESENCE_PAGE_SIZE)
+    membersMax: 10000,       // members a kept list holds at most (beyond: `truncated`; the count stays exact)
+    presenceJitter: 1000,    // ms: after a `reset` (sent to every subscriber at once) re-read within this
+    presenceVerify: 3000,    // ms a kept list may differ in size from the server's count before it is re-read
   };
 
   // ---------------------------------------------------------------- ids
@@ -261,16 +274,22 @@
      *   after this id ('0-0' = all retained history); onSubscribed(reply, info) for this channel only;
      *   token: the subscription token of a private channel, or a function (channel) => token or
      *   a promise of one, called for every subscribe (a resubscribe after a reconnect needs a valid one).
+     *   Presence (a namespace with "presence": True): onPresence(event, members) gets every `presence`
+     *   event of this channel; onMembers(members) the kept member list (see members()) whenever it
+     *   changed; presence: true keeps the list without either. Any of the three keeps it.
      * @returns {function} a function that unsubscribes
      */
     subscribe(channel, handler, opts) {
       if (typeof channel !== 'string' || !channel) throw new TypeError('channel must be a non-empty string');
       opts = opts || {};
       let sub = this._subs.get(channel);
+      const created = !sub;
       if (sub) {
         sub.handler = handler;
         if (opts.onSubscribed) sub.onSubscribed = opts.onSubscribed;
         if (opts.token != null) sub.token = opts.token;
+        if (opts.onPresence) sub.onPresence = opts.onPresence;
+        if (opts.onMembers) sub.onMembers = opts.onMembers;
       } else {
         sub = {
           channel,
@@ -278,6 +297,9 @@
           since: opts.since != null ? String(opts.since) : null,
           onSubscribed: opts.onSubscribed || null,
           token: opts.token != null ? opts.token : null,
+          onPresence: opts.onPresence || null,
+          onMembers: opts.onMembers || null,
+          presence: null,    // the kept member list (see _track)
           lastId: null,      // newest id delivered (or subscription start)
           confirmed: false,  // got at least one `subscribed` reply
           active: false,     // subscribed on the current connection
@@ -286,8 +308,12 @@
           retryTimer: null,
         };
         this._subs.set(channel, sub);
-        if (this.connected) this._sendSubscribe(sub);
       }
+      if (!sub.presence && (opts.presence || opts.onPresence || opts.onMembers)) {
+        this._track(sub);
+        if (sub.active) this._relist(sub, 0);
+      }
+      if (created && this.connected) this._sendSubscribe(sub);
       return () => this.unsubscribe(channel);
     }
 
@@ -296,6 +322,7 @@
       const sub = this._subs.get(channel);
       if (!sub) return false;
       clearTimeout(sub.retryTimer);
+      this._untrack(sub);
       this._subs.delete(channel);
       if (this.connected) this._send({type: 'unsubscribe', channel, ref: this._nextRef()});
       this._settleAwaiting(channel);
@@ -338,6 +365,49 @@
       const started = Date.now();
       return this._request('ping', {type: 'ping'}, this.options.requestTimeout, false)
         .then(() => Date.now() - started);
+    }
+
+    /**
+     * The kept member list of `channel` (a subscription with presence, see subscribe()), or null.
+     * `members` are the members' infos ({id, user, name, ...the namespace's presence_info}) in id
+     * order; `count` is the server's member count as last heard (exact even when the list is
+     * truncated); `complete` is false until the list was read on the current connection (and
+     * while the connection is down: events may be missed then); `truncated`: the list stopped
+     * at options.membersMax members.
+     * @returns {{channel: string, count: (number|null), members: object[], complete: boolean,
+     *   truncated: boolean}|null}
+     */
+    members(channel) {
+      const sub = this._subs.get(channel);
+      const p = sub && sub.presence;
+      if (!p) return null;
+      const ids = Array.from(p.byId.keys()).sort();
+      return {
+        channel,
+        count: p.count,
+        members: ids.map((id) => p.byId.get(id)),
+        complete: p.complete,
+        truncated: p.truncated,
+      };
+    }
+
+    /**
+     * One page of a presence channel's members (the `members` command): of a channel this client
+     * is subscribed to, or may subscribe to. Queued while disconnected, like publish(). Rejects
+     * with an OffloadError ('presence_disabled', 'forbidden', 'unavailable', 'timeout', ...).
+     * @param {string} channel
+     * @param {{after?: string, limit?: number, timeout?: number}} [opts] after: the previous page's
+     *   `next`; limit: members per page (server default 100, capped by OFFLOAD_PRESENCE_PAGE_SIZE;
+     *   0 for the count only)
+     * @returns {Promise<{channel: string, count: number, members: object[], next: (string|null)}>}
+     */
+    queryMembers(channel, opts) {
+      opts = opts || {};
+      const cmd = {type: 'members', channel};
+      if (opts.after != null) cmd.after = String(opts.after);
+      if (opts.limit != null) cmd.limit = opts.limit;
+      return this._request('members', cmd, opts.timeout || this.options.requestTimeout, true)
+        .then((reply) => ({channel: reply.channel, count: reply.count, members: reply.members || [], next: reply.next}));
     }
 
     // ------------------------------------------------------------ connection
@@ -473,6 +543,7 @@
       for (const sub of this._subs.values()) {
         sub.active = false;
         clearTimeout(sub.retryTimer);
+        if (sub.presence) this._presenceLost(sub);
       }
       // Requests already sent have an unknown outcome: fail them. Unsent ones stay queued.
       for (const [ref, p] of Array.from(this._pending)) {
@@ -588,6 +659,8 @@
         case 'published': this._onReply(msg, msg.id); break;
         case 'reply': this._onReply(msg, msg.data); break;
         case 'refreshed': this._onReply(msg, msg.expires); break;
+        case 'members': this._onReply(msg, msg); break;
+        case 'presence': this._onPresence(msg); break;
         case 'pong': this._onPong(msg); break;
         case 'error': this._onError(msg); break;
         case 'unsubscribed': this._log('unsubscribed', msg.channel); break;
@@ -632,6 +705,8 @@
         gap: msg.recovered === false && (resync || (since != null && since !== ZERO_ID)),
       };
       this._log('subscribed', msg.channel, msg);
+      // Presence events were missed before this (or may have been, on a resync): read the list again.
+      if (sub.presence) this._relist(sub, 0);
       safeCall(sub.onSubscribed, msg, info);
       safeCall(this.options.onSubscribed, msg.channel, msg, info);
     }
@@ -684,6 +759,154 @@
         }
       }
       safeCall(this.options.onError, msg);
+    }
+
+    // ------------------------------------------------------------ presence
+    //
+    // A kept list converges to the server's: it is read whole (page by page) after every
+    // `subscribed` (a reconnect may have missed events) and after every `reset` (a storm the
+    // server did not list); events that arrive while it is read are applied to the old list at
+    // once and again to the new one (joins and leaves are idempotent). A list whose size still
+    // differs from the server's count presenceVerify ms later (events of two workers may arrive
+    // in another order than their changes) is read again, with a backoff.
+
+    _track(sub) {
+      sub.presence = {
+        byId: new Map(),    // member id -> info
+        count: null,        // the server's count, from the newest event or page
+        complete: false,
+        truncated: false,
+        gen: 0,             // the current read; an older one's pages are ignored
+        buffer: null,       // events received during the current read
+        timer: null,        // the next read (a reset's jitter, a retry)
+        verify: null,       // the count check
+        verifyDelay: this.options.presenceVerify,
+      };
+    }
+
+    _untrack(sub) {
+      const p = sub.presence;
+      if (!p) return;
+      clearTimeout(p.timer);
+      clearTimeout(p.verify);
+      sub.presence = null;
+    }
+
+    /** The connection is gone: events will be missed until the list is read again. */
+    _presenceLost(sub) {
+      const p = sub.presence;
+      clearTimeout(p.timer);
+      clearTimeout(p.verify);
+      p.verify = null;
+      p.gen++;
+      p.buffer = null;
+      if (p.complete) {
+        p.complete = false;
+        this._membersChanged(sub);
+      }
+    }
+
+    _onPresence(msg) {
+      const sub = this._subs.get(msg.channel);
+      safeCall(this.options.onPresence, msg.channel, msg);
+      if (!sub) return;
+      const p = sub.presence;
+      if (p) {
+        if (typeof msg.count === 'number') p.count = msg.count;
+        if (msg.reset) {
+          this._relist(sub, Math.random() * this.options.presenceJitter);
+        } else {
+          if (p.buffer) p.buffer.push(msg);
+          this._applyPresence(p, msg);
+          this._checkCount(sub);
+        }
+      }
+      safeCall(sub.onPresence, msg, p ? this.members(sub.channel) : null);
+      if (p && !msg.reset) this._membersChanged(sub);
+    }
+
+    _applyPresence(p, event) {
+      for (const id of event.leaves || []) p.byId.delete(String(id));
+      for (const info of event.joins || []) {
+        if (!info || info.id == null) continue;
+        const id = String(info.id);
+        if (p.byId.has(id) || p.byId.size < this.options.membersMax) p.byId.set(id, info);
+        else p.truncated = true;
+      }
+    }
+
+    /** Reads the whole member list again after `delay` ms, page by page, and replaces the kept one. */
+    _relist(sub, delay) {
+      const p = sub.presence;
+      clearTimeout(p.timer);
+      const gen = ++p.gen;
+      p.buffer = null;
+      const current = () => this._subs.get(sub.channel) === sub && sub.presence === p && p.gen === gen;
+      const read = () => {
+        if (!current() || !sub.active || !this.connected) return; // the next `subscribed` reads it
+        p.buffer = [];
+        const byId = new Map();
+        const page = (after) => {
+          const cmd = {type: 'members', channel: sub.channel, limit: this.options.membersPage};
+          if (after != null) cmd.after = after;
+          this._request('members', cmd, this.options.requestTimeout, false).then((reply) => {
+            if (!current()) return;
+            if (typeof reply.count === 'number') p.count = reply.count;
+            for (const info of reply.members || []) {
+              if (info && info.id != null && byId.size < this.options.membersMax) byId.set(String(info.id), info);
+            }
+            if (reply.next != null && byId.size < this.options.membersMax) page(reply.next);
+            else this._listed(sub, byId, reply.next != null);
+          }, (err) => {
+            if (!current()) return;
+            p.buffer = null;
+            this._log('member list not read', sub.channel, err.code);
+            // Lost connection: the resubscribe reads it. Refused (presence_disabled, forbidden): stop.
+            if (['timeout', 'unavailable', 'internal'].indexOf(err.code) !== -1) {
+              p.timer = setTimeout(() => { if (current()) read(); }, 1000 + Math.random() * 2000);
+            }
+          });
+        };
+        page(null);
+      };
+      if (delay > 0) p.timer = setTimeout(read, delay);
+      else read();
+    }
+
+    _listed(sub, byId, truncated) {
+      const p = sub.presence;
+      const missed = p.buffer || [];
+      p.byId = byId;
+      p.buffer = null;
+      p.truncated = truncated;
+      for (const event of missed) this._applyPresence(p, event);
+      p.complete = true;
+      this._checkCount(sub);
+      this._membersChanged(sub);
+    }
+
+    /** A complete list whose size stays off the server's count is read again (with a backoff). */
+    _checkCount(sub) {
+      const p = sub.presence;
+      if (!p.complete || p.truncated || p.buffer || p.count == null || !this.options.presenceVerify) return;
+      if (p.byId.size === p.count) {
+        clearTimeout(p.verify);
+        p.verify = null;
+        p.verifyDelay = this.options.presenceVerify;
+        return;
+      }
+      if (p.verify) return;
+      p.verify = setTimeout(() => {
+        p.verify = null;
+        if (sub.presence !== p || !p.complete || p.buffer || p.byId.size === p.count) return;
+        this._log('member list off the count: reading it again', sub.channel, p.byId.size, p.count);
+        p.verifyDelay = Math.min(p.verifyDelay * 2, 60000);
+        this._relist(sub, 0);
+      }, p.verifyDelay);
+    }
+
+    _membersChanged(sub) {
+      if (sub.onMembers) safeCall(sub.onMembers, this.members(sub.channel));
     }
 
     // ------------------------------------------------------------ outgoing
@@ -815,13 +1038,15 @@
      * @param {object} [options] channels: names; subTokens: subscription tokens (each names its
      *   channel), or a function returning them (or a promise of them), called on every connect;
      *   token / getToken: as for OffloadClient; onMessage(data, msg), onSubscribed(channel, msg),
+     *   onPresence(channel, event) (the `presence` events of presence channels; a stream cannot
+     *   send `members`: read the list from a view with offload.presence()),
      *   onError(msg), onState(state); retry: ms before reconnecting (jittered).
      */
     constructor(url, options) {
       this.url = url || '/sse/';
       this.options = Object.assign({
         channels: [], subTokens: [], token: null, getToken: null,
-        onMessage: null, onSubscribed: null, onError: null, onState: null, retry: 2000,
+        onMessage: null, onSubscribed: null, onPresence: null, onError: null, onState: null, retry: 2000,
       }, options || {});
       /** The resume cursor of the whole stream (every channel's position), sent back on reconnect. */
       this.lastEventId = null;
@@ -878,6 +1103,10 @@
       es.addEventListener('subscribed', (ev) => {
         const msg = track(ev);
         safeCall(this.options.onSubscribed, msg.channel, msg);
+      });
+      es.addEventListener('presence', (ev) => {
+        const msg = track(ev);
+        safeCall(this.options.onPresence, msg.channel, msg);
       });
       es.addEventListener('error', (ev) => {
         if (ev.data !== undefined) {  // the server's `error` event: the stream ends after it
