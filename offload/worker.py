@@ -96,3 +96,24 @@ def install_signal_handlers() -> None:
     # some paths): tell clients with 1001 instead of just dropping TCP.
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):
         gevent.signal_handler(signum, shutdown)
+    _finish_presence_before_exit()
+
+
+def _finish_presence_before_exit() -> None:
+    """uWSGI's gevent loop exits the worker at the first switch after SIGINT/SIGTERM,
+    without waiting for greenlets: presence's Redis calls in the handler above were
+    cut (with two workers, members left Redis and no event said so). uWSGI calls
+    ``uwsgi.atexit`` first, from the main greenlet with the hub still running:
+    there, wait for presence to finish."""
+    try:
+        import uwsgi
+    except ImportError:  # not under uWSGI
+        return
+    before = getattr(uwsgi, "atexit", None)
+
+    def at_exit() -> None:
+        close_presence()
+        if before is not None:
+            before()
+
+    uwsgi.atexit = at_exit

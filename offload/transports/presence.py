@@ -109,6 +109,7 @@ class Presence:
         self._schedule = Schedule()
         self._wake = gevent.event.Event()
         self._closed = False
+        self._close_done = gevent.event.Event()
         self._greenlet = gevent.spawn(self._run) if run else None
 
     # -- connections (their greenlets; never blocks) ---------------------------------------
@@ -137,16 +138,24 @@ class Presence:
             else:
                 self._infos.pop(key, None)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> None:
         """Stop (the process ends): leave what this worker holds, and announce what is
         pending (the leaves of a grace of 0, the joins of a window not ended), best effort.
 
         Nobody else would: a member that left at once is gone from Redis, and no
-        later sweep reports it.
+        later sweep reports it. A second call waits up to ``timeout`` seconds for
+        the first one to finish (the worker's exit waits for the signal handler's).
         """
         if self._closed:
+            self._close_done.wait(timeout)
             return
         self._closed = True
+        try:
+            self._close()
+        finally:
+            self._close_done.set()
+
+    def _close(self) -> None:
         if self._greenlet is not None:
             self._greenlet.kill()
         now = self._clock()
