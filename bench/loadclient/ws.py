@@ -31,12 +31,23 @@ class Subscriber(WSListener):
         self.transport: WSTransport | None = None
         self.close_code: int | None = None
         self._parts: list[bytes] = []
+        self.abandoned = False
+
+    def abandon(self) -> None:
+        """A retried attempt: its connection must not stay open (nor deliver), even if it completes later."""
+        self.abandoned = True
+        if self.transport is not None:
+            self.transport.disconnect()
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
+        if self.abandoned:  # the handshake completed after the attempt was given up (ws_connect cancelled)
+            transport.disconnect()
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         received = time.time_ns()
+        if self.abandoned:
+            return
         if frame.msg_type == WSMsgType.CLOSE:
             self.close_code = getattr(frame.get_close_code(), "value", frame.get_close_code())
             return
@@ -61,6 +72,8 @@ class Subscriber(WSListener):
                 self.ready.set_exception(RuntimeError(f"subscribe refused: {message}"))
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
+        if self.abandoned:
+            return
         if not self.pool.closing:
             self.pool.disconnects.append((time.time_ns(), self.index, self.close_code))
         if not self.ready.done():
@@ -83,18 +96,17 @@ class SubscriberPool:
         async with gate:
             started = time.perf_counter_ns()
             for attempt in range(ATTEMPTS):
-                sub = None
+                sub = Subscriber(self, index)
                 try:
                     async with asyncio.timeout(timeout):
                         how = {"extra_headers": self.headers, "websocket_handshake_timeout": timeout}
-                        _, sub = await ws_connect(lambda: Subscriber(self, index), self.url(index), **how)
+                        await ws_connect(lambda sub=sub: sub, self.url(index), **how)
                         await sub.ready
                         self.connect_us.append((time.perf_counter_ns() - started) // 1000)
                         return sub
                 except Exception as exc:  # picows' WSError (e.g. 429), timeouts, resets
                     self.errors[f"connect: {type(exc).__name__}"] += 1
-                    if sub is not None and sub.transport is not None:  # an abandoned attempt must not deliver
-                        sub.transport.disconnect()
+                    sub.abandon()
                     if attempt == ATTEMPTS - 1:
                         raise
                     await asyncio.sleep(0.5 * (attempt + 1))
