@@ -1,11 +1,11 @@
 """Presence: what "who is online" costs, side by side with presence off in the same run.
 
 One uWSGI worker with the bench's settings (``bench/settings.py``: ``crowd``
-is ``public`` with presence, each anonymous socket one member) and
-``OFFLOAD_PRESENCE_GRACE=0``. Connect storms of ``storm`` sockets to a fresh
-channel of ``public`` (off) or ``crowd`` (on), alternating: each socket's
-time to its ``subscribed`` reply, and worker/Redis CPU per connect until
-every socket is a member. With the first "on" storm still connected: Redis
+is ``public`` with presence, each anonymous socket one member; ``quiet`` the
+same without join/leave events) and ``OFFLOAD_PRESENCE_GRACE=0``. Connect
+storms of ``storm`` sockets to a fresh channel of each, in turn (the order
+alternates): each socket's time to its ``subscribed`` reply, and worker/Redis
+CPU per connect until every socket is a member. With the first "on" storm still connected: Redis
 memory per member and query latency (the websocket ``members`` command, a
 page of 100 and count only; ``offload.presence_count()`` from a Django
 process). Last, ``closes`` sockets close one by one while an observer in
@@ -31,7 +31,8 @@ PREFIX = "PRESENCE_"
 # queries: websocket queries of each kind; seconds: the offload.presence_count() run; coalesce: the server's window
 KNOBS = dict(storm=(10000, 1000), repeats=(2, 1), queries=(1000, 200), seconds=(3.0, 2.0), closes=(20, 5))
 KNOBS.update(coalesce=(0.5, 0.5))
-MODES = {"off": "public", "on": "crowd"}  # the namespaces: the same but for presence
+MODES = {"off": "public", "on": "crowd", "quiet": "quiet"}  # namespaces: the same but for presence (bench/settings.py)
+TITLES = {"off": "presence off", "on": "presence on", "quiet": "presence on, no join/leave events"}
 SETTINGS = "bench.settings"
 
 
@@ -54,10 +55,11 @@ def run(bench: Bench, k: dict) -> dict:
                 at_scale = scaled or at_scale
         leave = leaves(bench, k, server)
     summary = {mode: median_merge(r) for mode, r in runs.items()}
-    on, off = summary["on"], summary["off"]
-    cpu_ratio = ratio(on["ms_per_connect"]["server"], off["ms_per_connect"]["server"])
-    items = {"worker CPU per connect, on / off": (cpu_ratio, "", None)}
-    items["connect p90, on / off"] = (ratio(on["connect_ms"]["p90"], off["connect_ms"]["p90"]), "", None)
+    cpu = {mode: s["ms_per_connect"]["server"] for mode, s in summary.items()}
+    items = {"worker CPU per connect, on / off": (ratio(cpu["on"], cpu["off"]), "", None)}
+    items["... on without join/leave events / off"] = (ratio(cpu["quiet"], cpu["off"]), "", None)
+    p90 = {mode: s["connect_ms"]["p90"] for mode, s in summary.items()}
+    items["connect p90, on / off"] = (ratio(p90["on"], p90["off"]), "", None)
     items[f"Redis bytes per member (MEMORY USAGE), {k['storm']:,}"] = (at_scale["memory_usage_b"], "", None)
     items[f"members page of 100 at {k['storm']:,}, p99 (ms)"] = (at_scale["ws_page_100"]["p99"], "", None)
     items["offload.presence_count(), p99 (ms)"] = (at_scale["python_count"]["p99"], "", None)
@@ -71,7 +73,7 @@ def storm(bench: Bench, k: dict, server, meter, mode: str, rep: int | str, scale
     at that many members too. Returns once the server closed them all (and they left)."""
     channel, used, scaled = f"{MODES[mode]}:storm-{rep}", _redis(server).info("memory")["used_memory"], None
     bench.step(f"[presence {mode}] connect storm: {k['storm']:,} sockets on {channel}")
-    settled = partial(_wait_count, server, channel, k["storm"]) if mode == "on" else lambda: None
+    settled = partial(_wait_count, server, channel, k["storm"]) if mode != "off" else lambda: None
     with bench.scope():
         _, info = bench.storm(server, f"{mode}-{rep}", k["storm"], meter, settled, channel=channel)
         if scale:
@@ -79,7 +81,7 @@ def storm(bench: Bench, k: dict, server, meter, mode: str, rep: int | str, scale
     bench.step(f"[presence {mode}] waiting for the server to close them")
     busy = ("ESTABLISHED", "CLOSE_WAIT")
     wait_for(lambda: not any(c.state in busy for c in tcp_connections(server.port)), 120, "the sockets closed")
-    if mode == "on":
+    if mode != "off":
         _wait_count(server, channel, 0)
     return info, scaled
 
@@ -161,8 +163,9 @@ STORM_ROWS += [(f"{g} CPU per connect (ms)", lambda s, k=k: s["ms_per_connect"][
 QUERIES = {"`members`, page of 100": "ws_page_100", "`members`, count only (limit 0)": "ws_page_0"}
 QUERIES["`offload.presence_count()` (Python)"] = "python_count"
 TEXT = """one uWSGI worker (gevent), embedded Redis; connect storms of {storm} sockets at once from two client processes
-on a fresh channel, presence off (`public`) and on (`crowd`, each anonymous socket a member), alternating,
-{repeats} of each (medians); CPU from the first connect until every socket is a member."""
+on a fresh channel: presence off (`public`), on (`crowd`, each anonymous socket a member) and on without join/leave
+events (`quiet`), order alternating, {repeats} of each (medians); CPU from the first connect until every socket is a
+member."""
 AT_SCALE = """**At {storm} members**: Redis {memory_usage_b} bytes per member (`MEMORY USAGE` of the channel's {keys}
 presence keys; `used_memory` grew {used_memory_delta_b} bytes per member). Queries one after the other ({queries}
 websocket queries each, round trip from a blocking client; `presence_count()` for {seconds} s):"""
@@ -173,7 +176,7 @@ window {coalesce} s): median {p50} ms, p90 {p90} ms, max {max} ms over {n} close
 def markdown(results: dict) -> str:
     k, s, scale = results["knobs"], results["summary"], results["at_scale"]
     lines = [*report.heading(results, "Presence benchmark", report.fill(TEXT, k))]
-    columns = [(f"presence {mode}", lambda get, mode=mode: get(s[mode])) for mode in MODES]
+    columns = [(TITLES[mode], lambda get, mode=mode: get(s[mode])) for mode in MODES]
     lines += [report.grid("connect storm", STORM_ROWS, columns), "", report.fill(AT_SCALE, k, **scale), ""]
     rows = [[name, *(report.cell(scale[key][q]) for q in ("p50", "p99", "max"))] for name, key in QUERIES.items()]
     lines += [
@@ -185,7 +188,7 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict) -> dict:
-    s = {f"ours, presence {mode}": results["summary"][mode] for mode in MODES}
+    s = {f"ours, {TITLES[mode]}": results["summary"][mode] for mode in MODES}
     panels = [report.cdf("connect time (to subscribed)", {n: x["connect_ms"] for n, x in s.items()})]
     panels.append(report.bars_of("worker CPU per connect", "ms", s, lambda x: x["ms_per_connect"]["server"], log=False))
     return {"title": f"presence {results['started']}: {results['knobs']['storm']:,} sockets at once", "panels": panels}
