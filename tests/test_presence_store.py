@@ -8,6 +8,8 @@ import pytest
 
 from offload.backend import presence_store as presence
 from offload.backend.presence_store import presence_keys
+from offload.backend.redis_client import pubsub_channel
+from offload.policies import reset_cache
 
 CH = "room:lobby"
 TTL = 30.0  # lease ttl (s)
@@ -138,3 +140,26 @@ def test_every_key_of_a_channel_shares_one_hash_tag_and_expires(redis_client):
     assert {key.split("{")[1].split("}")[0] for key in keys} == {CH}
     ttl = redis_client.pttl(keys[0])
     assert 0 < ttl <= (TTL + GRACE + 60) * 1000
+
+
+def test_a_query_releases_what_dead_workers_held_and_announces_it(redis_client, settings):
+    """No live worker sweeps a channel whose holders all died: the public queries do."""
+    settings.OFFLOAD_NAMESPACES = {"room": {"subscribe": "public", "presence": True}}
+    settings.OFFLOAD_PRESENCE_GRACE = 0.0
+    settings.OFFLOAD_PRESENCE_LEASE_TTL = TTL
+    reset_cache()
+    try:
+        seconds, micros = redis_client.time()
+        long_ago = seconds + micros / 1e6 - 100  # the lease expired 70 s ago by Redis' clock
+        pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(pubsub_channel(CH))
+        pubsub.get_message(timeout=1)
+        presence.join(CH, "dead", [("u1", info("u1"))], lease_ttl=TTL, grace=0, now=long_ago)
+        assert presence.count(CH) == 1
+        assert presence.presence_count(CH) == 0
+        message = pubsub.get_message(timeout=2)
+        assert message["data"] == b'p {"type":"presence","channel":"room:lobby","count":0,"joins":[],"leaves":["u1"]}'
+        assert presence.presence(CH).members == []
+        pubsub.close()
+    finally:
+        reset_cache()

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import conf
+from ..core.presence import Change, presence_event
 from ..exceptions import BackendUnavailable, ChannelError
 from ..policies import namespace_of
+from .hub import publish_notice
 from .redis_client import REDIS_ERRORS, get_client, script
 
 __all__ = [
@@ -170,6 +172,7 @@ def presence(channel: str, *, after: str | None = None, limit: int = 100) -> Pag
         BackendUnavailable: Redis is down.
     """
     _check(channel)
+    _sweep_now(channel)
     return members(channel, after=after, limit=max(0, min(limit, conf.get("OFFLOAD_PRESENCE_PAGE_SIZE"))))
 
 
@@ -179,7 +182,27 @@ def presence_count(channel: str) -> int:
     Raises: as :func:`presence`.
     """
     _check(channel)
+    _sweep_now(channel)
     return count(channel)
+
+
+def _sweep_now(channel: str) -> None:
+    """Release what expired before answering, and announce the leaves it found.
+
+    The workers holding a channel sweep it on their heartbeat; when all of them
+    died, nobody does, and a query would list their members until the keys
+    expire. One more script call (O(log n) when nothing expired) keeps every
+    answer within the documented bound. Its leaves are announced at once, not
+    coalesced: each is reported by exactly one sweep, whoever runs it.
+    """
+    result = sweep(
+        channel,
+        None,
+        lease_ttl=conf.get("OFFLOAD_PRESENCE_LEASE_TTL"),
+        grace=conf.get("OFFLOAD_PRESENCE_GRACE"),
+    )
+    if result.left and namespace_of(channel).namespace.join_leave:
+        publish_notice(channel, presence_event(Change(channel, leaves=result.left), count(channel)))
 
 
 def _check(channel: str) -> None:

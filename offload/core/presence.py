@@ -24,11 +24,12 @@ Everything takes ``now`` from the caller: the tests drive time by hand.
 from __future__ import annotations
 
 import heapq
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Change", "Coalescer", "Holdings", "Schedule"]
+__all__ = ["Change", "Coalescer", "Holdings", "Schedule", "presence_event"]
 
 
 class Holdings:
@@ -132,6 +133,17 @@ class Coalescer:
             elif joins or leaves:
                 changes.append(Change(channel, joins, leaves))
         return changes
+
+
+def presence_event(change: Change, count: int) -> str:
+    """The JSON text clients get for a change (``docs/protocol.md``)."""
+    event: dict[str, Any] = {"type": "presence", "channel": change.channel, "count": count}
+    if change.reset:
+        event["reset"] = True
+    else:
+        event["joins"] = change.joins
+        event["leaves"] = change.leaves
+    return json.dumps(event, separators=(",", ":"))
 
 
 class Schedule:

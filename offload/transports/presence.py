@@ -45,11 +45,11 @@ from .. import conf
 from ..backend import presence_store
 from ..backend.hub import publish_notice
 from ..blocking import handler_pool
-from ..core.presence import Change, Coalescer, Holdings, Schedule
+from ..core.presence import Change, Coalescer, Holdings, Schedule, presence_event
 from ..exceptions import BackendUnavailable
 from ..policies import Identity, namespace_of
 
-__all__ = ["Presence", "close_presence", "member_of", "presence", "presence_event"]
+__all__ = ["Presence", "close_presence", "member_of", "presence"]
 
 log = logging.getLogger("offload.transports.presence")
 
@@ -61,17 +61,6 @@ def member_of(identity: Identity | None, connection_id: str) -> str:
     if identity is not None and identity.user_id is not None:
         return str(identity.user_id)
     return f"anon-{connection_id}"
-
-
-def presence_event(change: Change, count: int) -> str:
-    """The JSON text clients get for a coalesced change (``docs/protocol.md``)."""
-    event: dict[str, Any] = {"type": "presence", "channel": change.channel, "count": count}
-    if change.reset:
-        event["reset"] = True
-    else:
-        event["joins"] = change.joins
-        event["leaves"] = change.leaves
-    return json.dumps(event, separators=(",", ":"))
 
 
 class Presence:
