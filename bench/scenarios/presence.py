@@ -90,8 +90,10 @@ def queries(bench: Bench, k: dict, server, channel: str, used_before: int) -> di
     """At ``storm`` members: Redis memory per member, and the latency of each kind of query."""
     bench.step(f"[presence on] memory and queries at {k['storm']:,} members")
     r, n = _redis(server), k["storm"]
-    keys = list(r.scan_iter(match=f"*p:{{{channel}}}:*", count=1000))  # the channel's hash tag: all its keys
-    out = {"keys": len(keys), "memory_usage_b": round(sum(r.memory_usage(x, samples=0) for x in keys) / n, 1)}
+    keys = r.scan_iter(match=f"*p:{{{channel}}}:*", count=1000)  # the channel's hash tag: all its keys
+    usage = {key.decode().rsplit(":", 1)[1]: r.memory_usage(key, samples=0) for key in keys}
+    out = {"by_key_b": {key: round(b / n, 1) for key, b in sorted(usage.items())}}
+    out.update(keys=len(usage), memory_usage_b=round(sum(usage.values()) / n, 1))
     out["used_memory_delta_b"] = round((r.info("memory")["used_memory"] - used_before) / n, 1)
     with server.live.ws_client("/ws/") as ws:
         for limit in (100, 0):
@@ -167,8 +169,8 @@ on a fresh channel: presence off (`public`), on (`crowd`, each anonymous socket 
 events (`quiet`), order alternating, {repeats} of each (medians); CPU from the first connect until every socket is a
 member."""
 AT_SCALE = """**At {storm} members**: Redis {memory_usage_b} bytes per member (`MEMORY USAGE` of the channel's {keys}
-presence keys; `used_memory` grew {used_memory_delta_b} bytes per member). Queries one after the other ({queries}
-websocket queries each, round trip from a blocking client; `presence_count()` for {seconds} s):"""
+presence keys, per key: {by_key}; `used_memory` grew {used_memory_delta_b} bytes per member). Queries one after the
+other ({queries} websocket queries each, round trip from a blocking client; `presence_count()` for {seconds} s):"""
 LEAVE = """**Socket closed -> `leave` seen by another socket of the channel** (`OFFLOAD_PRESENCE_GRACE=0`, coalescing
 window {coalesce} s): median {p50} ms, p90 {p90} ms, max {max} ms over {n} closes (clean close frames)."""
 
@@ -177,7 +179,12 @@ def markdown(results: dict) -> str:
     k, s, scale = results["knobs"], results["summary"], results["at_scale"]
     lines = [*report.heading(results, "Presence benchmark", report.fill(TEXT, k))]
     columns = [(TITLES[mode], lambda get, mode=mode: get(s[mode])) for mode in MODES]
-    lines += [report.grid("connect storm", STORM_ROWS, columns), "", report.fill(AT_SCALE, k, **scale), ""]
+    lines += [
+        report.grid("connect storm", STORM_ROWS, columns),
+        "",
+        report.fill(AT_SCALE, k, **scale, by_key=str(scale["by_key_b"])),
+        "",
+    ]
     rows = [[name, *(report.cell(scale[key][q]) for q in ("p50", "p99", "max"))] for name, key in QUERIES.items()]
     lines += [
         report.table(["query", "p50 ms", "p99 ms", "max ms"], rows),
