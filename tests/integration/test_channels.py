@@ -16,7 +16,10 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def recv(ws) -> dict:
-    return json.loads(ws.recv())
+    """The next message, presence events skipped (room channels keep presence: joins and leaves come any time)."""
+    while (message := json.loads(ws.recv()))["type"] == "presence":
+        pass
+    return message
 
 
 def send(ws, **command) -> None:

@@ -43,7 +43,10 @@ def bob(server):
 
 
 def recv(ws) -> dict:
-    return json.loads(ws.recv())
+    """The next message, presence events skipped (room channels keep presence: joins and leaves come any time)."""
+    while (message := json.loads(ws.recv()))["type"] == "presence":
+        pass
+    return message
 
 
 def send(ws, **command) -> None:

@@ -495,6 +495,8 @@ class Swarm(threading.Thread):
                 elif not message.get("recovered"):
                     sub.unrecovered.append(message)
                 return
+            if kind == "presence":  # a room channel's joins and leaves: not a message
+                return
             if kind != "message":
                 sub.errors.append(message)
                 if kind == "error":  # e.g. "unavailable" while Redis is down: try again

@@ -34,8 +34,16 @@ class SseClient:
     def json(self) -> dict:
         return json.loads(self.response.read())
 
-    def event(self) -> dict:
-        """The next block of fields (comments are collected apart); ``data`` is parsed JSON."""
+    def event(self, presence: bool = False) -> dict:
+        """The next block of fields (comments are collected apart); ``data`` is parsed JSON.
+
+        ``presence`` events (room channels keep presence) are skipped unless asked for.
+        """
+        while (fields := self._event()).get("event") == "presence" and not presence:
+            pass
+        return fields
+
+    def _event(self) -> dict:
         fields: dict = {}
         data: list[str] = []
         while True:
