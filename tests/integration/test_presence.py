@@ -640,7 +640,7 @@ def test_the_members_of_a_sigkilled_worker_leave_within_the_bound_once_each(clus
         f"{min(left.values()) - killed_at:.2f}-{slowest:.2f} s after the kill "
         f"(bound lease {LEASE_TTL} + grace {GRACE} + heartbeat {HEARTBEAT} = {bound} s)"
     )
-    cluster.a.wait_for_new_workers([victim])
+    wait_for(lambda: len(p := cluster.a.worker_pids()) == 2 and victim not in p, 20, "A's master to respawn the worker")
 
 
 # -- queries ------------------------------------------------------------------------------------
