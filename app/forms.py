@@ -32,6 +32,7 @@ from django.core.exceptions import ValidationError
 from django.http import HttpRequest
 
 from offload import conf
+from offload.addresses import client_address
 from offload.backend.redis_client import REDIS_ERRORS, get_client
 
 __all__ = [
@@ -295,10 +296,10 @@ def login_throttle() -> LoginThrottle:
 
 
 def client_ip(request: HttpRequest) -> str:
-    """The address the request came from. uWSGI serves HTTP itself here
-    (``http-socket``), so REMOTE_ADDR is the client; behind a proxy it would be
-    the proxy, and the per-IP limit would have to read the proxy's header."""
-    return request.META.get("REMOTE_ADDR", "")
+    """The address the request came from, the one every per-address limit counts:
+    REMOTE_ADDR, or behind a trusted load balancer (``OFFLOAD_TRUSTED_PROXIES``)
+    the client it forwarded for (:func:`offload.addresses.client_address`)."""
+    return client_address(request.META)
 
 
 class ThrottledAuthenticationForm(AuthenticationForm):

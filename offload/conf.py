@@ -66,6 +66,15 @@ DEFAULTS: dict[str, Any] = {
     "OFFLOAD_ABUSE_COOLDOWN": 10.0,
     # Open websockets per client IP, across all workers (counted in Redis).
     "OFFLOAD_MAX_CONNECTIONS_PER_IP": 200,
+    # Load balancers whose X-Forwarded-For is believed (addresses or CIDRs, a
+    # list or a comma-separated string). Empty: the client is REMOTE_ADDR.
+    # Otherwise the client is the right-most untrusted X-Forwarded-For entry
+    # (offload.addresses): every per-address limit counts against it.
+    "OFFLOAD_TRUSTED_PROXIES": (),
+    # A file an operator touches to drain this instance before a restart: every
+    # worker started before its modification time answers /readyz with 503
+    # "draining" (workers started later are ready). None: no drain file.
+    "OFFLOAD_DRAIN_FILE": None,
     # Run websocket handshakes through Django's whole middleware stack. False
     # (default): like Django Channels, the upgrade skips MIDDLEWARE (a connect
     # storm costs a fraction of the CPU); the Host header, the Origin, the

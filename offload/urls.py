@@ -12,4 +12,5 @@ urlpatterns = [
     path("sse/", views.stream_view, name="sse"),
     path("api/publish/<str:channel>", views.api_publish, name="api-publish"),
     path("healthz", views.healthz, name="healthz"),
+    path("readyz", views.readyz, name="readyz"),
 ]

@@ -36,6 +36,7 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
 from . import conf, worker
+from .addresses import client_address
 from .backend.publishing import publish_json
 from .backend.redis_client import REDIS_ERRORS, get_client
 from .backend.slots import ConnectionSlots
@@ -74,6 +75,7 @@ __all__ = [
     "echo_socket",
     "healthz",
     "origin_allowed",
+    "readyz",
     "resolve_identity",
     "stream_view",
     "websocket_view",
@@ -310,7 +312,7 @@ class WebSocketView:
         try:
             with gevent.Timeout(timeout):
                 if not slots.acquire():
-                    log.warning("websocket refused: too many connections from %s", env.get("REMOTE_ADDR"))
+                    log.warning("websocket refused: too many connections from %s", slots.ip)
                     return HttpResponse("too many connections from this address\n", status=429)
                 waiting_for = "the session user (thread pool)"
                 identity = resolve_identity(request, claim)
@@ -344,7 +346,7 @@ def websocket_view(make_endpoint: Callable[[WebSocket], Endpoint]) -> WebSocketV
 def _slots(request: HttpRequest) -> ConnectionSlots:
     """The per-address connection slot a websocket or an event stream must hold."""
     return ConnectionSlots(
-        request.META.get("REMOTE_ADDR", ""),
+        client_address(request.META),
         conf.get("OFFLOAD_MAX_CONNECTIONS_PER_IP"),
         stale_after=3 * conf.get("OFFLOAD_PING_INTERVAL"),
     )
@@ -409,6 +411,28 @@ def healthz(request: HttpRequest) -> JsonResponse:
     except REDIS_ERRORS as exc:
         return JsonResponse({"status": "degraded", "redis": "down", "reason": str(exc)}, status=503)
     return JsonResponse({"status": "ok", "redis": "up"})
+
+
+def readyz(request: HttpRequest) -> JsonResponse:
+    """Readiness, for a load balancer's health checks: may this worker take new clients?
+
+    200 only when the worker is not draining (:func:`offload.worker.draining`),
+    Redis answers, and the worker's hub is connected with its control channel
+    subscribed (so a socket accepted here would get its messages). 503 with
+    ``{"status": "unready", "reason": ...}`` otherwise. ``/healthz`` stays the
+    liveness check: a draining worker is alive.
+    """
+    why = worker.draining()
+    if why is None:
+        try:
+            get_client().ping()
+        except REDIS_ERRORS as exc:
+            why = f"redis: {exc}"
+    if why is None and not worker.hub(uwsgi.worker_id() if uwsgi is not None else 0).connected:
+        why = "hub: not subscribed to Redis yet"
+    if why is not None:
+        return JsonResponse({"status": "unready", "reason": why}, status=503, headers={"Cache-Control": "no-store"})
+    return JsonResponse({"status": "ready"}, headers={"Cache-Control": "no-store"})
 
 
 def stream_view(request: HttpRequest) -> HttpResponse:

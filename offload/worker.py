@@ -24,13 +24,45 @@ from .transports.connection import close_all, open_connections
 from .transports.presence import close_presence
 from .transports.sse import close_all_streams, open_streams
 
-__all__ = ["hub", "install_signal_handlers", "stats"]
+__all__ = ["draining", "hub", "install_signal_handlers", "stats"]
 
 log = logging.getLogger("offload.worker")
 
 _hub: Hub | None = None
 _hub_pid: int | None = None
 _handlers_installed_pid: int | None = None
+#: When this code was loaded: in uWSGI's master before the fork, and again in the new
+#: master of a graceful reload (it re-executes itself), so a drain file touched
+#: before a reload drains the old workers and not their replacements.
+_loaded_at = time.time()
+_draining_since: float | None = None  # set by the reload and shutdown handlers
+
+
+def draining() -> str | None:
+    """Why this worker takes no new connections (for ``/readyz``), or None.
+
+    A worker drains once it was told to reload or stop, and while the
+    ``OFFLOAD_DRAIN_FILE`` is newer than the code it runs: an operator touches
+    that file, waits until the load balancer's health checks see 503, then
+    reloads the instance, so no client is sent to a worker that is going away.
+    """
+    if _draining_since is not None:
+        return "draining: the worker is reloading or stopping"
+    path = conf.get("OFFLOAD_DRAIN_FILE")
+    if path:
+        try:
+            touched = os.stat(path).st_mtime
+        except OSError:  # no drain file: ready
+            return None
+        if touched >= _loaded_at:
+            return f"draining: {path} was touched after this worker started"
+    return None
+
+
+def _start_draining() -> None:
+    global _draining_since
+    if _draining_since is None:
+        _draining_since = time.time()
 
 
 def hub(worker_id: int = 0) -> Hub:
@@ -82,11 +114,13 @@ def install_signal_handlers() -> None:
     _handlers_installed_pid = os.getpid()
 
     def reload() -> None:
+        _start_draining()
         close_all(Disconnect.RESTART)
         close_all_streams(Disconnect.RESTART)
         close_presence()
 
     def shutdown() -> None:
+        _start_draining()
         close_all(Disconnect.SHUTDOWN)
         close_all_streams(Disconnect.SHUTDOWN)
         close_presence()

@@ -49,6 +49,7 @@ from django.http import HttpResponse, HttpResponseBadRequest, HttpResponseServer
 from django.urls import Resolver404, ResolverMatch, get_resolver
 
 from . import conf
+from .addresses import client_address
 from .core.protocol import parse_ascii_int
 from .core.rates import cooldowns
 from .views import DIRECT_API_VIEWS, UPGRADED, Upgraded, WebSocketView
@@ -96,7 +97,7 @@ class OffloadWSGIHandler(WSGIHandler):
             start_response("400 Bad Request", [("Content-Type", "application/json"), *_NOSNIFF])
             return [_BAD_LENGTH]
         if environ.get("HTTP_UPGRADE", "").lower() == "websocket":
-            cooldown = cooldowns.remaining(environ.get("REMOTE_ADDR", ""))
+            cooldown = cooldowns.remaining(client_address(environ))
             if cooldown:  # this address flooded a socket moments ago: refuse it before any work
                 start_response("429 Too Many Requests", [("Retry-After", str(ceil(cooldown))), *_PLAIN])
                 return [b"too many frames from this address: wait before reconnecting\n"]

@@ -223,6 +223,9 @@ if "OFFLOAD_SUBPROTOCOLS" in os.environ:
     OFFLOAD_SUBPROTOCOLS = tuple(_env_list("OFFLOAD_SUBPROTOCOLS", ""))
 if "OFFLOAD_ALLOWED_ORIGINS" in os.environ:
     OFFLOAD_ALLOWED_ORIGINS = _env_list("OFFLOAD_ALLOWED_ORIGINS", "")
+# Behind a load balancer: its addresses (docs/deployment.md), and the file that drains an instance.
+OFFLOAD_TRUSTED_PROXIES = _env_list("OFFLOAD_TRUSTED_PROXIES", "")
+OFFLOAD_DRAIN_FILE = os.environ.get("OFFLOAD_DRAIN_FILE") or None
 # Seconds a client may take to send its request headers (0: no bound; docs/security.md).
 if "OFFLOAD_HEADER_TIMEOUT" in os.environ:
     OFFLOAD_HEADER_TIMEOUT = float(os.environ["OFFLOAD_HEADER_TIMEOUT"])

@@ -20,12 +20,8 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import secrets
 import signal
 import socket
-import sqlite3
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -39,6 +35,7 @@ import websocket
 from offload.testing import LiveServer, RedisServer, WaitTimeout, timeout_factor, wait_for
 from tests.integration.blackhole import BlackHoleProxy
 from tests.integration.demo import DemoServer
+from tests.integration.instances import User, demo_instances
 from tests.integration.test_resilience import Subscriber, Swarm
 from tests.integration.test_sse import SseClient
 
@@ -63,65 +60,6 @@ SLACK = 1.5  # seconds of scheduling and delivery on a busy 2-core machine, beyo
 # -- users and servers ---------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class User:
-    """A demo user with a ready Django session (valid on every instance) and a connection token."""
-
-    name: str
-    pk: int
-    session: str
-    token: str
-
-    @property
-    def member(self) -> str:
-        """Its member id in presence: the user id."""
-        return str(self.pk)
-
-    @property
-    def cookie(self) -> str:
-        return f"sessionid={self.session}"
-
-
-# Run by manage.py shell on A: users user000..., and a session and a token for every user.
-_MAKE_USERS = """
-import json
-from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY
-from django.contrib.auth.hashers import make_password
-from django.contrib.auth.models import User
-from django.contrib.sessions.backends.db import SessionStore
-import offload
-password = make_password(None)  # nobody logs in with it: the sessions are made here
-User.objects.bulk_create([User(username=f"user{n:03}", password=password) for n in range(COUNT)])
-users = {}
-for user in User.objects.all():
-    session = SessionStore()
-    session[SESSION_KEY] = str(user.pk)
-    session[BACKEND_SESSION_KEY] = "django.contrib.auth.backends.ModelBackend"
-    session[HASH_SESSION_KEY] = user.get_session_auth_hash()
-    session.create()
-    users[user.username] = [user.pk, session.session_key, offload.connection_token(user, ttl=3600)]
-print(json.dumps(users))
-"""
-
-
-def make_users(server: LiveServer, count: int) -> dict[str, User]:
-    command = [sys.executable, "manage.py", "shell", "-c", _MAKE_USERS.replace("COUNT", str(count))]
-    out = subprocess.run(command, cwd=server.project_dir, env=server.env, capture_output=True, check=True).stdout
-    made = json.loads(out.splitlines()[-1])  # the shell may say what it imported first
-    return {name: User(name, pk, session, token) for name, (pk, session, token) in made.items()}
-
-
-def copy_database(source: LiveServer, target: LiveServer) -> None:
-    """The same users and sessions on ``target`` (SQLite's online backup: the WAL included)."""
-    src = sqlite3.connect(source.var_dir / "db.sqlite3")
-    dst = sqlite3.connect(target.var_dir / "db.sqlite3")
-    try:
-        src.backup(dst)
-    finally:
-        src.close()
-        dst.close()
-
-
 @dataclass
 class Cluster:
     a: DemoServer  # two workers
@@ -137,26 +75,25 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> Iterator[Cluster]:
     redis = RedisServer(tmp_path_factory.mktemp("presence-redis")).start()
-    env = {"DJANGO_SECRET_KEY": secrets.token_urlsafe(50), **TIMINGS}
-
-    def instance(name: str, **extra: str) -> DemoServer:
-        return DemoServer(tmp_path_factory.mktemp(f"presence-{name}"), env={**env, **extra}, redis_url=redis.url)
-
-    a, b, r = instance("a", WORKERS="2"), instance("b", WORKERS="1"), instance("r", WORKERS="2")
     started: list[LiveServer] = []
+    r = None
     try:
-        a.prepare()
-        users = make_users(a, STORM)
-        for other in (b, r):
-            other.prepare()
-            copy_database(a, other)
+        servers, users = demo_instances(
+            tmp_path_factory,
+            redis,
+            {"a": {"WORKERS": "2"}, "b": {"WORKERS": "1"}, "r": {"WORKERS": "2"}},
+            users=STORM,
+            env=TIMINGS,
+        )
+        a, b, r = servers["a"], servers["b"], servers["r"]
         for server in (a, b):
             server.start()
             started.append(server)
         yield Cluster(a, b, r, redis, users)
     finally:
         for server in (r, *started):
-            server.stop()
+            if server is not None:
+                server.stop()
         redis.stop()
 
 

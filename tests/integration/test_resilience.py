@@ -30,6 +30,7 @@ import threading
 import time
 from array import array
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -292,10 +293,17 @@ class Swarm(threading.Thread):
     """
 
     def __init__(
-        self, port: int, subscribers: list[Subscriber], max_connecting: int = 128, seed: int = 0, cookie: str = ""
+        self,
+        port: int,
+        subscribers: list[Subscriber],
+        max_connecting: int = 128,
+        seed: int = 0,
+        cookie: str = "",
+        source: Callable[[Subscriber], str] | None = None,
     ) -> None:
         super().__init__(daemon=True)
         self.port = port
+        self.source = source  # the local address each subscriber connects from (default: any)
         self.cookie = f"Cookie: {cookie}\r\n" if cookie else ""
         self.subs = subscribers
         self.max_connecting = max_connecting
@@ -357,6 +365,8 @@ class Swarm(threading.Thread):
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.source is not None:
+            sock.bind((self.source(sub), 0))
         err = sock.connect_ex(("127.0.0.1", self.port))
         sub.sock, sub.rbuf, sub.wbuf = sock, bytearray(), bytearray()
         sub.connects += 1
