@@ -413,6 +413,19 @@ def healthz(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"status": "ok", "redis": "up"})
 
 
+def _hub_connected(hub: worker.Hub) -> bool:
+    """Is the hub subscribed, waiting (without blocking the loop) up to ``OFFLOAD_REDIS_TIMEOUT``?
+
+    A worker starts its hub on first use, and a fresh worker's first use is
+    often a health check: Redis answered the ping just before, so the hub
+    connects within milliseconds, and a check that said 503 instead would
+    take a healthy worker out of the balancer for nothing."""
+    deadline = time.monotonic() + conf.get("OFFLOAD_REDIS_TIMEOUT")
+    while not hub.connected and time.monotonic() < deadline:
+        gevent.sleep(0.01)
+    return hub.connected
+
+
 def readyz(request: HttpRequest) -> JsonResponse:
     """Readiness, for a load balancer's health checks: may this worker take new clients?
 
@@ -428,7 +441,7 @@ def readyz(request: HttpRequest) -> JsonResponse:
             get_client().ping()
         except REDIS_ERRORS as exc:
             why = f"redis: {exc}"
-    if why is None and not worker.hub(uwsgi.worker_id() if uwsgi is not None else 0).connected:
+    if why is None and not _hub_connected(worker.hub(uwsgi.worker_id() if uwsgi is not None else 0)):
         why = "hub: not subscribed to Redis yet"
     if why is not None:
         return JsonResponse({"status": "unready", "reason": why}, status=503, headers={"Cache-Control": "no-store"})

@@ -2,7 +2,7 @@
 
 They share the secret key and a copy of one database, so one session cookie
 (and one connection token) works on every instance. test_presence and
-test_load_balancer set up their instances with :func:`demo_instances`.
+test_load_balancer set up their instances with :func:`running_instances`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import secrets
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from offload.testing import LiveServer, RedisServer
@@ -108,3 +109,29 @@ def demo_instances(
         other.prepare()
         copy_database(first, other)
     return servers, made
+
+
+@contextmanager
+def running_instances(
+    tmp_path_factory,
+    envs: Mapping[str, Mapping[str, str]],
+    *,
+    start: Iterable[str],
+    users: int = 0,
+    env: Mapping[str, str] | None = None,
+) -> Iterator[tuple[RedisServer, dict[str, DemoServer], dict[str, User]]]:
+    """A redis-server and :func:`demo_instances` on it, the instances named in ``start`` started.
+
+    Every instance (started here or later by the test) and the Redis are stopped on exit.
+    """
+    redis = RedisServer(tmp_path_factory.mktemp("instances-redis")).start()
+    servers: dict[str, DemoServer] = {}
+    try:
+        servers, made = demo_instances(tmp_path_factory, redis, envs, users=users, env=env)
+        for name in start:
+            servers[name].start()
+        yield redis, servers, made
+    finally:
+        for server in servers.values():
+            server.stop()
+        redis.stop()

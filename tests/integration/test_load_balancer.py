@@ -38,7 +38,7 @@ import pytest
 
 from offload.testing import HandshakeError, LiveServer, RedisServer, WebSocketClient, free_port, wait_for
 from tests.integration.demo import DemoServer
-from tests.integration.instances import demo_instances
+from tests.integration.instances import running_instances
 from tests.integration.test_resilience import Publisher, Subscriber, Swarm, check_log, delivery_report, wait_caught_up
 from tests.integration.test_sse import SseClient
 
@@ -74,7 +74,7 @@ class HAProxy:
             self.proc = subprocess.Popen(
                 [HAPROXY, "-db", "-f", str(CONFIG)], env=self.env, stdout=log, stderr=subprocess.STDOUT
             )
-        wait_for(lambda: self.status("app1") == "UP" and self.status("app2") == "UP", 30, "HAProxy: both servers UP")
+        wait_for(lambda: all(self.checked_up(name) for name in SERVERS), 30, "HAProxy: both servers checked and UP")
         return self
 
     def stop(self) -> None:
@@ -103,6 +103,11 @@ class HAProxy:
     def status(self, name: str) -> str:
         return self.stats()[name]["status"].split()[0]  # "UP", "DOWN", "UP 1/2" (going down), ...
 
+    def checked_up(self, name: str) -> bool:
+        """UP after a passed check (a server is "UP" before its first check, with check status INI)."""
+        row = self.stats()[name]
+        return row["status"] == "UP" and row["check_status"] == "L7OK"
+
     def sessions(self, name: str) -> int:
         """Connections HAProxy sent to that server so far (health checks not included)."""
         return int(self.stats()[name]["stot"])
@@ -121,29 +126,19 @@ class Site:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Iterator[Site]:
-    redis = RedisServer(tmp_path_factory.mktemp("lb-redis")).start()
-    started: list[LiveServer] = []
-    lb = None
-    try:
-        servers, _ = demo_instances(
-            tmp_path_factory,
-            redis,
-            {"a": {"WORKERS": "2"}, "b": {"WORKERS": "1"}},
-            env={"OFFLOAD_TRUSTED_PROXIES": "127.0.0.1", "OFFLOAD_MAX_CONNECTIONS_PER_IP": str(CAP)},
-        )
-        for server in servers.values():
-            server.env["OFFLOAD_DRAIN_FILE"] = str(server.var_dir / "drain")
-            server.start()
-            started.append(server)
+    drains = tmp_path_factory.mktemp("drain")  # each instance's OFFLOAD_DRAIN_FILE
+    envs = {"a": {"WORKERS": "2"}, "b": {"WORKERS": "1"}}
+    for name, own in envs.items():
+        own["OFFLOAD_DRAIN_FILE"] = str(drains / name)
+    common = {"OFFLOAD_TRUSTED_PROXIES": "127.0.0.1", "OFFLOAD_MAX_CONNECTIONS_PER_IP": str(CAP)}
+    with running_instances(tmp_path_factory, envs, start=envs, env=common) as (redis, servers, _):
         lb = HAProxy(tmp_path_factory.mktemp("haproxy"), servers["a"], servers["b"]).start()
-        yield Site(servers["a"], servers["b"], lb, redis)
-    finally:
-        if lb is not None:
+        try:
+            yield Site(servers["a"], servers["b"], lb, redis)
+        finally:
             lb.stop()
-        for server in started:
-            check_log(server)
-            server.stop()
-        redis.stop()
+            for server in servers.values():
+                check_log(server)
 
 
 def ws_through(site: Site, path: str, source: str, headers: dict[str, str] | None = None) -> WebSocketClient:
@@ -245,7 +240,7 @@ def drain_and_reload(site: Site, name: str, publisher: Publisher, swarm: Swarm, 
     """Drain one instance, check it gets no new connection, reload it, wait until it is back in."""
     server, other = site.instance(name), next(n for n in SERVERS if n != name)
     started = time.monotonic()
-    (server.var_dir / "drain").touch()
+    Path(server.env["OFFLOAD_DRAIN_FILE"]).touch()
     status, body = readyz(server)
     assert status == 503 and body["reason"].startswith("draining"), body
     wait_for(lambda: site.lb.status(name) == "DOWN", 15, f"HAProxy to take {name} out")
@@ -265,7 +260,7 @@ def drain_and_reload(site: Site, name: str, publisher: Publisher, swarm: Swarm, 
     os.kill(server.proc.pid, signal.SIGHUP)
     server.wait_for_new_workers(old, 30)
     wait_for(lambda: readyz(server)[0] == 200, 30, f"{name} ready after its reload")
-    wait_for(lambda: site.lb.status(name) == "UP", 15, f"HAProxy to put {name} back")
+    wait_for(lambda: site.lb.checked_up(name), 15, f"HAProxy to put {name} back")
     back_at = time.monotonic()
     wait_for(swarm.all_live, 30, "every client back after the reload")
     moved = [s for s in subs if any(t >= hup_at for t, _ in s.closes)]

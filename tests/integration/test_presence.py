@@ -35,7 +35,7 @@ import websocket
 from offload.testing import LiveServer, RedisServer, WaitTimeout, timeout_factor, wait_for
 from tests.integration.blackhole import BlackHoleProxy
 from tests.integration.demo import DemoServer
-from tests.integration.instances import User, demo_instances
+from tests.integration.instances import User, running_instances
 from tests.integration.test_resilience import Subscriber, Swarm
 from tests.integration.test_sse import SseClient
 
@@ -74,27 +74,10 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> Iterator[Cluster]:
-    redis = RedisServer(tmp_path_factory.mktemp("presence-redis")).start()
-    started: list[LiveServer] = []
-    r = None
-    try:
-        servers, users = demo_instances(
-            tmp_path_factory,
-            redis,
-            {"a": {"WORKERS": "2"}, "b": {"WORKERS": "1"}, "r": {"WORKERS": "2"}},
-            users=STORM,
-            env=TIMINGS,
-        )
-        a, b, r = servers["a"], servers["b"], servers["r"]
-        for server in (a, b):
-            server.start()
-            started.append(server)
-        yield Cluster(a, b, r, redis, users)
-    finally:
-        for server in (r, *started):
-            if server is not None:
-                server.stop()
-        redis.stop()
+    envs = {"a": {"WORKERS": "2"}, "b": {"WORKERS": "1"}, "r": {"WORKERS": "2"}}
+    with running_instances(tmp_path_factory, envs, start=("a", "b"), users=STORM, env=TIMINGS) as running:
+        redis, servers, users = running
+        yield Cluster(servers["a"], servers["b"], servers["r"], redis, users)
 
 
 def fresh_channel(kind: str) -> str:
