@@ -3,7 +3,8 @@
 Instance A (two workers) and B (one worker) share one redis-server, the secret
 key and the database (tests/integration/instances.py). HAProxy checks
 ``/readyz`` on each; the instances trust it (``OFFLOAD_TRUSTED_PROXIES``), so
-per-client limits count the address HAProxy forwards for. Clients connect
+per-client limits (the connection cap, login throttling) count the address
+HAProxy forwards for. Clients connect
 from distinct loopback addresses (127.0.0.2, ...), so the balancer (127.0.0.1)
 and each client are told apart, as on a real network.
 
@@ -18,7 +19,9 @@ ends with every acknowledged message exactly once.
 from __future__ import annotations
 
 import csv
+import http.client
 import io
+import itertools
 import json
 import os
 import shutil
@@ -28,10 +31,12 @@ import subprocess
 import time
 import types
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http.cookies import SimpleCookie
 from pathlib import Path
 
 import pytest
@@ -48,6 +53,7 @@ CONFIG = Path(__file__).resolve().parents[2] / "docs" / "deploy" / "haproxy.cfg"
 # Debian's package puts it in /usr/sbin, which a non-root PATH may lack (bin/system-deps installs it).
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 CAP = 3  # websockets per client address, across both instances
+LOGIN_FAILURES = 3  # failed logins per client address before 429 (counted in Redis)
 SWARM = 24  # clients through the balancer during the rolling restart
 SERVERS = {"app1": "a", "app2": "b"}  # HAProxy's server names in the shipped config -> our instances
 
@@ -130,7 +136,11 @@ def site(tmp_path_factory) -> Iterator[Site]:
     envs = {"a": {"WORKERS": "2"}, "b": {"WORKERS": "1"}}
     for name, own in envs.items():
         own["OFFLOAD_DRAIN_FILE"] = str(drains / name)
-    common = {"OFFLOAD_TRUSTED_PROXIES": "127.0.0.1", "OFFLOAD_MAX_CONNECTIONS_PER_IP": str(CAP)}
+    common = {
+        "OFFLOAD_TRUSTED_PROXIES": "127.0.0.1",
+        "OFFLOAD_MAX_CONNECTIONS_PER_IP": str(CAP),
+        "LOGIN_FAILURES_PER_IP": str(LOGIN_FAILURES),
+    }
     with running_instances(tmp_path_factory, envs, start=envs, env=common) as (redis, servers, _):
         lb = HAProxy(tmp_path_factory.mktemp("haproxy"), servers["a"], servers["b"]).start()
         try:
@@ -231,6 +241,37 @@ def test_the_per_address_cap_holds_across_instances_through_the_balancer(site):
         return True
 
     wait_for(admitted_again, 15, "a slot freed by a close to admit the client again")
+
+
+def request_through(site: Site, source: str, method: str, path: str, body: str | None = None, headers=None):
+    """One HTTP request through the balancer from ``source`` (uWSGI closes each connection after its answer)."""
+    conn = http.client.HTTPConnection("127.0.0.1", site.lb.port, timeout=10, source_address=(source, 0))
+    try:
+        conn.request(method, path, body, headers or {})
+        answer = conn.getresponse()
+        answer.read()
+        return answer
+    finally:
+        conn.close()
+
+
+def login_failure(site: Site, source: str, username: str, forwarded_for: str | None = None) -> int:
+    """One failed login through the balancer from ``source``: 200 (the form again) or 429 (throttled)."""
+    page = request_through(site, source, "GET", "/accounts/login/")
+    token = SimpleCookie(", ".join(page.headers.get_all("Set-Cookie")))["csrftoken"].value
+    form = urllib.parse.urlencode({"csrfmiddlewaretoken": token, "username": username, "password": "wrong"})
+    headers = {"Content-Type": "application/x-www-form-urlencoded", "Cookie": f"csrftoken={token}"}
+    if forwarded_for:
+        headers["X-Forwarded-For"] = forwarded_for
+    return request_through(site, source, "POST", "/accounts/login/", form, headers).status
+
+
+def test_login_throttling_counts_the_client_behind_the_balancer(site):
+    names = (f"nobody-{uuid.uuid4().hex[:8]}-{n}" for n in itertools.count())  # the per-account limit stays out of it
+    assert [login_failure(site, "127.0.0.4", next(names)) for _ in range(LOGIN_FAILURES)] == [200] * LOGIN_FAILURES
+    assert login_failure(site, "127.0.0.4", next(names)) == 429
+    assert login_failure(site, "127.0.0.4", next(names), "198.51.100.8") == 429
+    assert login_failure(site, "127.0.0.5", next(names)) == 200  # another client behind the same balancer
 
 
 # -- the rolling restart ---------------------------------------------------------------------------
