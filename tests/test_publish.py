@@ -23,7 +23,7 @@ def test_publish_returns_increasing_ids_and_stores_history(redis_client):
 
 def test_publish_is_delivered_with_its_id_on_pubsub(redis_client):
     pubsub = redis_client.pubsub()
-    pubsub.subscribe(redis_client_channel := "offload:c:public:live")
+    pubsub.subscribe(redis_client_channel := "offload:c:{public:live}")
     pubsub.get_message(timeout=1)
     message_id = offload.publish("public:live", ["é", 1])
     message = pubsub.get_message(timeout=2)
@@ -81,7 +81,7 @@ def test_a_retried_publish_call_is_not_published_twice(redis_client):
     from offload.backend.redis_client import pubsub_channel, script
 
     args = dict(
-        keys=[history_key("public:retry"), "offload:pub:same-call"],
+        keys=[history_key("public:retry"), "offload:pub:{public:retry}:same-call"],
         args=[pubsub_channel("public:retry"), '"x"', 100, 3600],
     )
     first, again = script("publish")(**args), script("publish")(**args)

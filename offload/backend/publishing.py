@@ -23,7 +23,7 @@ from .. import conf
 from ..core.protocol import encode_data
 from ..exceptions import BackendUnavailable, LimitExceeded, OffloadError, OutcomeUnknown
 from ..policies import namespace_of
-from .redis_client import REDIS_ERRORS, history_key, pubsub_channel, script
+from .redis_client import REDIS_ERRORS, history_key, publish_token_key, pubsub_channel, script, topology
 
 __all__ = ["publish", "publish_json"]
 
@@ -108,11 +108,12 @@ def _check(channel: str, data_json: str) -> conf.Namespace:
 
 def _send(channel: str, data_json: str, ns: conf.Namespace) -> str:
     """Run the publish script: append to the history stream and publish, atomically."""
-    token_key = f"{conf.get('OFFLOAD_REDIS_PREFIX')}pub:{uuid.uuid4().hex}"
+    token_key = publish_token_key(channel, uuid.uuid4().hex)
+    sharded = 1 if topology() == "cluster" else 0  # SPUBLISH: the message goes to its shard only
     try:
         message_id = script("publish")(
             keys=[history_key(channel), token_key],
-            args=[pubsub_channel(channel), data_json, ns.history_size, ns.history_ttl],
+            args=[pubsub_channel(channel), data_json, ns.history_size, ns.history_ttl, sharded],
         )
     except redis.TimeoutError as exc:
         # Redis may have run the script after all: say so, never "not published".

@@ -24,7 +24,7 @@ import uuid
 import redis
 
 from .. import conf
-from .redis_client import REDIS_ERRORS, get_client, script
+from .redis_client import REDIS_ERRORS, get_client, script, topology
 
 __all__ = ["ConnectionSlots"]
 
@@ -107,17 +107,24 @@ class _SlotBroker:
             (key, limit, stale_after, [batch[i][1].member for i in indexes])
             for (key, limit, stale_after), indexes in acquires.items()
         ]
+        cluster = topology() == "cluster"  # a cluster pipeline refuses EVALSHA: one script call per IP key
         try:
             pipe = get_client().pipeline(transaction=False)
             for key, members in releases.items():
                 pipe.zrem(key, *members)
             for key, scores in refreshes.items():
                 pipe.zadd(key, scores, xx=True)
-            for key, limit, stale_after, members in calls:
-                pipe.evalsha(acquire.sha, 1, key, *_script_args(now, limit, stale_after), *members)
-            replies = pipe.execute(raise_on_error=False)
+            if not cluster:
+                for key, limit, stale_after, members in calls:
+                    pipe.evalsha(acquire.sha, 1, key, *_script_args(now, limit, stale_after), *members)
+            replies = pipe.execute(raise_on_error=False) if len(pipe) else []
         except REDIS_ERRORS:
             return answers  # availability first: Redis down must not lock everyone out
+        if cluster:
+            replies += [
+                _call_script(acquire, key, [*_script_args(now, limit, stale_after), *members])
+                for key, limit, stale_after, members in calls
+            ]
         for reply in replies[: len(releases) + len(refreshes)]:
             if isinstance(reply, Exception):
                 log.warning("slot release/heartbeat failed: %s", reply)
@@ -135,6 +142,14 @@ class _SlotBroker:
             for index, taken in zip(indexes, reply, strict=True):
                 answers[index] = bool(taken)
         return answers
+
+
+def _call_script(acquire, key: str, args: list):
+    """One acquire call on its own (Redis Cluster); the reply, or the error as a value like a pipeline's."""
+    try:
+        return acquire(keys=[key], args=args)
+    except (*REDIS_ERRORS, redis.RedisError) as exc:
+        return exc
 
 
 def _script_args(now: float, limit: int, stale_after: float) -> list:

@@ -42,6 +42,7 @@ from collections.abc import Iterator
 import pytest
 
 from .servers import HttpSession, LiveServer, RedisServer, default_project_dir, redis_server_binary
+from .topologies import LocalRedisCluster, LocalRedisSentinel
 from .waiting import TcpConnection, WaitTimeout, free_port, tcp_connections, timeout_factor, wait_for
 from .websocket import ConnectionClosed, HandshakeError, RawFrame, WebSocketClient, frame
 
@@ -50,6 +51,8 @@ __all__ = [
     "HandshakeError",
     "HttpSession",
     "LiveServer",
+    "LocalRedisCluster",
+    "LocalRedisSentinel",
     "RawFrame",
     "RedisServer",
     "TcpConnection",

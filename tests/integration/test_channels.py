@@ -235,7 +235,7 @@ def test_many_sockets_in_one_worker_share_one_redis_subscription(offload_server)
     for ws in sockets:
         assert recv(ws)["type"] == "subscribed"
     redis = offload_server.redis()
-    assert dict(redis.pubsub_numsub("offload:c:public:many"))[b"offload:c:public:many"] == 1
+    assert dict(redis.pubsub_numsub("offload:c:{public:many}"))[b"offload:c:{public:many}"] == 1
     # One pub/sub connection for the whole worker (the hub), not one per socket.
     assert len(redis.client_list(_type="pubsub")) == 1
     assert len(offload_server.worker_pids()) == 1
@@ -248,7 +248,7 @@ def test_many_sockets_in_one_worker_share_one_redis_subscription(offload_server)
         ws.close()
     # When the last local socket leaves, the hub unsubscribes in Redis.
     wait_for(
-        lambda: dict(redis.pubsub_numsub("offload:c:public:many"))[b"offload:c:public:many"] == 0,
+        lambda: dict(redis.pubsub_numsub("offload:c:{public:many}"))[b"offload:c:{public:many}"] == 0,
         10,
         "the hub to unsubscribe",
     )
@@ -309,7 +309,7 @@ def test_http_publish_api_refuses_bad_requests_clearly(offload_server, method, c
     assert got == status, payload
     if code:
         assert json.loads(payload)["error"] == code
-    assert offload_server.redis().keys("offload:h:public:x") == []
+    assert offload_server.redis().keys("offload:h:{public:x}") == []
 
 
 def test_http_publish_api_is_disabled_without_a_key(tmp_path):

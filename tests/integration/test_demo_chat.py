@@ -81,7 +81,7 @@ def page_config(session, room: str = "general") -> tuple[str, dict]:
 
 
 def history_ids(server, channel: str) -> list[str]:
-    return [mid.decode() for mid, _ in server.redis().xrange(f"offload:h:{channel}")]
+    return [mid.decode() for mid, _ in server.redis().xrange(f"offload:h:{{{channel}}}")]
 
 
 def test_a_message_published_over_the_websocket_is_saved_by_the_hook_and_rendered_with_the_page(server, alice, bob):
@@ -171,7 +171,7 @@ def test_typing_is_an_rpc_that_stamps_the_username_on_a_short_lived_channel(serv
         message = recv(listener)
         assert message["channel"] == "typing:general" and message["data"] == {"user": "alice"}
     assert len(history_ids(server, "typing:general")) == 1  # history_size 1
-    assert 0 < server.redis().ttl("offload:h:typing:general") <= 10
+    assert 0 < server.redis().ttl("offload:h:{typing:general}") <= 10
     # Clients cannot publish there themselves: only the RPC can.
     send(caller, type="publish", channel="typing:general", data={"user": "carol"}, ref="forged")
     assert recv(caller)["code"] == "publish_forbidden"

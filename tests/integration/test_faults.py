@@ -59,7 +59,7 @@ def test_redis_restart_keeps_sockets_open_fails_fast_and_loses_nothing(stack):
     # Published before the hub has resubscribed: only history has it, and the
     # socket must still get it (re-sync after the outage), then live ones.
     ids = [server.publish("public:outage", n) for n in range(3)]
-    name = b"offload:c:public:outage"
+    name = b"offload:c:{public:outage}"
     wait_for(lambda: dict(server.redis().pubsub_numsub(name))[name] == 1, 10, "the hub to resubscribe in Redis")
     ids.append(server.publish("public:outage", "live again"))
     got = [recv(ws) for _ in range(4)]

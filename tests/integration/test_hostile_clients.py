@@ -46,9 +46,9 @@ def server(tmp_path_factory):
 
 def publish_direct(server: LiveServer, channel: str, data: str, history: int = 100) -> str:
     """Publish with the library's Lua script straight into the server's Redis (no HTTP in the way)."""
-    token = f"offload:pub:test-{os.urandom(8).hex()}"
+    token = f"offload:pub:{{{channel}}}:test-{os.urandom(8).hex()}"
     mid = server.redis().eval(
-        PUBLISH_LUA, 2, f"offload:h:{channel}", token, f"offload:c:{channel}", data, history, 3600
+        PUBLISH_LUA, 2, f"offload:h:{{{channel}}}", token, f"offload:c:{{{channel}}}", data, history, 3600
     )
     return mid.decode()
 

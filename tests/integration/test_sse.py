@@ -116,7 +116,7 @@ class SseClient:
 
 
 def numsub(server: LiveServer, channel: str) -> int:
-    name = f"offload:c:{channel}".encode()
+    name = f"offload:c:{{{channel}}}".encode()
     return dict(server.redis().pubsub_numsub(name))[name]
 
 

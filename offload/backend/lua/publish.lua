@@ -13,6 +13,11 @@
 -- ARGV[2]  data, as JSON text
 -- ARGV[3]  history size (MAXLEN, exact)
 -- ARGV[4]  history time-to-live in seconds (reset by every publish)
+-- ARGV[5]  "1": SPUBLISH (Redis Cluster: sharded pub/sub, the message stays on
+--          its shard), else PUBLISH. Absent means PUBLISH.
+--
+-- Both keys and the pub/sub channel carry the channel as their hash tag, so in
+-- a Cluster the script runs on one shard.
 -- returns  the message id, "<ms>-<seq>"
 local prior = redis.call('GET', KEYS[2])
 if prior then
@@ -21,5 +26,5 @@ end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[3], '*', 'd', ARGV[2])
 redis.call('SET', KEYS[2], id, 'EX', 60)
 redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('PUBLISH', ARGV[1], id .. ' ' .. ARGV[2])
+redis.call(ARGV[5] == '1' and 'SPUBLISH' or 'PUBLISH', ARGV[1], id .. ' ' .. ARGV[2])
 return id
