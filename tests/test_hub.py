@@ -10,6 +10,7 @@ import pytest
 import offload
 from offload.backend.hub import Hub
 from offload.core.protocol import parse_stream_id
+from offload.testing import timeout_factor
 from tests.test_direct_writes import read_exactly, socket_pair
 
 
@@ -31,7 +32,8 @@ class Recorder:
 
 
 def wait_until(predicate, timeout=5.0):
-    deadline = gevent.get_hub().loop.now() + timeout
+    """Wait on the hub's loop (gevent.sleep: the hub runs meanwhile), the budget scaled for slow machines."""
+    deadline = gevent.get_hub().loop.now() + timeout * timeout_factor()
     while not predicate():
         if gevent.get_hub().loop.now() > deadline:
             raise AssertionError("condition not reached")
@@ -187,3 +189,18 @@ def test_hub_writes_directly_until_the_channel_is_lost(hub, redis_client):
     hub.unsubscribe(direct, channel)
     hub.unsubscribe(other, channel)
     assert hub.last_fanned_out(channel) is None
+
+
+def test_control_commands_reach_every_hub_of_the_process_through_one_link(hub):
+    from offload.backend.hub import on_control, send_control
+
+    other = Hub(worker_id=2)
+    try:
+        wait_until(lambda: other.connected)
+        got = []
+        on_control(got.append)
+        send_control({"probe": "single"})
+        wait_until(lambda: got.count({"probe": "single"}) == 2)  # one per hub
+        assert len(hub.links) == len(other.links) == 1
+    finally:
+        other.close()

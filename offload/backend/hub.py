@@ -3,19 +3,23 @@
 Theory of operation
 -------------------
 Every websocket of a worker registers its channels with the worker's single
-:class:`Hub`. The hub keeps one Redis pub/sub connection and SUBSCRIBEs to a
-channel while at least one local socket wants it, UNSUBSCRIBEs when the last
-one leaves. One greenlet owns that connection: it wakes when the socket is
-readable or when local interest changed, sends the (un)subscribe commands,
-then drains *every* buffered reply (redis-py buffers them, so reading one per
-wake-up would leave messages stuck) and hands each message to the local
-subscribers of its channel.
+:class:`Hub`. The hub SUBSCRIBEs to a channel while at least one local socket
+wants it, UNSUBSCRIBEs when the last one leaves, and hands each message to
+the local subscribers of its channel. The Redis side is a *link*
+(:mod:`.hub_link`): one pub/sub connection and the greenlet that owns it,
+waking when the socket is readable or local interest changed, sending the
+(un)subscribe commands, then draining *every* buffered reply. With one Redis
+(or a Sentinel-watched master) the hub has one link; in a Redis Cluster one
+per shard master, with sharded pub/sub, each channel on the link of its
+slot's master (:mod:`.hub_cluster`, which follows migrations and failovers).
 
 A subscriber learns, through callbacks, when its channel's Redis subscription
 is confirmed (``channel_ready``: from now on nothing is missed, so it may read
 history) and when it was lost with the connection (``channel_lost``: a gap may
 open, so it must re-read history after ``channel_ready``). After a Redis
-failure the hub reconnects with backoff and resubscribes everything.
+failure the link reconnects with backoff and resubscribes everything; in a
+Cluster a slot that moved loses only its channels, which are subscribed on
+their new master.
 
 Acks: Redis answers every SUBSCRIBE/UNSUBSCRIBE in order. A channel is ready
 when all commands sent for it are acknowledged and the last one was SUBSCRIBE.
@@ -49,28 +53,21 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import time
 from collections.abc import Callable
 from typing import Protocol
-
-import gevent
-import gevent.event
 
 from ..core.cursor import Entry, make_entry
 from ..core.protocol import StreamId
 from ..exceptions import BackendUnavailable
 from .history import read_tip
-from .redis_client import REDIS_ERRORS, channel_of, get_client, new_client, pubsub_channel
+from .hub_cluster import ClusterRoutes
+from .hub_link import CONTROL, Link
+from .redis_client import REDIS_ERRORS, channel_of, get_client, new_client, pubsub_channel, topology
 
 __all__ = ["NOTICE", "DirectSocket", "Hub", "Subscriber", "on_control", "publish_notice", "send_control"]
 
 log = logging.getLogger("offload.backend.hub")
 
-_CONTROL = "ctl"
-_IDLE_PING = 5.0  # seconds of silence before the hub pings Redis
-_BACKOFF = (0.05, 0.1, 0.2, 0.3, 0.5)  # short: live delivery must resume before history (the gap filler) is trimmed
-_MAX_BATCH = 256  # messages fanned out together at most
 _UNKNOWN = object()
 #: The id part of a notice published on a channel (a message's is its stream id): see publish_notice.
 NOTICE = b"p"
@@ -91,7 +88,7 @@ def send_control(command: dict) -> None:
         BackendUnavailable: Redis is down; the command reached nobody.
     """
     try:
-        get_client().publish(pubsub_channel(_CONTROL), json.dumps(command, separators=(",", ":")))
+        _publish(pubsub_channel(CONTROL), json.dumps(command, separators=(",", ":")).encode())
     except REDIS_ERRORS as exc:
         raise BackendUnavailable(f"Redis is unavailable: {exc}") from exc
 
@@ -104,9 +101,18 @@ def publish_notice(channel: str, text: str) -> None:
         BackendUnavailable: Redis is down; nobody got it.
     """
     try:
-        get_client().publish(pubsub_channel(channel), NOTICE + b" " + text.encode())
+        _publish(pubsub_channel(channel), NOTICE + b" " + text.encode())
     except REDIS_ERRORS as exc:
         raise BackendUnavailable(f"Redis is unavailable: {exc}") from exc
+
+
+def _publish(name: str, payload: bytes) -> None:
+    """PUBLISH, or SPUBLISH in a Cluster (the hubs subscribe per shard there)."""
+    client = get_client()
+    if topology() == "cluster":
+        client.spublish(name, payload)
+    else:
+        client.publish(name, payload)
 
 
 class Subscriber(Protocol):
@@ -144,25 +150,42 @@ class Hub:
         self._local: dict[str, dict[Subscriber, DirectSocket | None]] = {}
         self._last_fanned: dict[str, StreamId] = {}
         self._channel_json: dict[str, bytes] = {}
-        self._sent_subscribe: set[str] = set()
-        self._pending_acks: dict[str, int] = {}
         self._ready: set[str] = set()
         self._newest: dict[str, StreamId | None] = {}  # ready channels only
-        self._generation = 0  # bumped when the Redis connection is lost
-        self._wake = gevent.event.Event()
-        self._pubsub = None
-        self._control_name = b""
-        self.connected = False
+        self._generation = 0  # bumped when a channel is lost
+        self._closed_reconnects = 0  # of links retired or closed
         self.delivered = 0
-        self.reconnects = 0
-        self._greenlet = gevent.spawn(self._run)
+        self._cluster = topology() == "cluster"
+        if self._cluster:
+            self._routes = ClusterRoutes(self)
+            self._link: Link | None = None
+        else:  # one link, whose wanted channels are exactly the local ones
+            self._link = Link(
+                self, self._local, lambda: new_client(1, retries=0).pubsub(ignore_subscribe_messages=False)
+            )
 
     def close(self) -> None:
-        """Stop the hub: its greenlet ends and its Redis connection closes.
+        """Stop the hub: its greenlets end and its Redis connections close.
         Subscribers are not told (the process is ending, or a test is)."""
-        self._greenlet.kill()
         self._local.clear()
-        self._disconnect()
+        for link in self.links:
+            link.close()
+        if self._cluster:
+            self._routes.close()
+
+    @property
+    def links(self) -> list[Link]:
+        """The hub's pub/sub connections: one, or one per Cluster master."""
+        return [self._link] if self._link is not None else list(self._routes.links.values())
+
+    @property
+    def connected(self) -> bool:
+        links = self.links
+        return bool(links) and all(link.connected for link in links)
+
+    @property
+    def reconnects(self) -> int:
+        return self._closed_reconnects + sum(link.reconnects for link in self.links)
 
     # -- called by subscribers ------------------------------------------------
 
@@ -172,7 +195,10 @@ class Hub:
         if subscribers is None:
             subscribers = self._local[channel] = {}
             self._channel_json[channel] = json.dumps(channel).encode()
-            self._wake.set()
+            if self._link is not None:
+                self._link.wake()
+            else:
+                self._routes.add(channel)
         subscribers.setdefault(subscriber, None)
         if channel in self._ready:
             subscriber.channel_ready(channel)
@@ -186,7 +212,10 @@ class Hub:
             del self._local[channel]
             self._channel_json.pop(channel, None)
             self._last_fanned.pop(channel, None)
-            self._wake.set()
+            if self._link is not None:
+                self._link.wake()
+            else:
+                self._routes.remove(channel)
 
     def write_directly_to(self, subscriber: Subscriber, channel: str, ws: DirectSocket) -> None:
         """Write ``channel``'s messages straight to ``ws`` instead of calling
@@ -241,129 +270,41 @@ class Hub:
                 self._newest[channel] = tip
         return tip
 
-    # -- the hub greenlet -----------------------------------------------------
+    # -- called by the links (offload.backend.hub_link) ---------------------
 
-    def _run(self) -> None:
-        failures = 0
-        while True:
-            try:
-                self._connect()
-                failures = 0
-                self._serve()
-            except gevent.GreenletExit:
-                raise
-            except Exception as exc:  # Redis down, or a bug: never let the hub die.
-                if not isinstance(exc, REDIS_ERRORS):
-                    log.exception("hub error")
-                else:
-                    log.warning("hub lost Redis: %s", exc)
-                self._disconnect()
-                gevent.sleep(_BACKOFF[min(failures, len(_BACKOFF) - 1)])
-                failures += 1
+    def _channel_ready(self, channel: str) -> None:
+        self._ready.add(channel)
+        for subscriber in list(self._local.get(channel, ())):
+            subscriber.channel_ready(channel)
 
-    def _connect(self) -> None:
-        client = new_client(1, retries=0)
-        self._pubsub = client.pubsub(ignore_subscribe_messages=False)
-        # A private control channel opens the connection even with no interest.
-        self._control_name = pubsub_channel(_CONTROL).encode()
-        self._pubsub.subscribe(pubsub_channel(_CONTROL))
-        self._fd = self._pubsub.connection._sock.fileno()
-        self.connected = True
-        log.info("hub connected to Redis (pid %s)", os.getpid())
-
-    def _disconnect(self) -> None:
-        was_connected = self.connected
-        self.connected = False
-        lost = list(self._ready)
-        self._ready.clear()
-        self._newest.clear()
+    def _channels_lost(self, channels: list[str]) -> None:
+        """Their subscription is gone (a connection lost, a slot moved): a gap may open."""
+        if not channels:
+            return
         self._generation += 1
-        self._sent_subscribe.clear()
-        self._pending_acks.clear()
-        if self._pubsub is not None:
-            try:
-                self._pubsub.reset()
-            except Exception:
-                pass
-            self._pubsub = None
-        if was_connected:
-            self.reconnects += 1
-        for channel in lost:
+        for channel in channels:
+            self._ready.discard(channel)
+            self._newest.pop(channel, None)
             subscribers = self._local.get(channel, {})
             for subscriber in subscribers:  # no direct writes until re-synchronised
                 subscribers[subscriber] = None
             for subscriber in list(subscribers):
                 subscriber.channel_lost(channel)
 
-    def _serve(self) -> None:
-        watcher = gevent.get_hub().loop.io(self._fd, 1)
-        watcher.start(self._wake.set)
-        last_seen = time.monotonic()
-        ping_sent: float | None = None
-        try:
-            while True:
-                self._wake.wait(timeout=_IDLE_PING)
-                self._wake.clear()
-                self._reconcile()
-                now = time.monotonic()
-                if self._drain():
-                    last_seen, ping_sent = now, None
-                elif ping_sent is not None:
-                    if now - ping_sent >= _IDLE_PING:  # no answer: the link is dead
-                        raise ConnectionError("Redis did not answer a ping")
-                elif now - last_seen >= _IDLE_PING:
-                    self._pubsub.ping()
-                    ping_sent = now
-        finally:
-            watcher.stop()
+    def _unsubscribed(self, channel: str) -> None:
+        self._ready.discard(channel)
+        self._newest.pop(channel, None)
 
-    def _reconcile(self) -> None:
-        desired = self._local.keys()
-        to_subscribe = [c for c in desired if c not in self._sent_subscribe]
-        to_unsubscribe = [c for c in self._sent_subscribe if c not in desired]
-        if to_subscribe:
-            self._pubsub.subscribe(*[pubsub_channel(c) for c in to_subscribe])
-            for channel in to_subscribe:
-                self._sent_subscribe.add(channel)
-                self._pending_acks[channel] = self._pending_acks.get(channel, 0) + 1
-        if to_unsubscribe:
-            self._pubsub.unsubscribe(*[pubsub_channel(c) for c in to_unsubscribe])
-            for channel in to_unsubscribe:
-                self._sent_subscribe.discard(channel)
-                self._ready.discard(channel)
-                self._newest.pop(channel, None)
-                self._pending_acks[channel] = self._pending_acks.get(channel, 0) + 1
+    def _link_failed(self, link: Link) -> None:
+        if self._cluster:  # maybe a failover: ask where the slots are now
+            self._routes.refresh_soon()
 
-    def _drain(self) -> bool:
-        """Handle every reply already received. Returns True if any was.
+    def _moved(self, channels: list[str]) -> None:
+        """Cluster: these channels' slots moved; route them again once the slot map is fresh."""
+        self._routes.unroute(channels)
 
-        Messages are grouped per channel and fanned out once per group, so a
-        burst costs one write per socket rather than one per message.
-        """
-        got = False
-        get_message = self._pubsub.get_message
-        control = self._control_name
-        batch: dict[bytes, list[bytes]] = {}
-        size = 0
-        while True:
-            message = get_message(timeout=0)
-            if message is None:
-                break
-            got = True
-            kind = message["type"]
-            if kind == "message" and message["channel"] == control:
-                self._control(message["data"])
-            elif kind == "message":
-                batch.setdefault(message["channel"], []).append(message["data"])
-                size += 1
-                if size >= _MAX_BATCH:
-                    self._fan_out_batch(batch)
-                    batch, size = {}, 0
-            elif kind in ("subscribe", "unsubscribe"):
-                self._ack(channel_of(message["channel"]))
-        if batch:
-            self._fan_out_batch(batch)
-        return got
+    def _slot_of(self, channel: str) -> int:
+        return self._routes.slot_of(channel) if self._cluster else -1
 
     @staticmethod
     def _control(data: bytes) -> None:
@@ -377,23 +318,6 @@ class Hub:
                 handler(command)
             except Exception:
                 log.exception("hub: control handler failed")
-
-    def _fan_out_batch(self, batch: dict[bytes, list[bytes]]) -> None:
-        for name, payloads in batch.items():
-            self._fan_out(name, payloads)
-
-    def _ack(self, channel: str) -> None:
-        if channel == _CONTROL:
-            return
-        left = self._pending_acks.get(channel, 0) - 1
-        if left > 0:
-            self._pending_acks[channel] = left
-            return
-        self._pending_acks.pop(channel, None)
-        if channel in self._sent_subscribe and channel not in self._ready:
-            self._ready.add(channel)
-            for subscriber in list(self._local.get(channel, ())):
-                subscriber.channel_ready(channel)
 
     def _fan_out(self, name: bytes, payloads: list[bytes]) -> None:
         channel = channel_of(name)
