@@ -43,6 +43,11 @@ DEFAULTS: dict[str, Any] = {
     "OFFLOAD_REDIS_POOL_SIZE": 50,
     # Seconds to connect to / wait for Redis before failing fast.
     "OFFLOAD_REDIS_TIMEOUT": 2.0,
+    # Durability: after each publish, wait (Redis WAIT) until this many
+    # replicas have it, at most OFFLOAD_REDIS_WAIT_TIMEOUT seconds. 0: never wait
+    # (a failover may then lose the last acknowledged messages).
+    "OFFLOAD_REDIS_WAIT_REPLICAS": 0,
+    "OFFLOAD_REDIS_WAIT_TIMEOUT": 0.5,
     # namespace -> policy dict (keys: subscribe, publish, history_size, history_ttl).
     "OFFLOAD_NAMESPACES": {"public": DEFAULT_NAMESPACE},
     # Origins allowed to open a websocket. None: derived from ALLOWED_HOSTS.

@@ -23,7 +23,7 @@ from .. import conf
 from ..core.protocol import encode_data
 from ..exceptions import BackendUnavailable, LimitExceeded, OffloadError, OutcomeUnknown
 from ..policies import namespace_of
-from .redis_client import REDIS_ERRORS, history_key, publish_token_key, pubsub_channel, script, topology
+from .redis_client import REDIS_ERRORS, get_client, history_key, publish_token_key, pubsub_channel, script, topology
 
 __all__ = ["publish", "publish_json"]
 
@@ -110,17 +110,48 @@ def _send(channel: str, data_json: str, ns: conf.Namespace) -> str:
     """Run the publish script: append to the history stream and publish, atomically."""
     token_key = publish_token_key(channel, uuid.uuid4().hex)
     sharded = 1 if topology() == "cluster" else 0  # SPUBLISH: the message goes to its shard only
+    keys = [history_key(channel), token_key]
+    args = [pubsub_channel(channel), data_json, ns.history_size, ns.history_ttl, sharded]
+    replicas = conf.get("OFFLOAD_REDIS_WAIT_REPLICAS")
     try:
-        message_id = script("publish")(
-            keys=[history_key(channel), token_key],
-            args=[pubsub_channel(channel), data_json, ns.history_size, ns.history_ttl, sharded],
-        )
+        if replicas:
+            message_id = _publish_and_wait(channel, keys, args, replicas)
+        else:
+            message_id = script("publish")(keys=keys, args=args)
     except redis.TimeoutError as exc:
         # Redis may have run the script after all: say so, never "not published".
         raise OutcomeUnknown(f"Redis did not answer in time; the message may have been published: {exc}") from exc
     except REDIS_ERRORS as exc:
         raise BackendUnavailable(f"Redis is unavailable: {exc}") from exc
     return message_id.decode() if isinstance(message_id, bytes) else message_id
+
+
+def _publish_and_wait(channel: str, keys: list[str], args: list, replicas: int) -> bytes | str:
+    """Run the publish script, then WAIT on the same connection until ``replicas`` replicas have it.
+
+    WAIT counts the writes of the connection it is sent on, so both go in one
+    pipeline to the master holding the channel (in a Cluster: the node of its
+    slot). Fewer replicas in time is logged, not raised: the message is
+    published and cannot be taken back; it may be lost if the master dies now.
+    """
+    timeout_ms = int(conf.get("OFFLOAD_REDIS_WAIT_TIMEOUT") * 1000)
+    for attempt in (1, 2):
+        client = get_client()
+        if isinstance(client, redis.RedisCluster):
+            client = client.get_redis_connection(client.get_node_from_key(keys[0]))
+        pipe = client.pipeline(transaction=False)
+        script("publish")(keys=keys, args=args, client=pipe)
+        pipe.execute_command("WAIT", replicas, timeout_ms)
+        try:
+            message_id, acknowledged = pipe.execute()
+            break
+        except redis.exceptions.AskError:  # MOVED too: the slot moved, nothing ran; learn the new map once
+            if attempt == 2:
+                raise BackendUnavailable("the channel's slot kept moving") from None
+            get_client().nodes_manager.initialize()
+    if acknowledged < replicas:
+        log.warning("message on %s reached %d of %d replicas in time", channel, acknowledged, replicas)
+    return message_id
 
 
 def _publish_committed(channel: str, data_json: str, ns: conf.Namespace) -> None:

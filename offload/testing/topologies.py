@@ -122,6 +122,7 @@ class LocalRedisCluster:
                 "--cluster-config-file", "nodes.conf",
                 "--cluster-node-timeout", str(self.node_timeout_ms),
                 "--cluster-replica-validity-factor", "0",
+                "--repl-diskless-sync-delay", "0",
                 "--dir", str(self.dir / str(port)),
                 "--save", "",
                 "--appendonly", "no",
@@ -157,7 +158,7 @@ class LocalRedisCluster:
         return [p for p in self.ports if self._procs.alive(p)]
 
     def wait_ok(self, timeout: float = 30) -> None:
-        """Until every live node says ``cluster_state:ok`` and agrees on who serves every slot."""
+        """Until every live node says ``cluster_state:ok`` and agrees on the slot map, and every replica is in sync."""
 
         def ok() -> bool:
             views = set()
@@ -169,6 +170,15 @@ class LocalRedisCluster:
             return len(views) == 1
 
         wait_for(ok, timeout, "cluster_state:ok on every node")
+
+        def replicas_in_sync() -> bool:
+            for port in self.live_ports():
+                info = self.node(port).info("replication")
+                if info["role"] == "slave" and info["master_link_status"] != "up":
+                    return False
+            return True
+
+        wait_for(replicas_in_sync, timeout, "every replica in sync with its master")
 
     @staticmethod
     def _slot_table(node) -> list[tuple[int, int, int]]:
@@ -188,6 +198,11 @@ class LocalRedisCluster:
             if first <= slot <= last:
                 return port
         raise LookupError(f"no node serves slot {slot}")
+
+    def replica_ports(self, port: int) -> list[int]:
+        """The ports of the replicas of the master on ``port``."""
+        lines = self.node(port).execute_command("CLUSTER", "REPLICAS", self.node_id(port))
+        return [int(line.split()[1].decode().split("@")[0].rsplit(":", 1)[1]) for line in lines]
 
     def node_id(self, port: int) -> str:
         return self.node(port).execute_command("CLUSTER", "MYID").decode()
@@ -288,6 +303,7 @@ class LocalRedisSentinel:
                 "--save", "",
                 "--appendonly", "no",
                 "--logfile", "redis.log",
+                "--repl-diskless-sync-delay", "0",
                 *extra,
             )  # fmt: skip
         for port in self.data_ports:
@@ -360,9 +376,16 @@ class LocalRedisSentinel:
 
         return wait_for(promoted, timeout, "the sentinels promoted the replica")
 
-    def restart(self, port: int) -> None:
-        """Start a killed data node again (the sentinels turn it into a replica of the new master)."""
+    def restart(self, port: int, timeout: float = 30) -> None:
+        """Start a killed data node again and wait until the sentinels made it an in-sync replica."""
         self._procs.restart(port)
+
+        def in_sync() -> bool:
+            info = _redis(port).info("replication")
+            return info["role"] == "slave" and info["master_link_status"] == "up"
+
+        wait_for(in_sync, timeout, f"{port} a replica in sync again")
+        self.wait_ready(timeout)
 
     def stop(self) -> None:
         """Kill every server and sentinel, and remove the directory."""

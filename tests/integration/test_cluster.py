@@ -127,6 +127,17 @@ def test_presence_joins_counts_and_leaves_on_a_shard(fresh):
     assert slots == {fresh.keyslot(history_key(channel))}
 
 
+def test_with_wait_replicas_a_publish_returns_once_its_shards_replica_has_it(fresh, settings):
+    settings.OFFLOAD_REDIS_WAIT_REPLICAS = 1
+    for channel in CHANNELS:
+        message_id = offload.publish(channel, "durable")
+        owner = fresh.master_of_slot(fresh.keyslot(history_key(channel)))
+        (replica,) = fresh.replica_ports(owner)
+        node = fresh.node(replica)
+        node.execute_command("READONLY")
+        assert node.xrange(history_key(channel), min=message_id, max=message_id), f"{channel} not on its replica"
+
+
 def test_a_killed_master_fails_over_and_history_is_kept(fresh):
     """Everything the master acknowledged and replicated (WAIT) survives; publish works again after."""
     channel = CHANNELS[2]

@@ -81,7 +81,24 @@ def test_the_library_follows_the_sentinels_master(sentinel):
     assert sentinel.node(sentinel.master_port()).xlen(history_key(CHANNEL)) >= 1
 
 
-def test_a_failover_under_a_live_publisher(sentinel):
+def test_wait_replicas_makes_a_publish_return_once_the_replica_has_it(sentinel, settings):
+    """And measures what it costs per publish (printed)."""
+    replica = sentinel.node(sentinel.replica_port())
+    costs = {}
+    for replicas in (0, 1):
+        settings.OFFLOAD_REDIS_WAIT_REPLICAS = replicas
+        started = time.perf_counter()
+        ids = [offload.publish(CHANNEL, n) for n in range(300)]
+        costs[replicas] = (time.perf_counter() - started) / len(ids)
+        if replicas:
+            missing = [mid for mid in ids if not replica.xrange(history_key(CHANNEL), min=mid, max=mid)]
+            assert not missing, f"{len(missing)} returned before the replica had them"
+    print(f"\npublish: {costs[0] * 1e6:.0f} µs without WAIT, {costs[1] * 1e6:.0f} µs with WAIT 1")
+
+
+@pytest.mark.parametrize("replicas", [0, 1], ids=["async", "wait-1"])
+def test_a_failover_under_a_live_publisher(sentinel, settings, caplog, replicas):
+    settings.OFFLOAD_REDIS_WAIT_REPLICAS = replicas
     publisher = Publisher()
     publisher.start()
     try:
@@ -90,7 +107,9 @@ def test_a_failover_under_a_live_publisher(sentinel):
         killed_at = time.monotonic()
         new_master = sentinel.failover(kill=True)
         promoted_at = time.monotonic()
-        wait_for(lambda: publisher.acked_since(promoted_at) >= 200, 30, "publishing again on the new master")
+        # with WAIT, the new master has no replica until the old one is back: each publish waits the WAIT timeout
+        again = 10 if replicas else 200
+        wait_for(lambda: publisher.acked_since(promoted_at) >= again, 30, "publishing again on the new master")
     finally:
         publisher.stopping.set()
         publisher.join(10)
@@ -103,13 +122,17 @@ def test_a_failover_under_a_live_publisher(sentinel):
     after = [mid for t, mid in publisher.acked if t > promoted_at]
     times = [t for t, _ in publisher.acked]
     outage = max(b - a for a, b in itertools.pairwise(times))
+    short = sum("replicas in time" in r.getMessage() for r in caplog.records)
     print(
-        f"\nsentinel failover: {len(acked)} acknowledged ({len(before)} before the kill), {len(lost)} lost, "
+        f"\nsentinel failover (WAIT {replicas}): {len(acked)} acknowledged ({len(before)} before the kill), "
+        f"{len(lost)} lost, "
         f"publisher outage {outage:.2f} s (kill to promotion {promoted_at - killed_at:.2f} s), "
         f"{len(publisher.errors)} failed calls: {sorted({code for _, code in publisher.errors})}"
     )
     assert after and not set(after) - stored, "everything acknowledged by the new master is kept"
     assert set(lost) <= set(before), "only what the killed master acknowledged can be lost"
+    if replicas:
+        assert not lost, f"{len(lost)} lost though WAIT confirmed all but {short} publishes"
     for mid in lost[-1:]:  # the newest lost id: a client resuming from it is told history has a gap
         assert read_after(CHANNEL, parse_stream_id(mid), 10)[1] is False
     if acked[-1] not in lost:
