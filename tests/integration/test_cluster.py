@@ -10,13 +10,14 @@ restarts the node (it rejoins as a replica).
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 
 import pytest
 from django.conf import settings
 
 import offload
-from offload import conf
+from offload import conf, policies
 from offload.backend import presence_store, redis_client
 from offload.backend.history import read_after
 from offload.backend.redis_client import history_key, publish_token_key, pubsub_channel, script
@@ -31,15 +32,22 @@ CHANNELS = [f"public:spread-{n}" for n in range(12)]
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LocalRedisCluster]:
     cluster = LocalRedisCluster().start()
-    saved = settings.OFFLOAD_REDIS_URL
+    saved = settings.OFFLOAD_REDIS_URL, settings.OFFLOAD_NAMESPACES
     settings.OFFLOAD_REDIS_URL = cluster.url
+    # a history long enough that nothing a test publishes is trimmed
+    settings.OFFLOAD_NAMESPACES = {
+        **saved[1],
+        "durable": {"subscribe": "public", "publish": False, "history_size": 1_000_000, "history_ttl": 3600},
+    }
     conf.reset()
+    policies.reset_cache()
     redis_client.reset()
     try:
         yield cluster
     finally:
-        settings.OFFLOAD_REDIS_URL = saved
+        settings.OFFLOAD_REDIS_URL, settings.OFFLOAD_NAMESPACES = saved
         conf.reset()
+        policies.reset_cache()
         redis_client.reset()
         cluster.stop()
 
@@ -136,6 +144,41 @@ def test_with_wait_replicas_a_publish_returns_once_its_shards_replica_has_it(fre
         node = fresh.node(replica)
         node.execute_command("READONLY")
         assert node.xrange(history_key(channel), min=message_id, max=message_id), f"{channel} not on its replica"
+
+
+def test_a_slot_migrated_under_a_live_publisher_keeps_every_acknowledged_message(fresh):
+    """The client follows ASK/MOVED; a call refused mid-migration (TRYAGAIN) fails cleanly, nothing is half-done."""
+    channel = "durable:migrated"
+    slot = fresh.keyslot(history_key(channel))
+    source = fresh.master_of_slot(slot)
+    target = next(port for port in fresh.master_ports() if port != source)
+    acked: list[str] = []
+    errors: list[str] = []
+    stopping = threading.Event()
+
+    def publish_loop() -> None:
+        n = 0
+        while not stopping.is_set():
+            try:
+                acked.append(offload.publish(channel, n))
+            except offload.OffloadError as exc:
+                errors.append(exc.code or type(exc).__name__)
+            n += 1
+
+    thread = threading.Thread(target=publish_loop, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: len(acked) >= 50, 10, "the publisher running")
+        moved = fresh.migrate_slot(slot, target)
+        count = len(acked)
+        wait_for(lambda: len(acked) >= count + 50, 10, "publishing after the migration")
+    finally:
+        stopping.set()
+        thread.join(10)
+    print(f"\nslot migration: {len(acked)} acknowledged, {moved} keys moved, {len(errors)} failed calls {set(errors)}")
+    assert moved >= 1 and fresh.master_of_slot(slot) == target
+    stored = [mid.decode() for mid, _ in fresh.node(target).xrange(history_key(channel))]
+    assert stored == acked, f"{len(set(acked) - set(stored))} acknowledged missing, {len(errors)} failed calls"
 
 
 def test_a_killed_master_fails_over_and_history_is_kept(fresh):
