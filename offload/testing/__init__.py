@@ -42,7 +42,7 @@ from collections.abc import Iterator
 import pytest
 
 from .servers import HttpSession, LiveServer, RedisServer, default_project_dir, redis_server_binary
-from .topologies import LocalRedisCluster, LocalRedisSentinel
+from .topologies import LocalRedisCluster, LocalRedisSentinel, use_redis
 from .waiting import TcpConnection, WaitTimeout, free_port, tcp_connections, timeout_factor, wait_for
 from .websocket import ConnectionClosed, HandshakeError, RawFrame, WebSocketClient, frame
 
@@ -64,6 +64,7 @@ __all__ = [
     "redis_server_binary",
     "tcp_connections",
     "timeout_factor",
+    "use_redis",
     "wait_for",
 ]
 

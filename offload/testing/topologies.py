@@ -9,18 +9,58 @@ master, ``SENTINEL FAILOVER``, a slot migrated with ``MIGRATE``.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from .servers import redis_server_binary
 from .waiting import free_port, wait_for
 
-__all__ = ["LocalRedisCluster", "LocalRedisSentinel"]
+__all__ = ["LocalRedisCluster", "LocalRedisSentinel", "use_redis"]
 
 _HOST = "127.0.0.1"
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def use_redis(url: str, namespaces: dict[str, dict] | None = None) -> Iterator[None]:
+    """Point this process's offload at ``url`` (e.g. a cluster's :attr:`LocalRedisCluster.url`), and back after.
+
+    Sets Django's ``OFFLOAD_REDIS_URL`` (plus ``namespaces`` added to
+    ``OFFLOAD_NAMESPACES``) and drops the cached settings, policies and Redis
+    clients on the way in and out.
+    """
+    from django.conf import settings
+
+    from .. import conf, policies
+    from ..backend import redis_client
+
+    names = ("OFFLOAD_REDIS_URL", "OFFLOAD_NAMESPACES")
+    saved: dict[str, Any] = {name: getattr(settings, name, _MISSING) for name in names}
+
+    def refresh() -> None:
+        conf.reset()
+        policies.reset_cache()
+        redis_client.reset()
+
+    settings.OFFLOAD_REDIS_URL = url
+    if namespaces:
+        settings.OFFLOAD_NAMESPACES = {**conf.get("OFFLOAD_NAMESPACES"), **namespaces}
+    refresh()
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is _MISSING:
+                delattr(settings, name)
+            else:
+                setattr(settings, name, value)
+        refresh()
 
 
 def _redis(port: int, timeout: float = 2):

@@ -14,41 +14,29 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from django.conf import settings
 
 import offload
-from offload import conf, policies
 from offload.backend import presence_store, redis_client
 from offload.backend.history import read_after
 from offload.backend.redis_client import history_key, publish_token_key, pubsub_channel, script
 from offload.backend.slots import ConnectionSlots
 from offload.core.protocol import parse_stream_id
-from offload.testing import LocalRedisCluster, wait_for
+from offload.testing import LocalRedisCluster, use_redis, wait_for
 
 #: channels spread over the three masters (CHANNELS[i] hashes to a different slot for each i)
 CHANNELS = [f"public:spread-{n}" for n in range(12)]
+
+DURABLE = {"subscribe": "public", "publish": False, "history_size": 1_000_000, "history_ttl": 3600}
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LocalRedisCluster]:
     cluster = LocalRedisCluster().start()
-    saved = settings.OFFLOAD_REDIS_URL, settings.OFFLOAD_NAMESPACES
-    settings.OFFLOAD_REDIS_URL = cluster.url
-    # a history long enough that nothing a test publishes is trimmed
-    settings.OFFLOAD_NAMESPACES = {
-        **saved[1],
-        "durable": {"subscribe": "public", "publish": False, "history_size": 1_000_000, "history_ttl": 3600},
-    }
-    conf.reset()
-    policies.reset_cache()
-    redis_client.reset()
     try:
-        yield cluster
+        # a history long enough that nothing a test publishes is trimmed
+        with use_redis(cluster.url, {"durable": DURABLE}):
+            yield cluster
     finally:
-        settings.OFFLOAD_REDIS_URL, settings.OFFLOAD_NAMESPACES = saved
-        conf.reset()
-        policies.reset_cache()
-        redis_client.reset()
         cluster.stop()
 
 

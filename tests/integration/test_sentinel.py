@@ -16,39 +16,27 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from django.conf import settings
 
 import offload
-from offload import conf, policies
 from offload.backend import redis_client
 from offload.backend.history import read_after
 from offload.backend.redis_client import history_key
 from offload.core.protocol import parse_stream_id
-from offload.testing import LocalRedisSentinel, wait_for
+from offload.testing import LocalRedisSentinel, use_redis, wait_for
 
 CHANNEL = "durable:failover"
+
+DURABLE = {"subscribe": "public", "publish": False, "history_size": 1_000_000, "history_ttl": 3600}
 
 
 @pytest.fixture(scope="module")
 def sentinel() -> Iterator[LocalRedisSentinel]:
     sentinel = LocalRedisSentinel().start()
-    saved = settings.OFFLOAD_REDIS_URL, settings.OFFLOAD_NAMESPACES
-    settings.OFFLOAD_REDIS_URL = sentinel.url
-    # a history long enough that no acknowledged message is trimmed during the run
-    settings.OFFLOAD_NAMESPACES = {
-        **saved[1],
-        "durable": {"subscribe": "public", "publish": False, "history_size": 1_000_000, "history_ttl": 3600},
-    }
-    conf.reset()
-    policies.reset_cache()
-    redis_client.reset()
     try:
-        yield sentinel
+        # a history long enough that nothing a test publishes is trimmed
+        with use_redis(sentinel.url, {"durable": DURABLE}):
+            yield sentinel
     finally:
-        settings.OFFLOAD_REDIS_URL, settings.OFFLOAD_NAMESPACES = saved
-        conf.reset()
-        policies.reset_cache()
-        redis_client.reset()
         sentinel.stop()
 
 
