@@ -1,8 +1,10 @@
-"""The hub on a real Redis Cluster (three masters, three replicas): sharded pub/sub
-with one connection per master, following slot migrations and failovers.
+"""The hub on a real Redis Cluster (three masters, three replicas) and a real Sentinel setup.
 
-The hub runs here in the test process (gevent, no uWSGI); the messages are
-published with SPUBLISH on the owning shard, as the publish script does.
+First the hub alone in the test process (gevent, no uWSGI), messages published
+with SPUBLISH on the owning shard as the publish script does: one connection per
+master, slot migrations, -MOVED, failovers. Then websocket clients on a real
+uWSGI (two workers) with the exact delivery check of test_resilience.py through
+a slot migration and a failover, over the Cluster and over Sentinel.
 """
 
 from __future__ import annotations
@@ -220,12 +222,17 @@ def test_a_killed_master_fails_over_and_its_channels_come_back(cluster, hub):
 # -- websocket clients on uWSGI over the Cluster ----------------------------------------
 
 
-@pytest.fixture(scope="module")
-def cluster_server(cluster, tmp_path_factory):
+def live_server(tmp_path_factory, redis_url: str) -> Iterator[DemoServer]:
+    """The demo on a real uWSGI with two workers (two hubs) on ``redis_url``."""
     env = {"WORKERS": "2", "OFFLOAD_PING_INTERVAL": "2", "OFFLOAD_PING_TIMEOUT": "4"}
-    server = DemoServer(tmp_path_factory.mktemp("cluster-var"), env=env, redis_url=cluster.url).prepare().start()
+    server = DemoServer(tmp_path_factory.mktemp("var"), env=env, redis_url=redis_url).prepare().start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster_server(cluster, tmp_path_factory):
+    yield from live_server(tmp_path_factory, cluster.url)
 
 
 def channels_on_every_shard(cluster: LocalRedisCluster, prefix: str) -> list[str]:
@@ -279,6 +286,22 @@ def hub_connections(cluster: LocalRedisCluster) -> dict[int, int]:
     }
 
 
+def check_failover(report: DeliveryReport, publisher: Publisher, new_master: redis.Redis) -> str:
+    """Replication is asynchronous: a message the dead master acknowledged may be gone. What
+    the new master's history holds must arrive once, in order; nothing else may arrive.
+    Returns the figures."""
+    assert not (report.duplicates or report.unexpected or report.disorder), report.summary()
+    retained = {parse_id(mid.decode()) for mid, _ in new_master.xrange(history_key(publisher.channel), "-", "+")}
+    lost = {i for ids in report.missing.values() for i in ids}
+    assert not lost & retained, f"lost ids that history holds: {sorted(lost & retained)[:5]}; {report.summary()}"
+    assert report.acked > 20
+    return (
+        f"{len(lost)} acknowledged ids lost with the old master; "
+        f"'recovered: false' in {len(report.unrecovered)} of {report.subscribers} subscribers; "
+        f"publishes refused {len(publisher.refused)}, uncertain {len(publisher.uncertain)}; {report.summary()}"
+    )
+
+
 def test_websockets_receive_every_shard_through_one_connection_per_master_per_worker(cluster, cluster_server):
     load = Load(cluster_server, channels_on_every_shard(cluster, "public:spread"))
     try:
@@ -328,29 +351,10 @@ def test_a_master_killed_under_live_clients_fails_over_and_resyncs_from_history(
         reports = load.finish()
     finally:
         load.stop()
-    retained = {
-        parse_id(mid.decode())
-        for mid, _ in cluster.node(promoted).xrange(history_key(victim_channel).encode(), "-", "+")
-    }
-    for channel, report in reports.items():
-        # Replication is asynchronous: a message the dead master acknowledged may be gone.
-        # What history holds must arrive once, in order; nothing else may arrive.
-        assert not (report.duplicates or report.unexpected or report.disorder), f"{channel}: {report.summary()}"
-        lost = {i for ids in report.missing.values() for i in ids}
-        assert not lost & retained, f"{channel}: lost ids that history holds: {sorted(lost & retained)[:5]}"
-        if channel != victim_channel:
-            assert report.ok, f"{channel}: {report.summary()}"
-    report = reports[victim_channel]
-    lost = {i for ids in report.missing.values() for i in ids}
-    print(
-        f"\ncluster failover: replica promoted {failover_seconds:.1f} s after the SIGKILL; "
-        f"{len(lost)} acknowledged ids lost with the old master; "
-        f"'recovered: false' in {len(report.unrecovered)} of {report.subscribers} subscribers; "
-        f"publishes refused {len(load.publishers[victim_channel].refused)}, "
-        f"uncertain {len(load.publishers[victim_channel].uncertain)}; "
-        f"{report.summary()}"
-    )
-    assert report.acked > 20
+    for channel in channels[1:]:
+        assert reports[channel].ok, f"{channel}: {reports[channel].summary()}"  # other shards: untouched
+    figures = check_failover(reports[victim_channel], load.publishers[victim_channel], cluster.node(promoted))
+    print(f"\ncluster failover: replica promoted {failover_seconds:.1f} s after the SIGKILL; {figures}")
     cluster.restart(victim)
     check_log(cluster_server)
 
@@ -394,3 +398,28 @@ def test_sentinel_failover_moves_the_hub_to_the_new_master(sentinel, sentinel_hu
     wait_until(lambda: recorder.ids.get(channels[0]) == [(1, 0), (2, 0)] and recorder.ids.get(channels[1]) == [(1, 0)])
     if kill:
         sentinel.restart(old)  # back as a replica, for whatever runs next
+
+
+@pytest.fixture(scope="module")
+def sentinel_server(sentinel, tmp_path_factory):
+    yield from live_server(tmp_path_factory, sentinel.url)
+
+
+def test_a_sentinel_failover_under_live_clients_resyncs_them_from_history(sentinel, sentinel_server):
+    channel = "public:sentinel-live"
+    load = Load(sentinel_server, [channel], per_channel=16)
+    try:
+        time.sleep(0.5)
+        killed_at = time.monotonic()
+        old = sentinel.master_port()
+        new = sentinel.failover(kill=True)
+        failover_seconds = time.monotonic() - killed_at
+        time.sleep(1.5)
+        reports = load.finish()
+    finally:
+        load.stop()
+    figures = check_failover(reports[channel], load.publishers[channel], sentinel.node(new))
+    print(f"\nsentinel failover: replica promoted {failover_seconds:.1f} s after the SIGKILL; {figures}")
+    assert all(s.connects == 1 for s in load.subs)  # the hub re-synced them: no reconnect
+    sentinel.restart(old)
+    check_log(sentinel_server)
