@@ -18,11 +18,10 @@ import pytest
 import redis
 from redis.crc import key_slot
 
-from offload.backend import redis_client
 from offload.backend.hub import Hub, on_control
 from offload.backend.redis_client import history_key, pubsub_channel
 from offload.testing import wait_for
-from offload.testing.topologies import LocalRedisCluster, LocalRedisSentinel
+from offload.testing.topologies import LocalRedisCluster, LocalRedisSentinel, use_redis
 from tests.integration.demo import DemoServer
 from tests.integration.test_resilience import (
     DeliveryReport,
@@ -69,23 +68,20 @@ class Recorder:
         return self.events.count((event, channel))
 
 
-def started_hub(settings, url: str, connected) -> Iterator[Hub]:
-    """A hub on ``url``, once ``connected(hub)``; closed (and the clients dropped) after the test."""
-    settings.OFFLOAD_STATS_INTERVAL = 0
-    settings.OFFLOAD_REDIS_URL = url
-    redis_client.reset()
-    hub = Hub(worker_id=1)
-    try:
-        wait_until(lambda: connected(hub), 15)
-        yield hub
-    finally:
-        hub.close()
-        redis_client.reset()
+def started_hub(url: str, connected) -> Iterator[Hub]:
+    """A hub on ``url``, once ``connected(hub)``; closed, and offload back on the test Redis, after."""
+    with use_redis(url):
+        hub = Hub(worker_id=1)
+        try:
+            wait_until(lambda: connected(hub), 15)
+            yield hub
+        finally:
+            hub.close()
 
 
 @pytest.fixture
-def hub(cluster, settings):
-    yield from started_hub(settings, cluster.url, lambda h: len(h.links) == len(cluster.master_ports()) and h.connected)
+def hub(cluster):
+    yield from started_hub(cluster.url, lambda h: len(h.links) == len(cluster.master_ports()) and h.connected)
 
 
 class ShardPublisher:
@@ -370,8 +366,8 @@ def sentinel():
 
 
 @pytest.fixture
-def sentinel_hub(sentinel, settings):
-    yield from started_hub(settings, sentinel.url, lambda h: h.connected)
+def sentinel_hub(sentinel):
+    yield from started_hub(sentinel.url, lambda h: h.connected)
 
 
 @pytest.mark.parametrize("kill", [False, True], ids=["sentinel-failover", "master-killed"])
