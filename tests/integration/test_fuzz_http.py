@@ -54,11 +54,12 @@ ANSWER_TIMEOUT = 10.0  # seconds for a complete answer (streams: for their heade
 CANARY = b"canary-7f3a9c1e-protected-download"  # in var/files/downloads: for logged-in users only
 LOG_ALARMS = ("Traceback", "Segmentation Fault", "DAMN", "SIGSEGV", "signal 11")
 #: 5xx statuses the project documents, per route: 503 when Redis or the task
-#: service is down (health, publish, the demo's POST views) or a websocket
+#: service is down (health, readiness (also while draining), publish, the demo's POST views) or a websocket
 #: handshake timed out, 504 when a publish's outcome is unknown, 502/504 from
 #: the slow upstream's proxy. Anything else is a bug.
 ALLOWED_5XX = {
     "healthz": {503},
+    "readyz": {503},
     "api/publish/<str:channel>": {503, 504},
     "ws/": {503},
     "ws/echo": {503},
@@ -474,6 +475,7 @@ def routes(ctx: Context) -> dict[str, Callable[[random.Random, Context], Request
         "sse/": _sse,
         "api/publish/<str:channel>": _api,
         "healthz": _get("healthz", lambda rng: b"/healthz", auth="anonymous"),
+        "readyz": _get("readyz", lambda rng: b"/readyz", auth="anonymous"),
         "": _get("", lambda rng: b"/" + (b"?" + random_query(rng, [b"next"]) if rng.random() < 0.3 else b"")),
         "rooms/<slug:room>/": _get("rooms/<slug:room>/", lambda rng: b"/rooms/" + _room(rng) + b"/"),
         "rooms/<slug:room>/messages": _post(
