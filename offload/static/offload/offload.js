@@ -70,8 +70,11 @@
     refreshBefore: 30000,    // ms before the token's expiry to refresh it (at most half its life)
     onPresence: null,        // (channel, event) => void, every `presence` event of every channel
     membersPage: 1000,       // members per page when a member list is read (server cap: OFFLOAD_PRESENCE_PAGE_SIZE)
-    membersMax: 10000,       // members a kept list holds at most (beyond: `truncated`; the count stays exact)
-    presenceJitter: 1000,    // ms: after a `reset` (sent to every subscriber at once) re-read within this
+    membersMax: 1000,        // members a kept list holds at most (beyond: `truncated`; the count stays exact)
+    presenceJitter: 1000,    // ms: a re-read that every subscriber makes at once (after a `reset`, or a
+                             // resubscribe after a reload) is spread over this, plus presenceJitterPerMember
+    presenceJitterPerMember: 2,  // ms per member (of the last count), up to 30 s: a big channel's clients
+                                 // do not all page through it in the same second
     presenceVerify: 3000,    // ms a kept list may differ in size from the server's count before it is re-read
   };
 
@@ -705,8 +708,9 @@
         gap: msg.recovered === false && (resync || (since != null && since !== ZERO_ID)),
       };
       this._log('subscribed', msg.channel, msg);
-      // Presence events were missed before this (or may have been, on a resync): read the list again.
-      if (sub.presence) this._relist(sub, 0);
+      // Presence events were missed before this (or may have been, on a resync): read the list again;
+      // a resubscribe (a count is known: a reconnect, maybe every client's after a reload) spreads it.
+      if (sub.presence) this._relist(sub, sub.presence.count == null ? 0 : this._spread(sub.presence));
       safeCall(sub.onSubscribed, msg, info);
       safeCall(this.options.onSubscribed, msg.channel, msg, info);
     }
@@ -814,7 +818,7 @@
       if (p) {
         if (typeof msg.count === 'number') p.count = msg.count;
         if (msg.reset) {
-          this._relist(sub, Math.random() * this.options.presenceJitter);
+          this._relist(sub, this._spread(p));
         } else {
           if (p.buffer) p.buffer.push(msg);
           this._applyPresence(p, msg);
@@ -833,6 +837,12 @@
         if (p.byId.has(id) || p.byId.size < this.options.membersMax) p.byId.set(id, info);
         else p.truncated = true;
       }
+    }
+
+    /** A random delay for a re-read that every subscriber of the channel makes at once: longer for big channels. */
+    _spread(p) {
+      const o = this.options;
+      return Math.random() * Math.min(30000, o.presenceJitter + (p.count || 0) * o.presenceJitterPerMember);
     }
 
     /** Reads the whole member list again after `delay` ms, page by page, and replaces the kept one. */
