@@ -13,9 +13,12 @@ class OffloadConfig(AppConfig):
         from django.utils.module_loading import autodiscover_modules
 
         from . import accounts, handlers
+        from .backend import abuse
 
         # A logout, password change or deactivation closes that user's sockets everywhere.
         accounts.install()
+        # An address closed for flooding is refused by every worker and instance for a while.
+        abuse.install()
         # Register every app's tasks.py, in workers and in spooler processes alike.
         autodiscover_modules("tasks")
         # Register every app's RPC methods (rpc.py), as the admin finds admin.py.

@@ -44,9 +44,9 @@ class TokenBucket:
 class Cooldowns:
     """Addresses refused for a while after they broke a rate limit (one process).
 
-    Per process on purpose: checking costs one dict lookup on the upgrade
-    path, with no Redis round trip; a flooder that lands on another worker
-    is caught there after its first burst.
+    Checked per process on purpose: one dict lookup on the upgrade path, with
+    no Redis round trip. Penalties reach every process through the hubs'
+    control channel (:mod:`offload.backend.abuse`).
     """
 
     _MAX = 10_000  # remembered addresses; beyond, the oldest half is forgotten
@@ -76,5 +76,5 @@ class Cooldowns:
         return left
 
 
-#: This process's cooldowns (checked by offload.wsgi, set by offload.transports.connection).
+#: This process's cooldowns (checked by offload.wsgi, set through offload.backend.abuse).
 cooldowns = Cooldowns()

@@ -44,6 +44,7 @@ import gevent
 import gevent.event
 
 from .. import conf
+from ..backend.abuse import penalise
 from ..backend.slots import ConnectionSlots
 from ..core.closes import Disconnect
 from ..core.frames import (
@@ -53,7 +54,7 @@ from ..core.frames import (
     frame_binary,
     frame_text,
 )
-from ..core.rates import TokenBucket, cooldowns
+from ..core.rates import TokenBucket
 from ..core.websocket_protocol import Dropped, RateLimited, State, WebSocketProtocol
 from ..policies import Identity
 from .lifecycle import new_connection_id
@@ -392,7 +393,7 @@ class WebSocket:
                 if isinstance(event, RateLimited):  # logged before the close frame leaves
                     peer = self._slots.ip if self._slots is not None else ""
                     log.info("websocket peer %s sends frames faster than its rate limit: closing it with 1008", peer)
-                    cooldowns.penalise(peer, conf.get("OFFLOAD_ABUSE_COOLDOWN"))
+                    penalise(peer, conf.get("OFFLOAD_ABUSE_COOLDOWN"))
                 self._flush_protocol()  # pongs before what the endpoint answers next
                 if isinstance(event, TextReceived):
                     endpoint.on_text(event.text)

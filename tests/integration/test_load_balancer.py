@@ -140,6 +140,8 @@ def site(tmp_path_factory) -> Iterator[Site]:
         "OFFLOAD_TRUSTED_PROXIES": "127.0.0.1",
         "OFFLOAD_MAX_CONNECTIONS_PER_IP": str(CAP),
         "LOGIN_FAILURES_PER_IP": str(LOGIN_FAILURES),
+        # offload.testing turns it off; only the flooder's own address (127.0.0.9) ever breaks a rate limit here
+        "OFFLOAD_ABUSE_COOLDOWN": "30",
     }
     with running_instances(tmp_path_factory, envs, start=envs, env=common) as (redis, servers, _):
         lb = HAProxy(tmp_path_factory.mktemp("haproxy"), servers["a"], servers["b"]).start()
@@ -241,6 +243,37 @@ def test_the_per_address_cap_holds_across_instances_through_the_balancer(site):
         return True
 
     wait_for(admitted_again, 15, "a slot freed by a close to admit the client again")
+
+
+def ws_direct(server: LiveServer, path: str, source: str) -> WebSocketClient:
+    """A websocket straight to one instance from the loopback address ``source`` (not a trusted proxy)."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10, source_address=(source, 0))
+    return WebSocketClient(f"ws://127.0.0.1:{server.port}{path}", sock=sock)
+
+
+def test_a_flooder_closed_on_one_instance_is_refused_by_every_instance(site):
+    """The abuse cooldown is shared on the hubs' control channel: any worker the client reaches next refuses it."""
+    path = f"/ws/?channel=public:flood-{uuid.uuid4().hex[:8]}"
+    flooder = ws_through(site, path, "127.0.0.9")
+    for _ in range(40):  # the control-frame bucket holds 10: this breaks it within a few frames
+        try:
+            flooder.ping(b"x")
+        except OSError:
+            break
+    assert flooder.recv_close(timeout=10).code == 1008
+    flooder.abort()
+
+    def refused_by(server: LiveServer) -> bool:
+        try:
+            ws_direct(server, path, "127.0.0.9").close()
+        except HandshakeError as exc:
+            return exc.status == 429
+        return False
+
+    for server in (site.a, site.b):  # every worker of both instances: the two of A by repeated tries
+        wait_for(lambda server=server: refused_by(server), 10, f"{server.log_path} to refuse the flooder")
+        assert all(refused_by(server) for _ in range(4)), "a worker admitted the flooder during its cooldown"
+    ws_direct(site.b, path, "127.0.0.10").close()  # another address is not refused
 
 
 def request_through(site: Site, source: str, method: str, path: str, body: str | None = None, headers=None):
