@@ -17,6 +17,7 @@ import pytest
 
 from offload.testing import RedisServer, wait_for
 from tests.integration.demo import DemoServer
+from tests.integration.test_channels import recv, send
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -40,17 +41,6 @@ def bob(server):
     session = server.http()
     session.login("bob")
     return session
-
-
-def recv(ws) -> dict:
-    """The next message, presence events skipped (room channels keep presence: joins and leaves come any time)."""
-    while (message := json.loads(ws.recv()))["type"] == "presence":
-        pass
-    return message
-
-
-def send(ws, **command) -> None:
-    ws.send(json.dumps(command))
 
 
 def connect(server, session, *channels: str):
