@@ -34,6 +34,18 @@ class OffloadConfig(AppConfig):
         if problem:
             raise SystemExit(problem)
         from .tasks import spooler
+        from .worker import start_after_fork
 
         if uwsgi.opt.get("spooler"):
             uwsgi.spooler = spooler
+        # Each worker's hub starts when the worker does, not at its first websocket: a worker
+        # that has served none yet must still hear the control channel (penalties, logouts).
+        previous_hook = getattr(uwsgi, "post_fork_hook", None)
+
+        def post_fork() -> None:
+            if previous_hook is not None:
+                previous_hook()
+            if uwsgi.worker_id() > 0:  # not the spooler or a mule
+                start_after_fork(uwsgi.worker_id())
+
+        uwsgi.post_fork_hook = post_fork

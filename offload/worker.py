@@ -24,7 +24,7 @@ from .transports.connection import close_all, open_connections
 from .transports.presence import close_presence
 from .transports.sse import close_all_streams, open_streams
 
-__all__ = ["draining", "hub", "install_signal_handlers", "stats"]
+__all__ = ["draining", "hub", "install_signal_handlers", "start_after_fork", "stats"]
 
 log = logging.getLogger("offload.worker")
 
@@ -74,6 +74,16 @@ def hub(worker_id: int = 0) -> Hub:
         if conf.get("OFFLOAD_STATS_INTERVAL") > 0:
             gevent.spawn(_publish_stats, _hub)
     return _hub
+
+
+def start_after_fork(worker_id: int) -> None:
+    """Start this worker's hub as the worker starts (uWSGI's post-fork hook).
+
+    A hub started at the first websocket would leave a worker that has served
+    none deaf to the control channel, so it would admit an address another
+    worker had just penalised for flooding.
+    """
+    hub(worker_id)
 
 
 def stats(of: Hub) -> dict:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from wsproto.events import CloseConnection, Pong
 
-from offload.testing import LiveServer, frame
+from offload.testing import HandshakeError, LiveServer, WebSocketClient, frame, wait_for
 from tests.integration.demo import DemoServer
 from tests.integration.rawws import handshake
 from tests.integration.test_sse import SseClient
@@ -218,6 +218,39 @@ def test_flooders_are_dropped_and_other_sockets_keep_their_latency(guarded):
     assert set(report["reconnects"]) <= {429}, f"a flooder got back in at once: {report['reconnects']}"
     assert len(flooded) >= 10, "the flood was too short to measure anything"
     assert flooded_p50 <= 2 * normal_p50, "the flood slowed the other sockets of the worker down"
+
+
+@pytest.fixture(scope="module")
+def two_guarded_workers(tmp_path_factory):
+    live = DemoServer(tmp_path_factory.mktemp("cooldown2-var"), env={"OFFLOAD_ABUSE_COOLDOWN": "30", "WORKERS": "2"})
+    live.prepare().start()
+    yield live
+    live.stop()
+
+
+def test_a_worker_that_served_no_websocket_yet_hears_a_penalty(two_guarded_workers):
+    """Every worker's hub listens on the control channel from the worker's start, not from its first
+    websocket, so a penalty sent by any process is kept by workers that have served nobody yet."""
+    server = two_guarded_workers
+    control = "offload:c:{ctl}"
+
+    def hubs_listening() -> int:
+        ((_, listeners),) = server.redis().pubsub_numsub(control)
+        return listeners
+
+    wait_for(lambda: hubs_listening() == 2, 15, "both workers' hubs to subscribe before any websocket")
+    server.redis().publish(control, json.dumps({"op": "cooldown", "address": "127.0.0.7", "seconds": 30}))
+
+    def refused() -> bool:
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10, source_address=("127.0.0.7", 0))
+        try:
+            WebSocketClient(f"ws://127.0.0.1:{server.port}/ws/?channel=public:penalised", sock=sock).close()
+        except HandshakeError as exc:
+            return exc.status == 429
+        return False
+
+    assert all(refused() for _ in range(8)), "a worker admitted a penalised address"
+    server.websocket("/ws/?channel=public:penalised").close()  # 127.0.0.1 is not penalised
 
 
 # -- history replay memory -------------------------------------------------------------
