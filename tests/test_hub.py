@@ -204,3 +204,27 @@ def test_control_commands_reach_every_hub_of_the_process_through_one_link(hub):
         assert len(hub.links) == len(other.links) == 1
     finally:
         other.close()
+
+
+def test_top_channels_and_message_counts_for_the_operator_page(hub):
+    crowd = [Recorder() for _ in range(3)]
+    for s in crowd:
+        hub.subscribe(s, "public:crowded")
+    lone = Recorder()
+    hub.subscribe(lone, "public:lone")
+    wait_until(lambda: all(s.ready for s in [*crowd, lone]))
+    assert hub.top_channels(1) == [("public:crowded", 3)]
+    assert hub.top_channels(5) == [("public:crowded", 3), ("public:lone", 1)]
+
+    for n in range(4):
+        offload.publish("public:lone", n)
+    offload.publish("public:crowded", "x")
+    wait_until(lambda: len(lone.messages) == 4 and crowd[0].messages)
+    assert hub.take_message_counts() == {"public:lone": 4, "public:crowded": 1}
+    assert hub.take_message_counts() == {}  # counting starts again
+
+    offload.publish("public:lone", "y")
+    wait_until(lambda: len(lone.messages) == 5)
+    hub.unsubscribe(lone, "public:lone")  # its last local subscriber: forgotten with it
+    assert hub.take_message_counts() == {}
+    assert hub.top_channels(5) == [("public:crowded", 3)]

@@ -51,6 +51,7 @@ connect storm on one channel costs one Redis read, not one per socket.
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 from collections.abc import Callable
@@ -155,6 +156,8 @@ class Hub:
         self._generation = 0  # bumped when a channel is lost
         self._closed_reconnects = 0  # of links retired or closed
         self.delivered = 0
+        #: channel -> messages fanned out since :meth:`take_message_counts` (the operator page's rates)
+        self._messages: dict[str, int] = {}
         self._cluster = topology() == "cluster"
         if self._cluster:
             self._routes = ClusterRoutes(self)
@@ -212,6 +215,7 @@ class Hub:
             del self._local[channel]
             self._channel_json.pop(channel, None)
             self._last_fanned.pop(channel, None)
+            self._messages.pop(channel, None)
             if self._link is not None:
                 self._link.wake()
             else:
@@ -336,6 +340,7 @@ class Hub:
             return
         newest = entries[-1].id
         self._last_fanned[channel] = newest
+        self._messages[channel] = self._messages.get(channel, 0) + len(entries)
         if channel in self._ready:
             self._newest[channel] = newest
         frames = entries[0].frame if len(entries) == 1 else b"".join([entry.frame for entry in entries])
@@ -351,3 +356,20 @@ class Hub:
             subscriber.notice(channel, text)
 
     # -- stats ----------------------------------------------------------------
+
+    def top_channels(self, n: int) -> list[tuple[str, int]]:
+        """The ``n`` local channels with the most local subscribers, most first: (channel, subscribers)."""
+        return [(channel, len(subs)) for channel, subs in heapq.nlargest(n, self._local.items(), key=_size)]
+
+    def take_message_counts(self) -> dict[str, int]:
+        """Messages fanned out per local channel since the last call (and start counting again).
+
+        One dict per call, not per message: the fan-out only adds to a count.
+        A channel that lost its last local subscriber is forgotten with it.
+        """
+        counts, self._messages = self._messages, {}
+        return counts
+
+
+def _size(item: tuple[str, dict]) -> int:
+    return len(item[1])
