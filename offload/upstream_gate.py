@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import re
 import signal
@@ -28,6 +29,8 @@ import urllib.parse
 from functools import partial
 from pathlib import Path
 
+from .core.forwarded import Network, parse_networks, rightmost_untrusted
+
 __all__ = [
     "DEFAULT_UPSTREAM_TIMEOUT",
     "FORWARDED_REQUEST_HEADERS",
@@ -36,6 +39,7 @@ __all__ = [
     "GateError",
     "filter_upstream_response",
     "serve_gate",
+    "trusted_proxies",
     "upstream_request",
     "upstream_timeout",
 ]
@@ -105,6 +109,12 @@ def upstream_timeout() -> float:
     return float(os.environ.get("OFFLOAD_UPSTREAM_TIMEOUT") or DEFAULT_UPSTREAM_TIMEOUT)
 
 
+@functools.cache
+def trusted_proxies() -> tuple[Network, ...]:
+    """``OFFLOAD_TRUSTED_PROXIES`` from the environment (comma-separated): the gate has no Django settings."""
+    return parse_networks(os.environ.get("OFFLOAD_TRUSTED_PROXIES", "").split(","))
+
+
 # --- the gate ---------------------------------------------------------------
 #
 # Theory: the offload thread connects to the gate's unix socket, writes the request head
@@ -138,8 +148,12 @@ def _header_fields(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
     return fields
 
 
-def upstream_request(head: bytes) -> tuple[str, int, bytes]:
+def upstream_request(head: bytes, trusted: tuple[Network, ...] = ()) -> tuple[str, int, bytes]:
     """Turn the request head uWSGI sent to the gate into the upstream's request.
+
+    ``trusted``: our load balancers (:func:`trusted_proxies`); the client's
+    address is found in ``X-Forwarded-For`` as :mod:`offload.addresses` finds
+    it for every per-client limit, so the upstream sees the same client.
 
     Returns:
         ``(host, port, request_bytes)`` where the request carries only the
@@ -168,16 +182,19 @@ def upstream_request(head: bytes) -> tuple[str, int, bytes]:
         raise GateError(502, f"not an http:// upstream: {target[:200]!r}")
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     out = [b"%s %s HTTP/1.0" % (method, path.encode("ascii")), b"Host: " + parts.netloc.encode("ascii")]
-    client_addr = b""
+    forwarded_for = b""
     for name, value in _header_fields(lines[1:]):
         lowered = name.lower()
         if lowered.decode() in FORWARDED_REQUEST_HEADERS:
             out.append(name + b": " + value)
         elif lowered == b"x-forwarded-for":
-            # uWSGI appends REMOTE_ADDR to whatever the client claimed: only that last entry is true.
-            client_addr = value.rsplit(b",", 1)[-1].strip()
+            forwarded_for = value
+    # uWSGI appends REMOTE_ADDR (the peer) to what the peer sent: the peer's own claims
+    # count only when it is one of our trusted proxies.
+    *claimed, peer = forwarded_for.decode("latin-1").split(",")
+    client_addr = rightmost_untrusted(peer.strip(), ",".join(claimed), trusted)
     if client_addr:
-        out.append(b"X-Forwarded-For: " + client_addr)
+        out.append(b"X-Forwarded-For: " + client_addr.encode("latin-1"))
     out.append(b"Connection: close")
     return parts.hostname, port, b"\r\n".join(out) + b"\r\n\r\n"
 
@@ -260,7 +277,7 @@ async def _relay(request: bytes, writer: asyncio.StreamWriter, timeout: float) -
         failure = None
         try:
             async with asyncio.timeout(timeout):
-                host, port, upstream_head = upstream_request(request)
+                host, port, upstream_head = upstream_request(request, trusted_proxies())
                 try:
                     upstream_reader, upstream_writer = await asyncio.open_connection(host, port, limit=_HEAD_LIMIT)
                 except OSError as exc:  # refused, unreachable, unknown host
@@ -365,6 +382,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--pidfile", help="written once the socket listens")
     parser.add_argument("--master-pidfile", help="stop when this uWSGI master is gone")
     args = parser.parse_args(argv)
+    try:
+        trusted_proxies()
+    except ValueError as exc:
+        parser.error(f"OFFLOAD_TRUSTED_PROXIES: {exc}")
     # Lead a process group of our own: uWSGI signals a supervised daemon's group.
     with contextlib.suppress(PermissionError):  # already a group leader
         os.setsid()

@@ -8,6 +8,7 @@ import time
 import pytest
 from django.http import Http404
 
+from offload.addresses import parse_networks
 from offload.transfers import proxy_upstream, resolve_under, send_file
 from offload.upstream_gate import UPSTREAM_SECURITY_HEADERS, GateError, filter_upstream_response, upstream_request
 
@@ -109,6 +110,21 @@ def test_the_upstream_request_carries_only_allowed_headers_and_the_real_host():
         b"X-Forwarded-For: 10.0.0.7\r\n"  # the address uWSGI saw, not what the client claimed
         b"Connection: close\r\n\r\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("forwarded_for", "client"),
+    [
+        (b"6.6.6.6, 10.0.0.7", b"10.0.0.7"),  # the peer is not a proxy of ours: its claim is ignored
+        (b"6.6.6.6, 203.0.113.5, 127.0.0.1", b"203.0.113.5"),  # behind our balancer: the hop it added
+        (b"203.0.113.5, 192.168.1.2, 127.0.0.1", b"192.168.1.2"),  # what the client wrote is never believed
+        (b"127.0.0.1", b"127.0.0.1"),  # the balancer's own request
+    ],
+)
+def test_behind_a_trusted_balancer_the_upstream_sees_the_client_not_the_balancer(forwarded_for, client):
+    head = UWSGI_HEAD.replace(b"6.6.6.6, 10.0.0.7", forwarded_for)
+    _host, _port, request = upstream_request(head, parse_networks(["127.0.0.1"]))
+    assert b"\r\nX-Forwarded-For: " + client + b"\r\n" in request
 
 
 @pytest.mark.parametrize(

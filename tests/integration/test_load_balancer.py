@@ -43,7 +43,8 @@ import pytest
 
 from offload.testing import HandshakeError, LiveServer, RedisServer, WebSocketClient, free_port, wait_for
 from tests.integration.demo import DemoServer
-from tests.integration.instances import running_instances
+from tests.integration.instances import User, running_instances
+from tests.integration.test_http_surface import RecordingUpstream
 from tests.integration.test_resilience import Publisher, Subscriber, Swarm, check_log, delivery_report, wait_caught_up
 from tests.integration.test_sse import SseClient
 
@@ -125,6 +126,8 @@ class Site:
     b: DemoServer
     lb: HAProxy
     redis: RedisServer
+    upstream: RecordingUpstream  # behind /slow
+    user: User
 
     def instance(self, name: str) -> DemoServer:
         return self.a if SERVERS[name] == "a" else self.b
@@ -143,12 +146,15 @@ def site(tmp_path_factory) -> Iterator[Site]:
         # offload.testing turns it off; only the flooder's own address (127.0.0.9) ever breaks a rate limit here
         "OFFLOAD_ABUSE_COOLDOWN": "30",
     }
-    with running_instances(tmp_path_factory, envs, start=envs, env=common) as (redis, servers, _):
+    upstream = RecordingUpstream()
+    common["SLOW_UPSTREAM_URL"] = upstream.url
+    with running_instances(tmp_path_factory, envs, start=envs, users=1, env=common) as (redis, servers, users):
         lb = HAProxy(tmp_path_factory.mktemp("haproxy"), servers["a"], servers["b"]).start()
         try:
-            yield Site(servers["a"], servers["b"], lb, redis)
+            yield Site(servers["a"], servers["b"], lb, redis, upstream, users["user000"])
         finally:
             lb.stop()
+            upstream.stop()
             for server in servers.values():
                 check_log(server)
 
@@ -297,6 +303,14 @@ def login_failure(site: Site, source: str, username: str, forwarded_for: str | N
     if forwarded_for:
         headers["X-Forwarded-For"] = forwarded_for
     return request_through(site, source, "POST", "/accounts/login/", form, headers).status
+
+
+def test_the_slow_upstream_sees_the_client_behind_the_balancer_not_the_balancer(site):
+    """The upstream gate finds the client in X-Forwarded-For as every per-client limit does."""
+    token = f"token{uuid.uuid4().hex}"
+    headers = {"Cookie": f"sessionid={site.user.session}", "X-Forwarded-For": "198.51.100.66"}
+    assert request_through(site, "127.0.0.6", "GET", f"/slow?{token}=1", headers=headers).status == 200
+    assert dict(site.upstream.received(token))["X-Forwarded-For"] == "127.0.0.6"
 
 
 def test_login_throttling_counts_the_client_behind_the_balancer(site):
