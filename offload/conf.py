@@ -182,6 +182,12 @@ DEFAULTS: dict[str, Any] = {
     # error. Keep it well below uwsgi.ini's spooler-harakiri (600 s), which
     # kills the whole spooler process instead.
     "OFFLOAD_TASK_TIMEOUT": 300.0,
+    # Prometheus metrics (offload.metrics, docs/metrics.md). False: every
+    # recording call returns at once and /metrics answers 404.
+    "OFFLOAD_METRICS": True,
+    # Bearer key that lets a non-loopback scraper read /metrics. None: only a
+    # loopback peer that no proxy forwarded may (never public by default).
+    "OFFLOAD_METRICS_KEY": None,
 }
 
 

@@ -226,6 +226,10 @@ if "OFFLOAD_ALLOWED_ORIGINS" in os.environ:
 # Behind a load balancer: its addresses (docs/deployment.md), and the file that drains an instance.
 OFFLOAD_TRUSTED_PROXIES = _env_list("OFFLOAD_TRUSTED_PROXIES", "")
 OFFLOAD_DRAIN_FILE = os.environ.get("OFFLOAD_DRAIN_FILE") or None
+# Prometheus metrics (docs/metrics.md): OFFLOAD_METRICS=0 turns them off (the bench compares);
+# OFFLOAD_METRICS_KEY lets a remote scraper in with a bearer key (else loopback only).
+OFFLOAD_METRICS = _env_bool("OFFLOAD_METRICS", True)
+OFFLOAD_METRICS_KEY = os.environ.get("OFFLOAD_METRICS_KEY") or None
 # Seconds a client may take to send its request headers (0: no bound; docs/security.md).
 if "OFFLOAD_HEADER_TIMEOUT" in os.environ:
     OFFLOAD_HEADER_TIMEOUT = float(os.environ["OFFLOAD_HEADER_TIMEOUT"])

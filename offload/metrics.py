@@ -1,0 +1,305 @@
+"""Prometheus metrics of the whole instance: every uWSGI worker and spooler process adds up.
+
+Theory of operation
+-------------------
+uWSGI runs several processes; a scrape reaches one of them. ``prometheus_client``
+in multiprocess mode gives each process its own memory-mapped files in
+``PROMETHEUS_MULTIPROC_DIR`` (the library's uWSGI options set it to
+``var/metrics`` and empty it when the master starts: ``offload/uwsgiconf/offload.ini``);
+the worker that answers ``/metrics`` reads and sums every process's files.
+An increment is a write into this process's mmap: no lock shared between
+processes, no Redis, no syscall.
+
+Dead processes: a counter's file stays after its process died (a SIGKILLed
+worker's deliveries still count, and its replacement starts its own file at
+zero: nothing is lost or counted twice). Gauges are "live" (``livesum``,
+``liveall``): the files of a dead process are removed by :func:`sweep_dead`,
+which every new worker runs after its fork (``offload.apps``) and every scrape
+runs too, so a dead worker's sockets disappear from the figures.
+
+The hot path stays cheap: the hub's fan-out makes one call per message batch
+(:func:`fanned_out`: deliveries to every local socket at once, and the
+publish-to-delivery latency), never one per socket. Figures a worker already
+keeps (open sockets, subscriptions, channels, queued bytes, hub reconnects) are
+copied into gauges once a second by the worker's sampler (:func:`sample`), not
+updated at each change. ``OFFLOAD_METRICS = False`` (env ``OFFLOAD_METRICS=0``
+in the demo) makes every recording function return at once and ``/metrics``
+answer 404.
+
+Without ``PROMETHEUS_MULTIPROC_DIR`` (tests, ``manage.py shell``) the metrics
+are this process's only. Labels are bounded: transports, reasons, sources,
+outcomes, worker ids; never a channel name (the operator's page lists channels).
+The list, with meanings, is docs/metrics.md.
+"""
+
+from __future__ import annotations
+
+import glob
+import hmac
+import ipaddress
+import os
+import re
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from . import conf
+
+__all__ = [
+    "connection_closed",
+    "connection_opened",
+    "enabled",
+    "fanned_out",
+    "handshake_refused",
+    "history_read",
+    "published",
+    "recent_drops",
+    "redis_failed",
+    "render",
+    "sample",
+    "scrape_allowed",
+    "sweep_dead",
+    "task_finished",
+]
+
+#: Where every process writes its figures; set in the environment before ``prometheus_client``
+#: is imported (uWSGI's ``env =`` option does it for the master and every process it forks).
+MULTIPROC_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+_registry = CollectorRegistry()
+
+
+def _counter(name: str, doc: str, labels: Sequence[str] = ()) -> Counter:
+    return Counter(name, doc, labels, registry=_registry)
+
+
+def _gauge(name: str, doc: str, labels: Sequence[str] = (), mode: str = "liveall") -> Gauge:
+    return Gauge(name, doc, labels, registry=_registry, multiprocess_mode=mode)
+
+
+CONNECTIONS_OPEN = _gauge("offload_connections_open", "Open websockets and event streams", ("transport", "worker"))
+CONNECTIONS_OPENED = _counter("offload_connections_opened", "Websockets and event streams accepted", ("transport",))
+CONNECTIONS_CLOSED = _counter(
+    "offload_connections_closed", "Connections the server ended, by reason", ("transport", "reason")
+)
+HANDSHAKE_REFUSALS = _counter(
+    "offload_handshake_refusals", "Websocket upgrades and event streams refused, by reason", ("transport", "reason")
+)
+SUBSCRIPTIONS = _gauge("offload_subscriptions", "Channel subscriptions of local sockets", ("worker",))
+CHANNELS = _gauge("offload_channels", "Channels with at least one local subscriber", ("worker",))
+QUEUED_BYTES = _gauge("offload_queued_bytes", "Bytes waiting for slow sockets to read", ("worker",))
+DELIVERIES = _counter("offload_deliveries", "Messages handed to local sockets by the hub (one per socket)")
+PUBLISHES = _counter("offload_publishes", "Messages published, by source (python, api, client)", ("source",))
+LATENCY = Histogram(
+    "offload_publish_to_delivery_seconds",
+    "Publish (the message's Redis stream id) to the hub's fan-out, per message",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+    registry=_registry,
+)
+HISTORY_READS = _counter("offload_history_pages", "History pages read for resumes and re-syncs")
+CATCHUPS = _counter("offload_history_catchups", "Subscriptions that resumed from a position (since / Last-Event-ID)")
+UNRECOVERED = _counter("offload_history_unrecovered", "History reads answered recovered:false (a gap)")
+HUB_RECONNECTS = _counter("offload_hub_reconnects", "Reconnections of the hubs' Redis pub/sub links")
+REDIS_ERRORS = _counter("offload_redis_errors", "Failed Redis calls, by operation and kind", ("operation", "kind"))
+TASKS = _counter("offload_tasks", "Spooler task attempts, by outcome (done, retry, failed)", ("outcome",))
+
+
+def enabled() -> bool:
+    """``OFFLOAD_METRICS``: False makes every recording function a no-op."""
+    return conf.get("OFFLOAD_METRICS")
+
+
+# -- recording ---------------------------------------------------------------------
+
+_MAX_DROPS = 50
+_drops: deque[tuple[float, str, str, object]] = deque(maxlen=_MAX_DROPS)
+
+
+def connection_opened(transport: str) -> None:
+    """A websocket (``"websocket"``) or an event stream (``"sse"``) was accepted."""
+    if conf.get("OFFLOAD_METRICS"):
+        CONNECTIONS_OPENED.labels(transport).inc()
+
+
+def connection_closed(transport: str, reason: str, user: object = None) -> None:
+    """The server ended a connection (``reason``: slow_consumer, rate_limit, dead_peer,
+    protocol_error, restart, shutdown, logged_out, token_expired, internal_error, ...).
+
+    Also kept (for :func:`recent_drops`) when metrics are off: the operator's page shows them.
+    """
+    _drops.append((time.time(), transport, reason, user))
+    if conf.get("OFFLOAD_METRICS"):
+        CONNECTIONS_CLOSED.labels(transport, reason).inc()
+
+
+def recent_drops() -> list[dict]:
+    """This process's last 50 server-side closes, newest first:
+    ``{"ts": epoch seconds, "transport": ..., "reason": ..., "user": user id or None}``."""
+    return [
+        {"ts": ts, "transport": transport, "reason": reason, "user": user}
+        for ts, transport, reason, user in reversed(_drops)
+    ]
+
+
+def handshake_refused(transport: str, reason: str) -> None:
+    """An upgrade or an event stream was refused before it opened (``reason``: bad_request,
+    origin, token, too_many_connections, abuse_cooldown, timeout, forbidden, ...)."""
+    if conf.get("OFFLOAD_METRICS"):
+        HANDSHAKE_REFUSALS.labels(transport, reason).inc()
+
+
+def published(source: str) -> None:
+    """A message was published: ``"python"`` (``offload.publish``), ``"api"`` (HTTP), ``"client"``."""
+    if conf.get("OFFLOAD_METRICS"):
+        PUBLISHES.labels(source).inc()
+
+
+def fanned_out(ids: Iterable[tuple[int, int]], deliveries: int) -> None:
+    """The hub handed messages (their stream ids ``(ms, seq)``) to local sockets,
+    ``deliveries`` socket-messages in all. One call per fan-out, whatever the socket count."""
+    if conf.get("OFFLOAD_METRICS"):
+        DELIVERIES.inc(deliveries)
+        now_ms = time.time() * 1000.0
+        for ms, _ in ids:
+            LATENCY.observe(max(0.0, now_ms - ms) / 1000.0)
+
+
+def history_read(*, resume: bool, recovered: bool) -> None:
+    """A page of history was read; ``resume``: the first page of a subscription with a position."""
+    if conf.get("OFFLOAD_METRICS"):
+        HISTORY_READS.inc()
+        if resume:
+            CATCHUPS.inc()
+        if not recovered:
+            UNRECOVERED.inc()
+
+
+def redis_failed(operation: str, timeout: bool) -> None:
+    """A Redis call failed (``operation``: publish, history, hub, ...); ``timeout``: it timed out."""
+    if conf.get("OFFLOAD_METRICS"):
+        REDIS_ERRORS.labels(operation, "timeout" if timeout else "error").inc()
+
+
+def task_finished(outcome: str) -> None:
+    """A spooler task attempt ended: ``done``, ``retry`` or ``failed``."""
+    if conf.get("OFFLOAD_METRICS"):
+        TASKS.labels(outcome).inc()
+
+
+_last_reconnects = 0
+
+
+def sample(
+    worker: int,
+    *,
+    websockets: int,
+    streams: int,
+    subscriptions: int,
+    channels: int,
+    queued_bytes: int,
+    hub_reconnects: int,
+) -> None:
+    """Copy a worker's own figures into its gauges (its sampler calls this once a second)."""
+    global _last_reconnects
+    if not conf.get("OFFLOAD_METRICS"):
+        return
+    label = str(worker)
+    CONNECTIONS_OPEN.labels("websocket", label).set(websockets)
+    CONNECTIONS_OPEN.labels("sse", label).set(streams)
+    SUBSCRIPTIONS.labels(label).set(subscriptions)
+    CHANNELS.labels(label).set(channels)
+    QUEUED_BYTES.labels(label).set(queued_bytes)
+    if hub_reconnects > _last_reconnects:
+        HUB_RECONNECTS.inc(hub_reconnects - _last_reconnects)
+    _last_reconnects = hub_reconnects
+
+
+# -- dead processes -------------------------------------------------------------------
+
+_LIVE_FILE = re.compile(r"gauge_live[a-z]*_(\d+)\.db$")
+
+
+def sweep_dead(directory: str | None = None) -> list[int]:
+    """Remove the live gauges of processes that are gone; returns their pids.
+
+    Counters and histograms of dead processes stay: they keep counting in the sums.
+    Safe to run from several processes at once.
+    """
+    directory = directory or MULTIPROC_DIR
+    if not directory:
+        return []
+    dead = []
+    for path in glob.glob(os.path.join(directory, "gauge_live*_*.db")):
+        match = _LIVE_FILE.search(path)
+        if match is None:
+            continue
+        pid = int(match.group(1))
+        if _alive(pid):
+            continue
+        try:
+            os.remove(path)
+        except FileNotFoundError:  # another process swept it first
+            continue
+        dead.append(pid)
+    return sorted(set(dead))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    return True
+
+
+# -- scraping ----------------------------------------------------------------------
+
+_FORWARDING_HEADERS = ("HTTP_X_FORWARDED_FOR", "HTTP_FORWARDED", "HTTP_X_REAL_IP")
+
+
+def scrape_allowed(environ: Mapping[str, str], key: str | None) -> bool:
+    """May this request read ``/metrics``?
+
+    Yes with ``Authorization: Bearer <key>`` when ``key`` (``OFFLOAD_METRICS_KEY``)
+    is set; otherwise (and also with a key) only from a loopback peer that no
+    proxy forwarded: ``REMOTE_ADDR`` is 127.0.0.0/8 or ::1 and the request
+    carries no ``X-Forwarded-For``, ``Forwarded`` or ``X-Real-IP`` header (a
+    reverse proxy on the same host would otherwise make every client local).
+    """
+    if key:
+        scheme, _, token = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode()):
+            return True
+    if any(environ.get(header) for header in _FORWARDING_HEADERS):
+        return False
+    try:
+        address = ipaddress.ip_address(environ.get("REMOTE_ADDR", ""))
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def render(extra: Iterable[object] = ()) -> tuple[bytes, str]:
+    """The exposition text of every process (this one only without a multiprocess
+    directory), plus the collectors ``extra``; and its content type."""
+    if MULTIPROC_DIR:
+        sweep_dead()
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=MULTIPROC_DIR)
+    else:
+        registry = _registry
+    for collector in extra:
+        registry.register(collector)
+    try:
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    finally:
+        if registry is _registry:
+            for collector in extra:
+                registry.unregister(collector)
