@@ -12,8 +12,11 @@ class OffloadConfig(AppConfig):
     def ready(self) -> None:
         from django.utils.module_loading import autodiscover_modules
 
-        from . import accounts, handlers
+        from . import accounts, handlers, logs
         from .backend import abuse
+
+        # OFFLOAD_LOG_FORMAT = "json": JSON log lines (Django configured LOGGING before this).
+        logs.configure()
 
         # A logout, password change or deactivation closes that user's sockets everywhere.
         accounts.install()

@@ -125,6 +125,20 @@ DEFAULTS: dict[str, Any] = {
     # Seconds between per-worker stats messages on STATS_CHANNEL (0: off).
     "OFFLOAD_STATS_INTERVAL": 2.0,
     "OFFLOAD_STATS_CHANNEL": "stats:workers",
+    # The operator page (offload.operator, docs/operator.md): every STATS_INTERVAL
+    # each worker publishes its figures (sockets, RSS, CPU, hot channels, Redis,
+    # recent drops) on this channel. Its namespace is declared by the library,
+    # subscribable only with a subscription token that the staff-only page
+    # mints, unless OFFLOAD_NAMESPACES declares it. None: not published.
+    "OFFLOAD_OPERATOR_CHANNEL": "offload-operator:workers",
+    # Channels each worker names on it: this many with the most local
+    # subscribers, and as many with the highest message rate.
+    "OFFLOAD_OPERATOR_TOP_CHANNELS": 10,
+    # "json": log lines are JSON objects (offload.logs.JsonFormatter), each
+    # websocket and SSE line with its connection_id and user_id; "text": as the
+    # project's LOGGING says. Applied to the handlers of the root, "django"
+    # and "offload" loggers when the app loads (docs/operator.md).
+    "OFFLOAD_LOG_FORMAT": "text",
     # Benchmarks only: True streams downloads/upstreams from Python and runs
     # tasks inline in the view ("offloading disabled"), for side-by-side runs.
     "OFFLOAD_INLINE": False,
@@ -277,4 +291,9 @@ def namespaces() -> dict[str, Namespace]:
             join_leave=merged["join_leave"],
             presence_info=merged["presence_info"],
         )
+    operator = get("OFFLOAD_OPERATOR_CHANNEL")
+    if operator:
+        name = operator.partition(":")[0]
+        if name not in result:  # the operator page's channel: only with a token its staff-only view mints
+            result[name] = Namespace(name, "token", False, 1, 60)
     return result

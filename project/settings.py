@@ -158,6 +158,8 @@ LOGGING = {
 # Embedded Redis (started by uwsgi.ini when REDIS_URL is unset) listens here.
 OFFLOAD_REDIS_URL = os.environ.get("REDIS_URL") or f"unix://{VAR_DIR}/redis.sock"
 OFFLOAD_API_KEY = os.environ.get("OFFLOAD_API_KEY") or None
+# OFFLOAD_LOG_FORMAT=json: JSON log lines with each websocket's connection id (docs/operator.md).
+OFFLOAD_LOG_FORMAT = os.environ.get("OFFLOAD_LOG_FORMAT", "text")
 OFFLOAD_NAMESPACES = {
     # Anyone may listen; only the server publishes (benchmarks, smoke checks).
     "public": {"subscribe": "public", "publish": False, "history_size": 100, "history_ttl": 3600},

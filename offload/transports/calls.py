@@ -43,6 +43,7 @@ from ..core.protocol import Publish, Rpc, error_text, reply, rpc_reply
 from ..core.rates import TokenBucket
 from ..exceptions import LimitExceeded, RefusedError
 from ..handlers import INTERNAL_ERROR, Outcome, method, run_hook, run_method
+from ..logs import connection_fields
 from .connection import WebSocket
 
 __all__ = ["Calls"]
@@ -182,10 +183,15 @@ class Calls:
                 raise
             if on_timeout is not None:
                 on_timeout()
-            log.warning("%s did not return within %.1f s: answered rpc_timeout", what, self._timeout)
+            log.warning(
+                "%s did not return within %.1f s: answered rpc_timeout",
+                what,
+                self._timeout,
+                extra=connection_fields(self._ws),
+            )
             return Outcome(code="rpc_timeout", reason=f"no answer within {self._timeout:g} s")
         except Exception:  # fn maps the project's exceptions itself: this is the pool failing
-            log.exception("%s could not run", what)
+            log.exception("%s could not run", what, extra=connection_fields(self._ws))
             return INTERNAL_ERROR
         finally:
             timer.close()

@@ -56,6 +56,7 @@ from ..core.frames import (
 )
 from ..core.rates import TokenBucket
 from ..core.websocket_protocol import Dropped, RateLimited, State, WebSocketProtocol
+from ..logs import connection_fields, log_connection
 from ..policies import Identity
 from .lifecycle import new_connection_id
 from .sockets import close_now, detach, shutdown_write
@@ -281,7 +282,11 @@ class WebSocket:
             out.clear()
             out.append(head)
             self._queued_bytes = len(head)
-            log.info("websocket peer is a slow consumer (over %d bytes queued): closing it with 1008", self._max_queued)
+            log.info(
+                "websocket peer is a slow consumer (over %d bytes queued): closing it with 1008",
+                self._max_queued,
+                extra=connection_fields(self),
+            )
             self.disconnect(Disconnect.SLOW_CONSUMER)
             return
         out.append(data)
@@ -341,6 +346,7 @@ class WebSocket:
         watcher = gevent.get_hub().loop.io(self.fd, 1)
         watcher.start(self._wake.set)
         _open.add(self)
+        log_connection(log, logging.DEBUG, self, "websocket open")
         try:
             endpoint.on_open()
             while self.protocol.state is not State.CLOSED:
@@ -351,7 +357,7 @@ class WebSocket:
                     endpoint.on_wake()
                 self._tick()
         except Exception:
-            log.exception("websocket endpoint failed")
+            log.exception("websocket endpoint failed", extra=connection_fields(self))
             self.disconnect(Disconnect.INTERNAL_ERROR)
         finally:
             watcher.stop()
@@ -365,9 +371,10 @@ class WebSocket:
             try:
                 endpoint.on_close()
             except Exception:
-                log.exception("websocket on_close failed")
+                log.exception("websocket on_close failed", extra=connection_fields(self))
             if self._owns_fd:
                 close_now(self.fd)
+            log_connection(log, logging.DEBUG, self, "websocket closed (code %s)", self.protocol.close_code)
 
     def _timeout(self, endpoint: Endpoint) -> float:
         deadline = self.protocol.next_deadline(self._stuck_since)
@@ -392,7 +399,11 @@ class WebSocket:
             for event in protocol.receive(data or None, self._clock()):
                 if isinstance(event, RateLimited):  # logged before the close frame leaves
                     peer = self._slots.ip if self._slots is not None else ""
-                    log.info("websocket peer %s sends frames faster than its rate limit: closing it with 1008", peer)
+                    log.info(
+                        "websocket peer %s sends frames faster than its rate limit: closing it with 1008",
+                        peer,
+                        extra=connection_fields(self),
+                    )
                     penalise(peer, conf.get("OFFLOAD_ABUSE_COOLDOWN"))
                 self._flush_protocol()  # pongs before what the endpoint answers next
                 if isinstance(event, TextReceived):
@@ -407,7 +418,7 @@ class WebSocket:
     def _tick(self) -> None:
         result = self.protocol.tick(self._clock(), self._stuck_since)
         if isinstance(result, Dropped):
-            log.info("%s", result.why)
+            log.info("%s", result.why, extra=connection_fields(self))
         elif result:  # a ping went out: this socket is alive, keep counting it
             self._flush_protocol()
             if self._slots is not None:

@@ -35,6 +35,7 @@ from ..core.protocol import (
 )
 from ..core.session import HubLink
 from ..exceptions import BackendUnavailable, PermissionDenied, RefusedError
+from ..logs import connection_fields
 from ..policies import check_publish, check_subscribe, token_identity
 from ..tokens import expiry_deadline, query_subscriptions, verify_connection_token
 from .calls import Calls
@@ -118,7 +119,11 @@ class ChannelsEndpoint(Endpoint):
     def on_wake(self) -> None:
         now = time.monotonic()
         if self._expires_at is not None and now >= self._expires_at:
-            log.info("closing the websocket of user %s: its connection token expired", self.ws.identity.user_id)
+            log.info(
+                "closing the websocket of user %s: its connection token expired",
+                self.ws.identity.user_id,
+                extra=connection_fields(self.ws),
+            )
             self._expires_at = None
             self.ws.disconnect(Disconnect.TOKEN_EXPIRED)
             return

@@ -59,6 +59,7 @@ from ..core.cursor import Entry
 from ..core.protocol import StreamId, error_text
 from ..core.session import HubLink
 from ..core.sse_format import PING, RETRY, format_event, format_resume_id
+from ..logs import connection_fields, log_connection
 from ..tokens import expiry_deadline
 from .lifecycle import new_connection_id
 from .sessions import channel_session
@@ -160,7 +161,11 @@ class SseStream:
         size = sum(len(entry.text) for entry in entries)
         if self._queued_bytes + size > self._max_queued:
             # The client does not read: end the stream, it resumes on reconnect.
-            log.info("sse client is a slow consumer (over %d bytes queued): ending its stream", self._max_queued)
+            log.info(
+                "sse client is a slow consumer (over %d bytes queued): ending its stream",
+                self._max_queued,
+                extra=connection_fields(self),
+            )
             self.close(Disconnect.SLOW_CONSUMER.reason)
             return
         for entry in entries:
@@ -202,6 +207,7 @@ class SseStream:
     def events(self) -> Iterator[bytes]:
         """The response body: ``retry``, then events and pings until the end."""
         _streams.add(self)
+        log_connection(log, logging.DEBUG, self, "sse stream open")
         try:
             self.watch(self.fd)
             self.session.open()
@@ -233,7 +239,7 @@ class SseStream:
                     self.ended = self.ended or "finished"
         except Exception:
             self.ended = "internal error"
-            log.exception("sse stream failed")
+            log.exception("sse stream failed", extra=connection_fields(self))
         finally:
             if self.ended is None:
                 self.ended = "closed by the server"  # a failed write: the generator was closed
@@ -243,7 +249,7 @@ class SseStream:
             self._outbox.clear()
             if self._slots is not None:
                 self._slots.release()
-            log.debug("sse stream ended: %s", self.ended)
+            log_connection(log, logging.DEBUG, self, "sse stream ended: %s", self.ended)
 
     def watch(self, fd: int | None) -> None:
         """Watch ``fd`` for the client closing (None: stop watching)."""
@@ -318,10 +324,10 @@ def response_body(stream: SseStream, detach_fd: bool = True) -> Iterator[bytes]:
         return
     fd = detach(stream.fd)
     stream.watch(fd)
-    gevent.spawn(_pump, events, fd, stream.ping_timeout)
+    gevent.spawn(_pump, stream, events, fd, stream.ping_timeout)
 
 
-def _pump(events: Iterator[bytes], fd: int, timeout: float) -> None:
+def _pump(stream: SseStream, events: Iterator[bytes], fd: int, timeout: float) -> None:
     """Write the stream's chunks to its detached socket until it ends."""
     try:
         for chunk in events:
@@ -332,7 +338,7 @@ def _pump(events: Iterator[bytes], fd: int, timeout: float) -> None:
                 except BlockingIOError:
                     wait_write(fd, timeout=timeout)  # a client that stopped reading times out
     except OSError as exc:  # gone, or not reading: end the stream
-        log.debug("sse stream dropped: %s", exc)
+        log_connection(log, logging.DEBUG, stream, "sse stream dropped: %s", exc)
     finally:
         events.close()  # stops the stream's watcher on fd
         close_now(fd)
