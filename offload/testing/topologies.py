@@ -95,10 +95,17 @@ class _Processes:
         return proc is not None and proc.poll() is None
 
     def kill(self, port: int, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` and wait until the process is gone."""
+        if self.signal(port, sig):
+            self.procs[port].wait(10)
+
+    def signal(self, port: int, sig: int) -> bool:
+        """Send ``sig`` if the process lives; whether it did."""
         proc = self.procs[port]
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            proc.wait(10)
+        if proc.poll() is not None:
+            return False
+        proc.send_signal(sig)
+        return True
 
     def restart(self, port: int) -> None:
         """Start a killed node again with its arguments (a cluster node keeps its nodes.conf)."""
@@ -405,6 +412,8 @@ class LocalRedisSentinel:
         old = self.master_port()
         if kill:
             self._procs.kill(old)
+            for port in self.data_ports:  # a replica frozen by pause() must answer to be promoted
+                self.resume(port)
         else:
             self.sentinel().execute_command("SENTINEL", "FAILOVER", self.service)
 
@@ -415,6 +424,14 @@ class LocalRedisSentinel:
             return None
 
         return wait_for(promoted, timeout, "the sentinels promoted the replica")
+
+    def pause(self, port: int) -> None:
+        """Freeze a data node (SIGSTOP): it stops reading its replication link, as a stalled replica does."""
+        self._procs.signal(port, signal.SIGSTOP)
+
+    def resume(self, port: int) -> None:
+        """Thaw a node :meth:`pause` froze (SIGCONT)."""
+        self._procs.signal(port, signal.SIGCONT)
 
     def restart(self, port: int, timeout: float = 30) -> None:
         """Start a killed data node again and wait until the sentinels made it an in-sync replica."""

@@ -11,8 +11,10 @@ kept, and a resume from a lost message says ``recovered: false``.
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -23,6 +25,7 @@ from offload.backend.history import read_after
 from offload.backend.redis_client import history_key
 from offload.core.protocol import parse_stream_id
 from offload.testing import LocalRedisSentinel, use_redis, wait_for
+from tests.integration.demo import DemoServer
 
 CHANNEL = "durable:failover"
 
@@ -125,3 +128,37 @@ def test_a_failover_under_a_live_publisher(sentinel, settings, caplog, replicas)
         assert read_after(CHANNEL, parse_stream_id(mid), 10)[1] is False
     if acked[-1] not in lost:
         assert read_after(CHANNEL, parse_stream_id(acked[-1]), 10) == ([], True)
+
+
+def test_a_client_whose_resume_point_a_failover_lost_gets_recovered_false(sentinel, settings, tmp_path_factory):
+    """The loss forced, end to end: the replica is frozen while the master acknowledges more than the
+    loopback socket buffers hold for it, then the master dies. A websocket resuming from the last
+    acknowledged id (gone with the master) is told ``recovered: false``, never handed a silent gap."""
+    settings.OFFLOAD_REDIS_WAIT_REPLICAS = 0
+    server = DemoServer(tmp_path_factory.mktemp("sentinel-var"), redis_url=sentinel.url).prepare().start()
+    try:
+        channel = f"public:lost-{uuid.uuid4().hex[:8]}"
+        kept = offload.publish(channel, "kept")
+        replica = sentinel.replica_port()
+        wait_for(lambda: sentinel.node(replica).xrange(history_key(channel), min=kept, max=kept), 10, "the replica")
+        sentinel.pause(replica)
+        acked = [offload.publish(channel, "x" * 60_000) for _ in range(600)]  # 36 MB: beyond any socket buffer
+        new_master = sentinel.failover(kill=True)
+        assert new_master == replica
+        stored = {mid.decode() for mid, _ in sentinel.node(new_master).xrange(history_key(channel))}
+        lost = [mid for mid in acked if mid not in stored]
+        print(f"\nforced loss: {len(lost)} of {len(acked)} acknowledged messages lost with the master")
+        assert lost and lost[-1] == acked[-1], "the replica was frozen: the newest acknowledged messages are lost"
+        again = offload.publish(channel, "after the failover")
+        ws = server.websocket(f"/ws/?channel={channel}&since={acked[-1]}")
+        try:
+            subscribed = json.loads(ws.recv())
+            assert (subscribed["type"], subscribed["recovered"]) == ("subscribed", False)
+            # what the new master holds after the lost point is still delivered
+            delivered = json.loads(ws.recv())
+            assert (delivered["id"], delivered["data"]) == (again, "after the failover")
+        finally:
+            ws.close()
+    finally:
+        server.stop()
+    sentinel.restart(sentinel.data_ports[0] if new_master == sentinel.data_ports[1] else sentinel.data_ports[1])
