@@ -84,6 +84,13 @@ BENCH_SCENARIOS ?= $(shell $(PY) -c 'from bench.scenarios import SCENARIOS; prin
 # `make bench-quick`: the scenarios that have a small scale (BENCH_SCALE=small)
 BENCH_QUICK_SCENARIOS ?= offload backpressure
 
+# the Node.js anchors of the fan-out scenario (bench/node/): the distribution's nodejs/npm, packages pinned by the lockfile
+NODE_STAMP := bench/node/node_modules/.installed-$(shell cat bench/node/package-lock.json 2>/dev/null | md5sum | cut -c1-12)
+$(NODE_STAMP): bench/node/package-lock.json
+	@command -v npm >/dev/null || { echo "make bench: the Node.js anchors need nodejs and npm (apt-get install nodejs npm)" >&2; exit 2; }
+	npm ci --prefix bench/node --no-audit --no-fund
+	touch $@
+
 $(BENCH_STAMP): bench/requirements.txt
 	$(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/pip install -q --upgrade pip
@@ -91,7 +98,7 @@ $(BENCH_STAMP): bench/requirements.txt
 	rm -f $(BENCH_VENV)/.installed-*
 	touch $@
 
-bench: setup $(BENCH_STAMP) ## every benchmark scenario in turn (BENCH_SCENARIOS; about 20 min; bench/README.md)
+bench: setup $(BENCH_STAMP) $(NODE_STAMP) ## every benchmark scenario in turn (BENCH_SCENARIOS; about 20 min; bench/README.md)
 	@scenarios="$(BENCH_SCENARIOS)"; [ -n "$$scenarios" ] || { echo "make bench: no scenarios" >&2; exit 2; }; \
 	failed=""; for scenario in $$scenarios; do \
 	  echo "=== make bench: $$scenario"; \
@@ -120,8 +127,8 @@ fuzz: setup ## fuzz /ws/ + /ws/echo with random frames and every HTTP route with
 soak: setup ## long run (SOAK_SECONDS, default 300): Redis restarts, reloads, worker kills; fails on any gap
 	$(PY) tests/soak_run.py
 
-# --- fan-out benchmark (bench/scenarios/fanout.py): ours vs Django Channels 4, same run ---
-bench-fanout: setup $(BENCH_STAMP) ## fan-out, saturation, idle memory, connect storm; Channels 4 anchor (about 6 min)
+# --- fan-out benchmark (bench/scenarios/fanout.py): ours vs Django Channels 4 and Node.js (ws, Socket.IO), same run ---
+bench-fanout: setup $(BENCH_STAMP) $(NODE_STAMP) ## fan-out, saturation, idle memory, connect storm; Channels 4 and Node.js anchors (about 8 min)
 	BENCH_CLIENT_PYTHON=$(abspath $(BENCH_VENV))/bin/python $(PY) -m bench fanout
 
 # --- many channels and publish throughput (bench/scenarios/{manychannels,publish}.py): vs Channels 4, same run ---

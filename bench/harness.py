@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .anchor import NODE_ANCHORS, AnchorServer, NodeServer
 from .channels_anchor.server import ChannelsServer
 from .clients import Process
 from .config import Config
@@ -87,8 +88,10 @@ class Bench:
     def server(self, name: str, env: dict, downloads: list[Path] = ()) -> BenchServer:
         return self.start(BenchServer(self.work / f"var-{name}", env, downloads, self.logs / f"{name}-uwsgi.log"))
 
-    def anchor(self, combo: str, redis_url: str) -> ChannelsServer:
-        return self.start(ChannelsServer(combo, redis_url, self.logs / f"channels-{combo}.log"))
+    def anchor(self, combo: str, redis_url: str) -> AnchorServer:
+        """A Channels setup or, ``node-*``, a Node.js server (``bench/anchor.py``), started and owned."""
+        kind = NodeServer if combo in NODE_ANCHORS else ChannelsServer
+        return self.start(kind(combo, redis_url, self.logs / f"anchor-{combo}.log"))
 
     def client(self, role: str, label: str, name: str, **config) -> Process:
         """A load client in the bench venv (``bench.loadclient``); ``label`` is its CPU group."""
@@ -98,6 +101,7 @@ class Bench:
     def subscribers(self, target, name: str, n: int, label: str = "clients", **config) -> Process:
         """Subscriber client of ``target`` (ours or a Channels setup); ``n`` 0: a publisher or probe only."""
         config.update(host=target.host, port=target.port, api_key=target.api_key, subscribers=n)
+        config.setdefault("ws_path", getattr(target, "ws_path", "/ws/?"))
         return self.client("subscribers", label, name, **config)
 
     def publisher(self, target, name: str, **config) -> Process:
@@ -209,13 +213,13 @@ class Bench:
             w["server_us_per_delivery"] = round(used / arrived * 1e6, 3) if used is not None and arrived else None
         return {key: sum(s[key] for s in summaries) for key in ("misrouted", "disconnects")}
 
-    def anchors(self, combos: list[str], redis_url: str, run_one: Callable[[ChannelsServer], dict]) -> dict:
-        """Each Channels setup in turn against ``redis_url``; a broken one is recorded as an error."""
+    def anchors(self, combos: list[str], redis_url: str, run_one: Callable[[AnchorServer], dict]) -> dict:
+        """Each anchor (:meth:`anchor`) in turn against ``redis_url``; a broken one is recorded as an error."""
         out = {}
         for combo in combos:
             try:
                 with self.scope():
-                    self.step(f"[channels-{combo}] starting")
+                    self.step(f"[{combo}] starting")
                     anchor = self.anchor(combo, redis_url)
                     out[combo] = {"label": anchor.label, **run_one(anchor)}
             except Exception as exc:

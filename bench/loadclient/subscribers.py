@@ -38,7 +38,7 @@ class Client:
         self.cfg, self.chan, self.names = cfg, chan, names(cfg)
         n, host, port = cfg["subscribers"], cfg["host"], cfg["port"]
         self.ledger, self.latency, self.arrivals = Ledger(n, len(self.names)), Series(), []
-        url = f"ws://{host}:{port}/ws/?channel="
+        url = f"ws://{host}:{port}{cfg.get('ws_path', '/ws/?')}channel="
         self.pool = SubscriberPool(lambda i: url + self.names[i % len(self.names)], n, self.on_data)
         self.headers = {"Authorization": f"Bearer {cfg.get('api_key')}", "Content-Type": "application/json"}
         self.windows: dict[str, Window] = {}

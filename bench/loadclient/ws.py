@@ -57,6 +57,8 @@ class Subscriber(WSListener):
         if not frame.fin:
             return
         payload, self._parts = b"".join(self._parts), []
+        if payload[:1].isdigit() and not (payload := self.engine_io(transport, payload)):
+            return
         # the server splices the data JSON last into a fixed envelope (offload.core.cursor.make_entry): hand it
         # over unparsed, a json.loads per delivery would delay the next sockets
         at = payload.find(b',"data":') if payload.startswith(b'{"type":"message"') else -1
@@ -70,6 +72,16 @@ class Subscriber(WSListener):
             self.pool.errors[message.get("code", "?")] += 1
             if not self.ready.done():
                 self.ready.set_exception(RuntimeError(f"subscribe refused: {message}"))
+
+    @staticmethod
+    def engine_io(transport: WSTransport, payload: bytes) -> bytes | None:
+        """Socket.IO 4 (the Node.js anchor): an event ``42["message",X]`` gives ``X``; the Engine.IO open
+        packet is answered by joining the default namespace (``40``), a ping by a pong; the rest is dropped."""
+        if payload.startswith(b"42["):
+            return payload[payload.find(b",") + 1 : -1]
+        if payload[:1] in (b"0", b"2"):
+            transport.send(WSMsgType.TEXT, b"40" if payload[:1] == b"0" else b"3")
+        return None
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         if self.abandoned:

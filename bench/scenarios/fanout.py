@@ -1,4 +1,4 @@
-"""Fan-out on one channel: latency, saturation, idle memory, connect storm; Channels 4 as anchor.
+"""Fan-out on one channel: latency, saturation, idle memory, connect storm; Channels 4 and Node.js as anchors.
 
 Ours first (one worker): ``small`` sockets over ``small_clients`` processes
 (one client cannot take a saturated worker's deliveries) get a fixed-rate
@@ -6,8 +6,11 @@ window through the HTTP API, timed by a probe process with no socket, then
 saturation steps from ``offload.publish()`` while the probe keeps timing the
 API; ``large`` sockets give the idle memory per socket and the time for one
 broadcast to reach all; ``storm`` sockets connect at once from two processes.
-Then each Channels setup (same Redis, same client): the fixed-rate window and
-a saturation window of HTTP publish streams (its only path from outside).
+With ``metrics_off``, a second uWSGI with ``OFFLOAD_METRICS=0`` repeats the
+fixed-rate window and the saturation steps (what recording metrics costs).
+Then each anchor (same Redis, same client): a Channels setup or a Node.js
+server (``ws`` + ioredis, Socket.IO + ioredis), the fixed-rate window and a
+saturation window of HTTP publish streams (their only path from outside).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from .. import report
+from ..anchor import NODE_ANCHORS
 from ..channels_anchor.server import COMBINATIONS
 from ..harness import SERVER_ENV, Bench, raise_nofile
 from ..report import cell
@@ -26,7 +30,7 @@ PREFIX = "FANOUT_"
 # rate: HTTP publishes/s of the fixed-rate windows; sat_rates: offload.publish() publishes/s of the saturation steps
 KNOBS = dict(seconds=(10.0, 5.0), sat_seconds=(5.0, 3.0), rate=(5.0, 5.0), small=(1000, 200), small_clients=(2, 2))
 KNOBS.update(large=(5000, 500), storm=(10000, 1000), sat_rates=([50, 100, 200, 300], [50, 100]))
-KNOBS.update(channels_streams=(4, 4), anchors=(list(COMBINATIONS),) * 2)
+KNOBS.update(channels_streams=(4, 4), anchors=([*COMBINATIONS, *NODE_ANCHORS],) * 2, metrics_off=(1, 1))
 CHANNEL = "public:bench"
 BACKLOG_SYSCTLS = ("/proc/sys/net/core/somaxconn", "/proc/sys/net/ipv4/tcp_max_syn_backlog")
 
@@ -38,29 +42,47 @@ def run(bench: Bench, k: dict) -> dict:
         listen = max([new for _, new in sysctls.values()], default=1024)
         server = bench.server("ours", {**SERVER_ENV, "UWSGI_LISTEN": str(listen)})
         ours = {**run_ours(bench, k, server), "backlog_sysctls": sysctls}
+    results = {"rlimit_nofile": nofile, "uwsgi_listen": listen, "ours": ours}
+    if k["metrics_off"]:
+        with bench.scope():
+            bench.step("[ours, metrics off] starting uWSGI (1 worker, OFFLOAD_METRICS=0)")
+            quiet = bench.server("ours-metrics-off", {**SERVER_ENV, "OFFLOAD_METRICS": "0"})
+            quiet.name = "ours-metrics-off"
+            results["metrics_off"] = {"windows": small_and_saturation(bench, k, quiet, meter_of(bench, quiet), {})}
     redis = server.pids("redis")
-    anchors = bench.anchors(k["anchors"], server.redis_url, lambda anchor: run_anchor(bench, k, anchor, redis))
-    results = {"rlimit_nofile": nofile, "uwsgi_listen": listen, "ours": ours, "channels": anchors}
+    results["anchors"] = bench.anchors(k["anchors"], server.redis_url, lambda a: run_anchor(bench, k, a, redis))
     results["comparison"] = compare(results)
     return {**results, "verdict": verdict_of(results)}
 
 
-def run_ours(bench: Bench, k: dict, server) -> dict:
-    meter, out, windows = bench.meter({"server": lambda: [server.pid], "Redis": lambda: server.pids("redis")}), {}, {}
-    with bench.scope():  # 1. fixed rate, then saturation steps
-        bench.step(f"[ours] connecting {k['small']}")
-        probe = bench.subscribers(server, "ours-small-probe", 0, channel=CHANNEL)  # API timings wait for no delivery
+def meter_of(bench: Bench, server):
+    return bench.meter({"server": lambda: [server.pid], "Redis": lambda: server.pids("redis")})
+
+
+def small_and_saturation(bench: Bench, k: dict, server, meter, out: dict) -> dict:
+    """``small`` sockets: the fixed-rate window, then the saturation steps; their windows (``out``: connect
+    time and RSS)."""
+    windows, name = {}, server.name
+    with bench.scope():
+        bench.step(f"[{name}] connecting {k['small']}")
+        probe = bench.subscribers(server, f"{name}-small-probe", 0, channel=CHANNEL)  # API timings wait for none
         probe.wait("ready", 60)
-        clients, info = bench.connect(server, "ours-small", k["small"], k["small_clients"], channel=CHANNEL)
+        clients, info = bench.connect(server, f"{name}-small", k["small"], k["small_clients"], channel=CHANNEL)
         out.update(small_connect_s=info["connect_s"], small_rss=info["idle_rss"])
         clients.insert(0, probe)
-        bench.step(f"[ours] fan-out {k['small']} x {k['rate']:g}/s")
+        bench.step(f"[{name}] fan-out {k['small']} x {k['rate']:g}/s")
         windows["fanout_small"] = bench.window(meter, "fanout_small", clients, k["seconds"], http=probe, rate=k["rate"])
         for rate in k["sat_rates"]:
-            bench.step(f"[ours] saturation: offload.publish() {rate}/s x {k['small']} sockets")
+            bench.step(f"[{name}] saturation: offload.publish() {rate}/s x {k['small']} sockets")
             first = windows[list(windows)[-1]]["next"]
             windows[f"sat_{rate}"] = saturation(bench, k, server, meter, clients, rate, first)
         bench.collect(clients, windows)
+    return windows
+
+
+def run_ours(bench: Bench, k: dict, server) -> dict:
+    meter, out = meter_of(bench, server), {}
+    windows = small_and_saturation(bench, k, server, meter, out)  # 1. fixed rate, then saturation steps
     with bench.scope():  # 2. idle memory, fixed rate, one broadcast reaching all
         bench.step(f"[ours] connecting {k['large']} (idle RSS)")
         clients, info = bench.connect(server, "ours-large", k["large"], connect_concurrency=200, channel=CHANNEL)
@@ -83,7 +105,7 @@ def run_ours(bench: Bench, k: dict, server) -> dict:
 def saturation(bench: Bench, k: dict, server, meter, clients: list, rate: int, first: int) -> dict:
     """``offload.publish()`` at ``rate``/s while the probe (``clients[0]``) keeps timing the HTTP API."""
     how = {"channel": CHANNEL, "rate": rate, "seconds": k["sat_seconds"], "first": first}
-    pub = bench.publisher(server, f"ours-sat-{rate}", **how)
+    pub = bench.publisher(server, f"{server.name}-sat-{rate}", **how)
     after = first + rate * int(k["sat_seconds"] + 1)  # the probe numbers its publishes after the publisher's
     how = {"pub": pub, "http": clients[0], "first": after, "rate": k["rate"]}
     w = bench.window(meter, f"sat_{rate}", clients, k["sat_seconds"], **how)
@@ -128,20 +150,37 @@ def _best_sat(ours: dict) -> dict:
     return max(steps, key=lambda w: w["broadcast"]["deliveries_per_s"], default={})
 
 
+def _figures(sat: dict, small: dict, rss: dict) -> dict:
+    """What ours and each anchor are compared on: deliveries/s and server µs per delivery at saturation,
+    p99 of the fixed-rate window with ``small`` sockets, RSS per idle socket at ``small`` sockets."""
+    b = sat["broadcast"]
+    return {
+        "deliveries": b["deliveries_per_s"],
+        "cpu": sat["server_us_per_delivery"],
+        "p99": small["broadcast"]["p99"],
+        "rss": rss["per_socket_kib"],
+    }
+
+
+#: Channels' best setup for each figure: the most deliveries/s (smallest ours/anchor), else the lowest value
+BEST = {"deliveries": min, "cpu": max, "p99": max, "rss": max}
+
+
 def compare(results: dict) -> dict:
-    """Ours / Channels' best setup: deliveries/s at saturation, server CPU per delivery, fan-out p99."""
-    best, ok = _best_sat(results["ours"]), {c: a["windows"] for c, a in results["channels"].items() if "windows" in a}
-    if not ok or not best:
+    """Ours / each anchor for every figure of :func:`_figures`, and ours / Channels' best setup."""
+    ours, best = results["ours"], _best_sat(results["ours"])
+    if not best:
         return {}
-    top = max(ok, key=lambda combo: ok[combo]["sat"]["broadcast"]["deliveries_per_s"])
-    rate = ok[top]["sat"]["broadcast"]["deliveries_per_s"]
-    us = min(w["sat"]["server_us_per_delivery"] or 1e12 for w in ok.values())
-    p99 = min(w["fanout_small"]["broadcast"]["p99"] or 1e12 for w in ok.values())
-    out = {"channels_best_saturation": top, "channels_best_deliveries_per_s": rate}
-    out.update(deliveries_ratio=ratio(best["broadcast"]["deliveries_per_s"], rate, 1))
-    out.update(channels_best_us_per_delivery=us, cpu_ratio=ratio(us, best["server_us_per_delivery"], 1))
-    ours_p99 = results["ours"]["windows"]["fanout_small"]["broadcast"]["p99"]
-    return {**out, "channels_best_fanout_p99_ms": p99, "fanout_p99_ratio": ratio(p99, ours_p99, 1)}
+    mine, per = _figures(best, ours["windows"]["fanout_small"], ours["small_rss"]), {}
+    for combo, a in results["anchors"].items():
+        if "windows" in a:
+            theirs = _figures(a["windows"]["sat"], a["windows"]["fanout_small"], a["idle_rss"])
+            per[combo] = {n: ratio(mine[n], theirs[n], 2) for n in mine}
+    if channels := [per[c] for c in per if c in COMBINATIONS]:
+        per["channels-best"] = {
+            n: f((r[n] for r in channels if r[n] is not None), default=None) for n, f in BEST.items()
+        }
+    return per
 
 
 def verdict_of(results: dict) -> dict:
@@ -149,7 +188,8 @@ def verdict_of(results: dict) -> dict:
     fixed = [w[n]["broadcast"] for n in ("fanout_small", "fanout_large", "fanout_storm")]
     items = {"server CPU per delivery, saturated (us)": (best.get("server_us_per_delivery"), "<=", 2.5)}
     items["deliveries/s at saturation, 1,000 sockets"] = (best["broadcast"]["deliveries_per_s"], ">=", 160_000)
-    items["x Channels' best (deliveries/s, same run)"] = (results["comparison"].get("deliveries_ratio"), ">=", 30)
+    cmp_ = results["comparison"].get("channels-best", {})
+    items["x Channels' best (deliveries/s, same run)"] = (cmp_.get("deliveries"), ">=", 30)
     items["p99 at 10,000 sockets x 5 msgs/s (ms)"] = (w["fanout_storm"]["broadcast"]["p99"], "<=", 50)
     reach = w["fanout_large"]["broadcast"]["all_reached"]["p50"]
     items["one broadcast reaching all 5,000, median (ms)"] = (reach, "<=", 100)
@@ -158,7 +198,16 @@ def verdict_of(results: dict) -> dict:
     items["RSS per idle connection (KiB)"] = (ours["idle_rss"]["per_socket_kib"], "<=", 20)
     items["10,000 connects at once (s)"] = (ours["storm"]["connect_s"], "<=", 4)
     items["lost + duplicate, fixed-rate windows"] = (sum(b["lost"] + b["dup"] for b in fixed), "<=", 0)
+    items["server CPU per delivery, saturated: metrics on vs off (%)"] = (metrics_cost(results), "", None)
     return report.verdict(items)
+
+
+def metrics_cost(results: dict) -> float | None:
+    """How much more server CPU per delivery ours takes at saturation (best step of each) with metrics on
+    (the default) than with ``OFFLOAD_METRICS=0``, in %."""
+    off = _best_sat(results.get("metrics_off", {"windows": {}})).get("server_us_per_delivery")
+    on = _best_sat(results["ours"]).get("server_us_per_delivery")
+    return round(100 * (on / off - 1), 1) if on and off else None
 
 
 def _kernel_pct(group: dict) -> float | None:
@@ -193,24 +242,30 @@ def _cpu_s(storm: dict) -> float:
 def _rows(results: dict) -> list[tuple[str, dict]]:
     k, w = results["knobs"], results["ours"]["windows"]
     rows = [(f"ours, {k['small']:,} sockets x {k['rate']:g}/s (HTTP API)", w["fanout_small"])]
-    for rate in k["sat_rates"]:
-        offered = w[f"sat_{rate}"]["publisher"]["publishes_per_s"] * k["small"]
-        rows.append((f"ours, saturation: offload.publish() {rate}/s (offered {offered:,.0f}/s)", w[f"sat_{rate}"]))
+    for label, windows in [("ours", w), ("ours, metrics off", results.get("metrics_off", {}).get("windows"))]:
+        for rate in k["sat_rates"] if windows else ():
+            offered = windows[f"sat_{rate}"]["publisher"]["publishes_per_s"] * k["small"]
+            rows.append(
+                (f"{label}, saturation: offload.publish() {rate}/s (offered {offered:,.0f}/s)", windows[f"sat_{rate}"])
+            )
     rows.append((f"ours, {k['large']:,} sockets x {k['rate']:g}/s (HTTP API)", w["fanout_large"]))
     rows.append((f"ours, {k['storm']:,} sockets x {k['rate']:g}/s (offload.publish())", w["fanout_storm"]))
-    for combo, a in results["channels"].items():
+    for combo, a in results["anchors"].items():
         names = (("fanout_small", f"{k['small']:,} x {k['rate']:g}/s"), ("sat", "saturation: HTTP publish streams"))
         rows += [(combo, a)] if "error" in a else [(f"{a['label']}, {title}", a["windows"][n]) for n, title in names]
     return rows
 
 
-TEXT = """one uWSGI worker (gevent), embedded Redis shared with the Channels servers; windows of {seconds} s (saturation
-{sat_seconds} s, {channels_streams} HTTP publish streams against Channels). Latency = arrival - publish time of every
-delivery; deliveries/s counted by arrival inside the window; CPU from /proc over the window."""
-RATIOS = """**Ratios** (ours / Channels' best of its setups, same run): deliveries/s at saturation {deliveries_ratio}x
-(Channels' best: {channels_best_saturation}, {channels_best_deliveries_per_s}/s); server CPU per delivery {cpu_ratio}x
-less (Channels' best {channels_best_us_per_delivery} µs); fan-out p99 {fanout_p99_ratio}x lower (Channels' best
-{channels_best_fanout_p99_ms} ms)."""
+TEXT = """one uWSGI worker (gevent), embedded Redis shared with the anchors (one process each); windows of {seconds} s
+(saturation {sat_seconds} s, {channels_streams} HTTP publish streams against the anchors). Latency = arrival - publish
+time of every delivery; deliveries/s counted by arrival inside the window; CPU from /proc over the window."""
+RATIOS = """**Ratios, ours / anchor** (same run; above 1 is better for deliveries/s, below 1 for the rest; RSS per
+idle socket at {small} sockets, ours {rss} KiB). Metrics cost: server CPU per delivery at saturation {cost}% higher with
+metrics on than with `OFFLOAD_METRICS=0`."""
+RATIO_COLUMNS = [
+    (head, lambda r, n=n: r[n]) for head, n in [("deliveries/s", "deliveries"), ("server µs/delivery", "cpu")]
+]
+RATIO_COLUMNS += [("fan-out p99", lambda r: r["p99"]), ("RSS per socket", lambda r: r["rss"])]
 STORM = """Connect storm: {connect_s} s, server CPU {server_ms_per_connect} ms per connect (server, clients and Redis
 {cpu_s} s of CPU); retries: {retries}; uWSGI: {counters}; kernel backlog limits (old, new): {sysctls}.
 
@@ -222,13 +277,17 @@ def markdown(results: dict) -> str:
     k, ours, storm = results["knobs"], results["ours"], results["ours"]["storm"]
     mem = [("ours (uWSGI worker)", ours["large_connect_s"], ours["idle_rss"], k["large"])]
     mem.append(("ours, connect storm (all at once)", storm["connect_s"], storm["idle_rss"], k["storm"]))
-    anchors = [a for a in results["channels"].values() if "idle_rss" in a]
+    anchors = [a for a in results["anchors"].values() if "idle_rss" in a]
     mem += [(a["label"], a["connect_s"], a["idle_rss"], k["small"]) for a in anchors]
     mem = [[label, f"{n:,}", cell(rss["per_socket_kib"]), cell(s)] for label, s, rss, n in mem]
     lines = [*report.heading(results, "Fan-out benchmark", report.fill(TEXT, k))]
     lines.append(report.columns_table(COLUMNS, _rows(results)))
     lines += ["", report.table(["idle sockets", "sockets", "RSS per socket (KiB)", "connect time (s)"], mem), ""]
-    lines += [report.fill(RATIOS, **results["comparison"]), ""] if results["comparison"] else []
+    if results["comparison"]:
+        labels = {c: a["label"] for c, a in results["anchors"].items()} | {"channels-best": "Channels 4, best setup"}
+        rows = [(labels[c], r) for c, r in results["comparison"].items()]
+        figures = {"rss": ours["small_rss"]["per_socket_kib"], "cost": metrics_cost(results)}
+        lines += [report.fill(RATIOS, k, **figures), "", report.columns_table(RATIO_COLUMNS, rows, "anchor"), ""]
     figures = {**storm, **cpu_floors(results), "cpu_s": _cpu_s(storm), "cpus": results["machine"]["cpus"]}
     figures.update(retries=str(storm["connect_errors"] or "none"), sysctls=str(ours["backlog_sysctls"] or "unchanged"))
     figures.update(counters=str(storm["counters"]), p99=ours["windows"]["fanout_storm"]["broadcast"]["p99"])
@@ -245,13 +304,20 @@ def plot(results: dict) -> dict:
     panels.append(
         report.bars_of("server CPU per delivery, saturated", "µs (log)", sat, lambda w: w["server_us_per_delivery"])
     )
-    return {"title": f"fan-out {results['started']}: ours (blue) vs Django Channels 4 (red)", "panels": panels}
+    return {
+        "title": f"fan-out {results['started']}: ours (blue) vs Django Channels 4 and Node.js (red)",
+        "panels": panels,
+    }
 
 
 def warnings(results: dict) -> list[str]:
-    out = [f"{c}: failed: {a['error'][:300]}" for c, a in results["channels"].items() if "error" in a]
-    every = [("ours", results["ours"]["windows"])] + [(c, a.get("windows", {})) for c, a in results["channels"].items()]
+    out = [f"{c}: failed: {a['error'][:300]}" for c, a in results["anchors"].items() if "error" in a]
+    every = [
+        ("ours", results["ours"]["windows"]),
+        ("ours, metrics off", results.get("metrics_off", {}).get("windows", {})),
+    ]
+    every += [(c, a.get("windows", {})) for c, a in results["anchors"].items()]
     for label, windows in every:
         for n, w in windows.items():  # losses of saturation steps and of Channels are figures, not doubts
-            out += report.window_warnings(f"{label} {n}", w, lost=label == "ours" and not n.startswith("sat_"))
+            out += report.window_warnings(f"{label} {n}", w, lost=label.startswith("ours") and not n.startswith("sat_"))
     return out

@@ -1,0 +1,102 @@
+"""Servers ours is compared with, one process each on a free port (standard library only).
+
+:class:`AnchorServer` starts one (its own session and log, a fresh Redis
+key prefix per start so leftovers of an earlier run cost nothing), waits
+until ``GET /probe/`` answers and stops only that pid. Every anchor speaks
+the part of ``docs/protocol.md`` the load client uses: ``/ws/?channel=C``
+(or Socket.IO's path), the ``subscribed`` reply, ``message`` envelopes and
+``POST /api/publish/<channel>`` with a bearer key. The Channels setups are
+in ``channels_anchor/server.py``; :class:`NodeServer` runs ``node/server.js``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+NODE_DIR = Path(__file__).resolve().parent / "node"
+#: the Node.js anchors: ``ws`` 8 and Socket.IO 4, each with an ioredis subscriber
+NODE_ANCHORS = ("node-ws", "node-socketio")
+
+
+class AnchorServer:
+    """One anchor server: :meth:`argv` (given the port) run from ``cwd``; ``label`` names it in reports."""
+
+    host, api_key, ws_path = "127.0.0.1", "bench-key", "/ws/?"
+    cwd: Path
+
+    def __init__(self, combo: str, redis_url: str, log_path: Path, label: str) -> None:
+        self.name, self.redis_url, self.log_path, self.label = combo, redis_url, log_path, label
+        self.proc: subprocess.Popen | None = None
+        self.port, self.prefix = 0, ""
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def argv(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self, timeout: float = 30.0) -> AnchorServer:
+        """Spawn it on a free port; return once its ``/probe/`` answers. Raises with the log's tail."""
+        with socket.socket() as s:
+            s.bind((self.host, 0))
+            self.port = s.getsockname()[1]
+        self.prefix = f"asgi-{secrets.token_hex(4)}-"
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+        env.update(API_KEY=self.api_key, CHANNELS_PREFIX=self.prefix, PYTHONUNBUFFERED="1")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            log.write(f"--- {self.name} on port {self.port}\n".encode())
+            log.flush()
+            how = {"stdin": subprocess.DEVNULL, "stdout": log, "stderr": subprocess.STDOUT, "start_new_session": True}
+            self.proc = subprocess.Popen(self.argv(), cwd=self.cwd, env=env, **how)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://{self.host}:{self.port}/probe/", timeout=2) as resp:
+                    if resp.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.1)
+        self.close()
+        raise RuntimeError(f"{self.name} did not start; log {self.log_path}:\n{self.log_path.read_text()[-3000:]}")
+
+    def close(self) -> None:
+        """SIGTERM, then SIGKILL after 10 s: only the process we started."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+class NodeServer(AnchorServer):
+    """``node-ws`` or ``node-socketio``: ``node/server.js`` under the distribution's node, the packages
+    of ``node/package-lock.json`` (``npm ci --prefix bench/node``, which ``make bench`` runs)."""
+
+    cwd = NODE_DIR
+
+    def __init__(self, combo: str, redis_url: str, log_path: Path) -> None:
+        if combo not in NODE_ANCHORS:
+            raise ValueError(f"unknown Node.js anchor {combo!r}; known: {', '.join(NODE_ANCHORS)}")
+        self.kind = combo.removeprefix("node-")
+        label = "Node.js ws 8 + ioredis" if self.kind == "ws" else "Node.js Socket.IO 4 + ioredis"
+        super().__init__(combo, redis_url, log_path, label)
+        if self.kind == "socketio":  # Engine.IO 4 straight over a websocket, no polling first
+            self.ws_path = "/socket.io/?EIO=4&transport=websocket&"
+
+    def argv(self) -> list[str]:
+        if not (NODE_DIR / "node_modules").is_dir() or not shutil.which("node"):
+            raise RuntimeError("Node.js anchors need node and `npm ci --prefix bench/node` (make bench runs it)")
+        return ["node", str(NODE_DIR / "server.js"), self.kind, str(self.port), self.redis_url, self.prefix]
