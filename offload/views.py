@@ -35,10 +35,10 @@ from django.http.request import validate_host
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
-from . import conf, worker
+from . import conf, metrics, worker
 from .addresses import client_address
+from .backend.health import ping_redis, redis_health
 from .backend.publishing import publish_json
-from .backend.redis_client import REDIS_ERRORS, get_client
 from .backend.slots import ConnectionSlots
 from .blocking import run_blocking
 from .core.protocol import encode_data, parse_ascii_int
@@ -173,6 +173,7 @@ def connection_claim(env: dict, tokens: list[str], now: float) -> ConnectionClai
 
 def _token_refusal(kind: str, exc: PermissionDenied) -> JsonResponse:
     log.info("%s refused: %s", kind, exc.reason)
+    metrics.handshake_refused(kind, "token")
     return _error(401, exc.code, exc.reason, **{"WWW-Authenticate": 'Bearer error="invalid_token"'})
 
 
@@ -292,14 +293,17 @@ class WebSocketView:
     def __call__(self, request: HttpRequest) -> HttpResponse:
         env = request.META
         if env.get("HTTP_UPGRADE", "").lower() != "websocket":
+            metrics.handshake_refused("websocket", "bad_request")
             return HttpResponse("websocket endpoint: upgrade required\n", status=426, headers={"Upgrade": "websocket"})
         refusal = _handshake_refusal(env)
         if refusal is not None:
+            metrics.handshake_refused("websocket", "bad_request")
             return refusal
         offered = env.get("HTTP_SEC_WEBSOCKET_PROTOCOL")
         subprotocol = _choose_subprotocol(offered, conf.get("OFFLOAD_SUBPROTOCOLS"))
         if not origin_allowed(env.get("HTTP_ORIGIN")):
             log.warning("websocket refused: origin %r not allowed", env.get("HTTP_ORIGIN"))
+            metrics.handshake_refused("websocket", "origin")
             return HttpResponseForbidden("origin not allowed\n")
         query = _query(env)
         try:
@@ -313,12 +317,14 @@ class WebSocketView:
             with gevent.Timeout(timeout):
                 if not slots.acquire():
                     log.warning("websocket refused: too many connections from %s", slots.ip)
+                    metrics.handshake_refused("websocket", "too_many_connections")
                     return HttpResponse("too many connections from this address\n", status=429)
                 waiting_for = "the session user (thread pool)"
                 identity = resolve_identity(request, claim)
         except gevent.Timeout:
             log.warning("websocket refused: handshake timed out after %.1f s waiting for %s", timeout, waiting_for)
             slots.release()
+            metrics.handshake_refused("websocket", "timeout")
             return HttpResponse("handshake timed out\n", status=503)
         except PermissionDenied as exc:  # the token's user may no longer connect
             slots.release()
@@ -331,6 +337,7 @@ class WebSocketView:
                 uwsgi.websocket_handshake(key, env.get("HTTP_ORIGIN", ""), subprotocol or "")
         except OSError as exc:
             slots.release()
+            metrics.handshake_refused("websocket", "bad_request")
             return HttpResponse(f"bad websocket handshake: {exc}\n", status=400)
         env[UPGRADED] = True
         install_signal_handlers()
@@ -387,7 +394,7 @@ def api_publish(request: HttpRequest, channel: str) -> JsonResponse:
     except (ValueError, RecursionError):
         return _error(400, "bad_json", "body is not valid JSON")
     try:
-        message_id = publish_json(channel, encode_data(data))
+        message_id = publish_json(channel, encode_data(data), source="api")
     except (ChannelError, ProtocolError) as exc:
         return _error(400, exc.code, exc.reason)
     except LimitExceeded as exc:
@@ -406,24 +413,10 @@ DIRECT_API_VIEWS = frozenset({api_publish})
 
 def healthz(request: HttpRequest) -> JsonResponse:
     """Liveness plus Redis reachability (503 when Redis is down)."""
-    try:
-        get_client().ping()
-    except REDIS_ERRORS as exc:
-        return JsonResponse({"status": "degraded", "redis": "down", "reason": str(exc)}, status=503)
+    unreachable, _down = ping_redis()
+    if unreachable:
+        return JsonResponse({"status": "degraded", "redis": "down", "reason": unreachable}, status=503)
     return JsonResponse({"status": "ok", "redis": "up"})
-
-
-def _hub_connected(hub: worker.Hub) -> bool:
-    """Is the hub subscribed, waiting (without blocking the loop) up to ``OFFLOAD_REDIS_TIMEOUT``?
-
-    A worker starts its hub on first use, and a fresh worker's first use is
-    often a health check: Redis answered the ping just before, so the hub
-    connects within milliseconds, and a check that said 503 instead would
-    take a healthy worker out of the balancer for nothing."""
-    deadline = time.monotonic() + conf.get("OFFLOAD_REDIS_TIMEOUT")
-    while not hub.connected and time.monotonic() < deadline:
-        gevent.sleep(0.01)
-    return hub.connected
 
 
 def readyz(request: HttpRequest) -> JsonResponse:
@@ -431,21 +424,21 @@ def readyz(request: HttpRequest) -> JsonResponse:
 
     200 only when the worker is not draining (:func:`offload.worker.draining`),
     Redis answers, and the worker's hub is connected with its control channel
-    subscribed (so a socket accepted here would get its messages). 503 with
+    subscribed (so a socket accepted here would get its messages); in a
+    Cluster, some master and some hub link suffice (:mod:`offload.backend.health`
+    says why), and what is down is named in ``"degraded"``. 503 with
     ``{"status": "unready", "reason": ...}`` otherwise. ``/healthz`` stays the
     liveness check: a draining worker is alive.
     """
     why = worker.draining()
+    health = None
     if why is None:
-        try:
-            get_client().ping()
-        except REDIS_ERRORS as exc:
-            why = f"redis: {exc}"
-    if why is None and not _hub_connected(worker.hub(uwsgi.worker_id() if uwsgi is not None else 0)):
-        why = "hub: not subscribed to Redis yet"
+        health = redis_health(worker.hub(uwsgi.worker_id() if uwsgi is not None else 0))
+        why = health.unready
     if why is not None:
         return JsonResponse({"status": "unready", "reason": why}, status=503, headers={"Cache-Control": "no-store"})
-    return JsonResponse({"status": "ready"}, headers={"Cache-Control": "no-store"})
+    body = {"status": "ready"} if health.degraded is None else {"status": "ready", "degraded": health.degraded}
+    return JsonResponse(body, headers={"Cache-Control": "no-store"})
 
 
 def stream_view(request: HttpRequest) -> HttpResponse:
@@ -456,18 +449,23 @@ def stream_view(request: HttpRequest) -> HttpResponse:
     connection token) or 403 (origin or policy), never a stream that ends at once.
     """
     if request.method != "GET":
+        metrics.handshake_refused("sse", "bad_request")
         return HttpResponseNotAllowed(["GET"])
     if not origin_allowed(request.META.get("HTTP_ORIGIN")):
         log.warning("sse refused: origin %r not allowed", request.META.get("HTTP_ORIGIN"))
+        metrics.handshake_refused("sse", "origin")
         return _error(403, "forbidden", "origin not allowed")
     subscriptions, unreadable = query_subscriptions(request.GET.getlist("channel"), request.GET.getlist("sub_token"))
     if unreadable:
+        metrics.handshake_refused("sse", "token")
         return _error(403, "token_invalid", "a sub_token= is not a subscription token")
     channels = list(subscriptions)
     if not channels:
+        metrics.handshake_refused("sse", "bad_request")
         return _error(400, "bad_message", "at least one channel= (or sub_token=) is required")
     limit = conf.get("OFFLOAD_MAX_SUBSCRIPTIONS")
     if len(channels) > limit:
+        metrics.handshake_refused("sse", "bad_request")
         return _error(400, "too_many_subscriptions", f"at most {limit} channels per stream")
     try:
         identity = resolve_identity(request, connection_claim(request.META, request.GET.getlist("token"), time.time()))
@@ -479,9 +477,11 @@ def stream_view(request: HttpRequest) -> HttpResponse:
         for channel, token in subscriptions.items():
             check_subscribe(identity, channel, run_blocking, token=token)
     except RefusedError as exc:
+        metrics.handshake_refused("sse", "forbidden" if isinstance(exc, PermissionDenied) else "bad_request")
         return _error(403 if isinstance(exc, PermissionDenied) else 400, exc.code, exc.reason)
     slots = _slots(request)
     if not slots.acquire():
+        metrics.handshake_refused("sse", "too_many_connections")
         return _error(429, "too_many_connections", "too many connections from this address")
     install_signal_handlers()
     worker_id, fd = (uwsgi.worker_id(), uwsgi.connection_fd()) if uwsgi is not None else (0, None)

@@ -14,7 +14,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -254,12 +254,17 @@ class LocalRedisCluster:
     def node_id(self, port: int) -> str:
         return self.node(port).execute_command("CLUSTER", "MYID").decode()
 
-    def kill_master(self, port: int, timeout: float = 30) -> int:
-        """SIGKILL the master on ``port`` and wait until its replica took over; return the new master's port."""
+    def kill_master(self, port: int, timeout: float = 30, during: Callable[[], object] | None = None) -> int:
+        """SIGKILL the master on ``port`` and wait until its replica took over; return the new master's port.
+
+        ``during`` is called right after the kill, while the shard has no master.
+        """
         slots = [(first, last) for first, last, p in self._slot_table(self.node(port)) if p == port]
         if not slots:
             raise ValueError(f"{port} serves no slot")
         self._procs.kill(port)
+        if during is not None:
+            during()
 
         def promoted() -> int | None:
             new = self.master_of_slot(slots[0][0])

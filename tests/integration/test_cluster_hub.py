@@ -18,6 +18,7 @@ import pytest
 import redis
 from redis.crc import key_slot
 
+from offload.backend.health import RedisHealth, redis_health
 from offload.backend.hub import Hub, on_control
 from offload.backend.redis_client import history_key, pubsub_channel
 from offload.testing import wait_for
@@ -213,6 +214,23 @@ def test_a_killed_master_fails_over_and_its_channels_come_back(cluster, hub):
     for port in cluster.master_ports():
         assert pubsub_clients(cluster, port) == 1
     cluster.restart(victim)  # back as a replica: the next tests fail over again
+
+
+def test_a_cluster_worker_stays_ready_while_one_shard_fails_over(cluster, hub):
+    """Every worker sees a shard's outage at once: a 503 would take every instance out of the balancer."""
+    assert redis_health(hub) == RedisHealth(None)
+    victim = cluster.master_ports()[0]
+    seen: list[RedisHealth] = []
+
+    def outage() -> None:
+        wait_until(lambda: not all(link.connected for link in hub.links), 10)
+        seen.append(redis_health(hub))
+
+    cluster.kill_master(victim, during=outage)
+    (health,) = seen
+    assert health.unready is None and f":{victim}" in health.degraded, health
+    wait_until(lambda: redis_health(hub) == RedisHealth(None), 30)
+    cluster.restart(victim)
 
 
 # -- websocket clients on uWSGI over the Cluster ----------------------------------------
