@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from . import views
+from . import operator, views
 
 app_name = "offload"
 
@@ -13,4 +13,6 @@ urlpatterns = [
     path("api/publish/<str:channel>", views.api_publish, name="api-publish"),
     path("healthz", views.healthz, name="healthz"),
     path("readyz", views.readyz, name="readyz"),
+    path("operator/", operator.operator_page, name="operator"),
+    path("operator/token", operator.operator_token, name="operator-token"),
 ]

@@ -20,6 +20,7 @@ from . import conf
 from .backend.hub import Hub
 from .backend.publishing import publish
 from .core.closes import Disconnect
+from .operator import Sampler
 from .transports.connection import close_all, open_connections
 from .transports.presence import close_presence
 from .transports.sse import close_all_streams, open_streams
@@ -100,14 +101,23 @@ def stats(of: Hub) -> dict:
 
 
 def _publish_stats(of: Hub) -> None:
+    """Every ``OFFLOAD_STATS_INTERVAL``: the public stats, then the operator page's figures
+    (``OFFLOAD_OPERATOR_CHANNEL``, staff only: :mod:`offload.operator`)."""
     interval = conf.get("OFFLOAD_STATS_INTERVAL")
     channel = conf.get("OFFLOAD_STATS_CHANNEL")
+    operator_channel = conf.get("OFFLOAD_OPERATOR_CHANNEL")
+    sampler = Sampler(of) if operator_channel else None
     while True:
         gevent.sleep(interval)
         try:
             publish(channel, stats(of))
         except Exception as exc:  # Redis down or namespace missing: keep going
             log.debug("stats not published: %s", exc)
+        if sampler is not None:
+            try:
+                publish(operator_channel, sampler.sample())
+            except Exception as exc:  # Redis down: the page marks this worker stale
+                log.debug("operator stats not published: %s", exc)
 
 
 def install_signal_handlers() -> None:

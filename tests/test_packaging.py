@@ -20,6 +20,8 @@ RUNTIME_FILES = (
     "offload/backend/lua/publish.lua",
     "offload/backend/lua/acquire_slot.lua",
     "offload/static/offload/offload.js",
+    "offload/static/offload/operator.js",
+    "offload/templates/offload/operator.html",
     "offload/testing/__init__.py",
     "offload/uwsgiconf/__main__.py",
     "offload/uwsgiconf/offload.ini",
@@ -47,7 +49,7 @@ def build(tmp_path: Path) -> tuple[Path, Path]:
             (source / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, source / name)
     probe = source / "offload/templates/offload/packaging-probe.html"
-    probe.parent.mkdir(parents=True)
+    probe.parent.mkdir(parents=True, exist_ok=True)
     probe.write_text("<p>{{ probe }}</p>\n")
     result = subprocess.run(
         [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(tmp_path / "dist"), "."],

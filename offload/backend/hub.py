@@ -361,6 +361,10 @@ class Hub:
         """The ``n`` local channels with the most local subscribers, most first: (channel, subscribers)."""
         return [(channel, len(subs)) for channel, subs in heapq.nlargest(n, self._local.items(), key=_size)]
 
+    def local_subscribers(self, channel: str) -> int:
+        """How many local subscribers ``channel`` has (0: none, the hub is not subscribed)."""
+        return len(self._local.get(channel, ()))
+
     def take_message_counts(self) -> dict[str, int]:
         """Messages fanned out per local channel since the last call (and start counting again).
 
