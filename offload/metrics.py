@@ -37,30 +37,44 @@ from __future__ import annotations
 import glob
 import hmac
 import ipaddress
+import json
 import os
 import re
+import socket
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from . import conf
+from .core.closes import Disconnect
+
+try:
+    import uwsgi
+except ImportError:  # not under uWSGI (tests, manage.py): no uWSGI figures
+    uwsgi = None
 
 __all__ = [
+    "before_scrape",
     "connection_closed",
     "connection_opened",
     "enabled",
     "fanned_out",
     "handshake_refused",
     "history_read",
+    "metrics_view",
     "published",
     "recent_drops",
     "redis_failed",
     "render",
     "sample",
     "scrape_allowed",
+    "stream_ended",
     "sweep_dead",
     "task_finished",
 ]
@@ -135,6 +149,27 @@ def connection_closed(transport: str, reason: str, user: object = None) -> None:
         CONNECTIONS_CLOSED.labels(transport, reason).inc()
 
 
+#: Why an event stream ended (``SseStream.ended``) -> its reason label; None: the client left.
+_STREAM_ENDS: dict[str, str | None] = {why.reason: why.name.lower() for why in Disconnect}
+_STREAM_ENDS.update(
+    {
+        "client closed": None,
+        # the generator was closed mid-write: the client stopped reading or is gone
+        "closed by the server": "dead_peer",
+        # an error event went out first: a subscription failed or the token expired
+        "finished": "error_event",
+    }
+)
+
+
+def stream_ended(ended: str | None, identity: object = None) -> None:
+    """An event stream ended, ``ended`` saying why (``SseStream.ended``): counted as a server
+    close unless the client left."""
+    reason = _STREAM_ENDS.get(ended or "", "other")
+    if reason is not None:
+        connection_closed("sse", reason, getattr(identity, "user_id", None))
+
+
 def recent_drops() -> list[dict]:
     """This process's last 50 server-side closes, newest first:
     ``{"ts": epoch seconds, "transport": ..., "reason": ..., "user": user id or None}``."""
@@ -157,14 +192,16 @@ def published(source: str) -> None:
         PUBLISHES.labels(source).inc()
 
 
-def fanned_out(ids: Iterable[tuple[int, int]], deliveries: int) -> None:
-    """The hub handed messages (their stream ids ``(ms, seq)``) to local sockets,
-    ``deliveries`` socket-messages in all. One call per fan-out, whatever the socket count."""
+def fanned_out(entries: Iterable[Any], deliveries: int) -> None:
+    """The hub hands messages (``entries``, each with its stream ``id``: ``(ms, seq)``) to
+    local sockets, ``deliveries`` socket-messages in all. One call per fan-out, whatever
+    the socket count. The latency is now minus the id's milliseconds: the publish time on
+    Redis' clock (keep the clocks in sync across hosts)."""
     if conf.get("OFFLOAD_METRICS"):
         DELIVERIES.inc(deliveries)
         now_ms = time.time() * 1000.0
-        for ms, _ in ids:
-            LATENCY.observe(max(0.0, now_ms - ms) / 1000.0)
+        for entry in entries:
+            LATENCY.observe(max(0.0, now_ms - entry.id[0]) / 1000.0)
 
 
 def history_read(*, resume: bool, recovered: bool) -> None:
@@ -215,6 +252,15 @@ def sample(
     if hub_reconnects > _last_reconnects:
         HUB_RECONNECTS.inc(hub_reconnects - _last_reconnects)
     _last_reconnects = hub_reconnects
+
+
+_before_scrape: list[Callable[[], None]] = []
+
+
+def before_scrape(refresh: Callable[[], None]) -> None:
+    """Run ``refresh`` (this process's :func:`sample`) before every scrape this process
+    answers, so its own gauges are current (the others' are at most a second old)."""
+    _before_scrape[:] = [refresh]
 
 
 # -- dead processes -------------------------------------------------------------------
@@ -289,6 +335,8 @@ def scrape_allowed(environ: Mapping[str, str], key: str | None) -> bool:
 def render(extra: Iterable[object] = ()) -> tuple[bytes, str]:
     """The exposition text of every process (this one only without a multiprocess
     directory), plus the collectors ``extra``; and its content type."""
+    for refresh in _before_scrape:
+        refresh()
     if MULTIPROC_DIR:
         sweep_dead()
         registry = CollectorRegistry()
@@ -303,3 +351,108 @@ def render(extra: Iterable[object] = ()) -> tuple[bytes, str]:
         if registry is _registry:
             for collector in extra:
                 registry.unregister(collector)
+
+
+# -- uWSGI's own figures, read from its stats server at scrape time ----------------------
+
+
+def uwsgi_stats(address: str, timeout: float = 2.0) -> dict:
+    """The JSON of uWSGI's stats server at ``address`` (``host:port`` or a unix socket path).
+
+    Raises:
+        OSError, ValueError: the server cannot be reached or answered garbage.
+    """
+    host, _, port = address.rpartition(":")
+    if "/" not in address and port.isdigit():
+        family, target = socket.AF_INET6 if ":" in host else socket.AF_INET, (host.strip("[]"), int(port))
+    else:
+        family, target = socket.AF_UNIX, address
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(target)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return json.loads(b"".join(chunks))
+
+
+def uwsgi_families(stats: dict | None) -> list[Metric]:
+    """The uWSGI figures of one stats reading (None: the stats server did not answer)."""
+    up = GaugeMetricFamily("offload_uwsgi_stats_up", "1 if uWSGI's stats server answered this scrape")
+    up.add_metric([], 0 if stats is None else 1)
+    if stats is None:
+        return [up]
+    listen = GaugeMetricFamily("offload_uwsgi_listen_queue", "Connections waiting in the accept backlog")
+    listen.add_metric([], stats.get("listen_queue", 0))
+    listen_errors = CounterMetricFamily(
+        "offload_uwsgi_listen_queue_errors", "Times the accept backlog was full (connections refused)"
+    )
+    listen_errors.add_metric([], stats.get("listen_queue_errors", 0))
+    busy = GaugeMetricFamily(
+        "offload_uwsgi_busy_cores", "Async cores serving a request (websockets leave theirs)", labels=["worker"]
+    )
+    offloaded = CounterMetricFamily(
+        "offload_uwsgi_offloaded_requests", "Requests handed to offload threads (files, upstreams)", labels=["worker"]
+    )
+    requests = CounterMetricFamily("offload_uwsgi_requests", "Requests served by the worker", labels=["worker"])
+    rss = GaugeMetricFamily("offload_uwsgi_worker_rss_bytes", "Resident memory of the worker", labels=["worker"])
+    respawns = CounterMetricFamily(
+        "offload_uwsgi_worker_respawns", "Times the worker was (re)spawned", labels=["worker"]
+    )
+    for worker in stats.get("workers", ()):
+        label = [str(worker.get("id", 0))]
+        cores = worker.get("cores") or ()
+        busy.add_metric(label, sum(core.get("in_request", 0) for core in cores))
+        offloaded.add_metric(label, sum(core.get("offloaded_requests", 0) for core in cores))
+        requests.add_metric(label, worker.get("requests", 0))
+        rss.add_metric(label, worker.get("rss", 0))
+        respawns.add_metric(label, worker.get("respawn_count", 0))
+    return [up, listen, listen_errors, busy, offloaded, requests, rss, respawns]
+
+
+class _Families:
+    """A collector that yields metric families read before the scrape."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> list[Metric]:
+        return self._families
+
+
+def _uwsgi_collector() -> _Families | None:
+    if uwsgi is None:
+        return None
+    address = uwsgi.opt.get("stats")
+    if isinstance(address, list):
+        address = address[0]
+    if not address:
+        return _Families(uwsgi_families(None))
+    try:
+        stats = uwsgi_stats(address.decode() if isinstance(address, bytes) else address)
+    except (OSError, ValueError):
+        stats = None
+    return _Families(uwsgi_families(stats))
+
+
+def metrics_view(request: HttpRequest) -> HttpResponse:
+    """``GET /metrics``: every process's figures in Prometheus' text format.
+
+    404 when ``OFFLOAD_METRICS`` is off. Answered only to a loopback peer no
+    proxy forwarded, or with ``Authorization: Bearer <OFFLOAD_METRICS_KEY>``
+    (:func:`scrape_allowed`): 401 then when a key is set, else 403.
+    """
+    if not conf.get("OFFLOAD_METRICS"):
+        return JsonResponse({"error": "not_found", "reason": "metrics are off (OFFLOAD_METRICS)"}, status=404)
+    key = conf.get("OFFLOAD_METRICS_KEY")
+    if not scrape_allowed(request.META, key):
+        if key:
+            return JsonResponse(
+                {"error": "unauthorized", "reason": "missing or wrong bearer key"},
+                status=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        return JsonResponse({"error": "forbidden", "reason": "metrics are for loopback scrapers only"}, status=403)
+    collector = _uwsgi_collector()
+    body, content_type = render([collector] if collector is not None else [])
+    return HttpResponse(body, content_type=content_type, headers={"Cache-Control": "no-store"})

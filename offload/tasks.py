@@ -45,7 +45,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from . import conf
+from . import conf, metrics
 from .backend.publishing import publish
 from .backend.redis_client import REDIS_ERRORS, get_client
 from .exceptions import BackendUnavailable
@@ -197,11 +197,13 @@ def spooler(env: dict) -> int:
             "the task never finished (its spooler process was killed or crashed)"
         )
         log.error("task %s (%s): %s; spool file deleted", task_id, name, error)
+        metrics.task_finished("failed")
         _report(ctx, "failed", error=error, attempt=ctx.attempt, quiet=True)
         return uwsgi.SPOOL_OK
     # uWSGI hands the spool file's body over under the *str* key "body".
     body = env.get("body") or env.get(b"body") or b"{}"
     outcome = _run(registered, ctx, json.loads(body), time_limit=registered.time_limit)
+    metrics.task_finished(outcome)
     return uwsgi.SPOOL_RETRY if outcome == "retry" else uwsgi.SPOOL_OK
 
 

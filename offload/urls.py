@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from . import operator, views
+from . import metrics, operator, views
 
 app_name = "offload"
 
@@ -13,6 +13,8 @@ urlpatterns = [
     path("api/publish/<str:channel>", views.api_publish, name="api-publish"),
     path("healthz", views.healthz, name="healthz"),
     path("readyz", views.readyz, name="readyz"),
+    # Prometheus: loopback scrapers only, or a bearer key (offload.metrics, docs/metrics.md)
+    path("metrics", metrics.metrics_view, name="metrics"),
     path("operator/", operator.operator_page, name="operator"),
     path("operator/token", operator.operator_token, name="operator-token"),
 ]

@@ -16,11 +16,12 @@ import time
 
 import gevent
 
-from . import conf
+from . import conf, metrics
 from .backend.hub import Hub
 from .backend.publishing import publish
 from .core.closes import Disconnect
 from .operator import Sampler
+from .transports import connection, sse
 from .transports.connection import close_all, open_connections
 from .transports.presence import close_presence
 from .transports.sse import close_all_streams, open_streams
@@ -37,6 +38,8 @@ _handlers_installed_pid: int | None = None
 #: before a reload drains the old workers and not their replacements.
 _loaded_at = time.time()
 _draining_since: float | None = None  # set by the reload and shutdown handlers
+#: Seconds between copies of the worker's figures into its Prometheus gauges.
+_METRICS_INTERVAL = 1.0
 
 
 def draining() -> str | None:
@@ -74,6 +77,8 @@ def hub(worker_id: int = 0) -> Hub:
         _hub_pid = os.getpid()
         if conf.get("OFFLOAD_STATS_INTERVAL") > 0:
             gevent.spawn(_publish_stats, _hub)
+        if conf.get("OFFLOAD_METRICS"):
+            gevent.spawn(_sample_metrics, _hub)
     return _hub
 
 
@@ -83,7 +88,11 @@ def start_after_fork(worker_id: int) -> None:
     A hub started at the first websocket would leave a worker that has served
     none deaf to the control channel, so it would admit an address another
     worker had just penalised for flooding.
+
+    It also removes the Prometheus gauges of processes that died (the worker
+    this one replaces, if it was killed): their counters stay (offload.metrics).
     """
+    metrics.sweep_dead()
     hub(worker_id)
 
 
@@ -98,6 +107,30 @@ def stats(of: Hub) -> dict:
         "redis": "up" if of.connected else "down",
         "ts": time.time(),
     }
+
+
+def sample_metrics(of: Hub) -> None:
+    """Copy this worker's figures into its Prometheus gauges (:func:`offload.metrics.sample`)."""
+    metrics.sample(
+        of.worker_id,
+        websockets=open_connections(),
+        streams=open_streams(),
+        subscriptions=of.subscriptions,
+        channels=of.channels,
+        queued_bytes=connection.queued_bytes() + sse.queued_bytes(),
+        hub_reconnects=of.reconnects,
+    )
+
+
+def _sample_metrics(of: Hub) -> None:
+    """Every second, and before each scrape this worker answers: its figures into its gauges."""
+    metrics.before_scrape(lambda: sample_metrics(of))
+    while True:
+        try:
+            sample_metrics(of)
+        except Exception:  # a bug must not stop the sampling for good
+            log.exception("metrics sample failed")
+        gevent.sleep(_METRICS_INTERVAL)
 
 
 def _publish_stats(of: Hub) -> None:

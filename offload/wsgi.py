@@ -48,7 +48,7 @@ from django.core.handlers.wsgi import WSGIHandler, WSGIRequest, get_path_info
 from django.http import HttpResponse, HttpResponseBadRequest, HttpResponseServerError, JsonResponse
 from django.urls import Resolver404, ResolverMatch, get_resolver
 
-from . import conf
+from . import conf, metrics
 from .addresses import client_address
 from .core.protocol import parse_ascii_int
 from .core.rates import cooldowns
@@ -99,6 +99,7 @@ class OffloadWSGIHandler(WSGIHandler):
         if environ.get("HTTP_UPGRADE", "").lower() == "websocket":
             cooldown = cooldowns.remaining(client_address(environ))
             if cooldown:  # this address flooded a socket moments ago: refuse it before any work
+                metrics.handshake_refused("websocket", "abuse_cooldown")
                 start_response("429 Too Many Requests", [("Retry-After", str(ceil(cooldown))), *_PLAIN])
                 return [b"too many frames from this address: wait before reconnecting\n"]
             if not conf.get("OFFLOAD_WEBSOCKET_MIDDLEWARE"):

@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
+import redis
+
+from .. import metrics
 from ..core.cursor import FIRST_PAGE, make_entry
 from ..core.protocol import StreamId, format_stream_id, parse_stream_id
 from ..core.session import CatchUp
@@ -37,6 +40,7 @@ def read_after(channel: str, since: StreamId, limit: int) -> HistoryRead:
     try:
         raw = get_client().xrange(history_key(channel), min=start, max="+", count=limit + 1)
     except REDIS_ERRORS as exc:
+        metrics.redis_failed("history", isinstance(exc, redis.TimeoutError))
         raise BackendUnavailable(f"Redis is unavailable: {exc}") from exc
     entries = [(_text(mid), _text(fields[b"d"])) for mid, fields in raw]
     recovered = bool(entries) and parse_stream_id(entries[0][0]) == since
@@ -91,6 +95,7 @@ def catch_up(
     if last is None and first:
         return CatchUp([], newest_id(channel), True, False, count)
     rows, recovered = read_after(channel, last or (0, 0), count)
+    metrics.history_read(resume=first and last is not None, recovered=recovered or last is None)
     channel_json = json.dumps(channel).encode()
     entries = [make_entry(channel_json, mid.encode(), data.encode()) for mid, data in rows]
     size = sum(len(entry.frame) for entry in entries)

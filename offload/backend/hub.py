@@ -57,6 +57,7 @@ import logging
 from collections.abc import Callable
 from typing import Protocol
 
+from .. import metrics
 from ..core.cursor import Entry, make_entry
 from ..core.protocol import StreamId
 from ..exceptions import BackendUnavailable
@@ -345,6 +346,7 @@ class Hub:
             self._newest[channel] = newest
         frames = entries[0].frame if len(entries) == 1 else b"".join([entry.frame for entry in entries])
         count = len(subscribers)
+        metrics.fanned_out(entries, count * len(entries))  # one call per fan-out, whatever the socket count
         # No copy of the dict: offer() never (un)subscribes anyone.
         others = [subscriber for subscriber, ws in subscribers.items() if ws is None or not ws.offer(frames)]
         for subscriber in others:

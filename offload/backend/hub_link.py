@@ -29,6 +29,7 @@ import gevent
 import gevent.event
 import redis
 
+from .. import metrics
 from .redis_client import REDIS_ERRORS, channel_of, pubsub_channel
 
 if TYPE_CHECKING:
@@ -141,6 +142,7 @@ class Link:
                     log.exception("hub error (%s)", self.name)
                 else:
                     log.warning("hub lost Redis (%s): %s", self.name, exc)
+                    metrics.redis_failed("hub", isinstance(exc, redis.TimeoutError))
                 self._disconnect()
                 if self.retired:
                     break

@@ -19,7 +19,7 @@ from typing import Any
 import redis
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
 
-from .. import conf
+from .. import conf, metrics
 from ..core.protocol import encode_data
 from ..exceptions import BackendUnavailable, LimitExceeded, OffloadError, OutcomeUnknown
 from ..policies import namespace_of
@@ -82,19 +82,23 @@ def publish(channel: str, data: Any, *, on_commit: bool = True, using: str | Non
         # committed request into a 500 nor skip the project's other callbacks.
         transaction.on_commit(functools.partial(_publish_committed, channel, data_json, ns), using=using, robust=True)
         return None
-    return _send(channel, data_json, ns)
+    return _send(channel, data_json, ns, "python")
 
 
-def publish_json(channel: str, data_json: str) -> str:
+def publish_json(channel: str, data_json: str, *, source: str = "client") -> str:
     """Publish data that is already compact JSON text (no re-encoding), at once.
 
     Never deferred to a commit: its callers (the client ``publish`` command,
     the HTTP publish API) answer with the message id, and their request makes
     no database change the message would have to wait for.
 
+    Args:
+        source: who publishes, for the metrics: ``"client"`` (a socket's ``publish``
+            command, a hook) or ``"api"`` (the HTTP publish API).
+
     Raises: as :func:`publish`.
     """
-    return _send(channel, data_json, _check(channel, data_json))
+    return _send(channel, data_json, _check(channel, data_json), source)
 
 
 def _check(channel: str, data_json: str) -> conf.Namespace:
@@ -106,7 +110,7 @@ def _check(channel: str, data_json: str) -> conf.Namespace:
     return ns
 
 
-def _send(channel: str, data_json: str, ns: conf.Namespace) -> str:
+def _send(channel: str, data_json: str, ns: conf.Namespace, source: str) -> str:
     """Run the publish script: append to the history stream and publish, atomically."""
     token_key = publish_token_key(channel, uuid.uuid4().hex)
     sharded = 1 if topology() == "cluster" else 0  # SPUBLISH: the message goes to its shard only
@@ -119,10 +123,13 @@ def _send(channel: str, data_json: str, ns: conf.Namespace) -> str:
         else:
             message_id = script("publish")(keys=keys, args=args)
     except redis.TimeoutError as exc:
+        metrics.redis_failed("publish", True)
         # Redis may have run the script after all: say so, never "not published".
         raise OutcomeUnknown(f"Redis did not answer in time; the message may have been published: {exc}") from exc
     except REDIS_ERRORS as exc:
+        metrics.redis_failed("publish", False)
         raise BackendUnavailable(f"Redis is unavailable: {exc}") from exc
+    metrics.published(source)
     return message_id.decode() if isinstance(message_id, bytes) else message_id
 
 
@@ -157,6 +164,6 @@ def _publish_and_wait(channel: str, keys: list[str], args: list, replicas: int) 
 def _publish_committed(channel: str, data_json: str, ns: conf.Namespace) -> None:
     """The deferred half of :func:`publish`: the transaction is committed, so log, never raise."""
     try:
-        _send(channel, data_json, ns)
+        _send(channel, data_json, ns, "python")
     except OffloadError as exc:
         log.error("message on %s not published after the commit: %s (%s)", channel, exc.code, exc.reason)

@@ -43,7 +43,7 @@ from collections.abc import Callable
 import gevent
 import gevent.event
 
-from .. import conf
+from .. import conf, metrics
 from ..backend.abuse import penalise
 from ..backend.slots import ConnectionSlots
 from ..core.closes import Disconnect
@@ -61,7 +61,7 @@ from ..policies import Identity
 from .lifecycle import new_connection_id
 from .sockets import close_now, detach, shutdown_write
 
-__all__ = ["Endpoint", "State", "WebSocket", "close_all", "close_user", "open_connections"]
+__all__ = ["Endpoint", "State", "WebSocket", "close_all", "close_user", "open_connections", "queued_bytes"]
 
 
 log = logging.getLogger("offload.transports.connection")
@@ -74,6 +74,11 @@ _open: set[WebSocket] = set()
 def open_connections() -> int:
     """Websockets open in this process."""
     return len(_open)
+
+
+def queued_bytes() -> int:
+    """Bytes queued for this process's websockets (the metrics sampler reads it)."""
+    return sum(ws.queued_bytes for ws in _open)
 
 
 def close_all(why: Disconnect = Disconnect.RESTART) -> None:
@@ -232,6 +237,8 @@ class WebSocket:
 
     def disconnect(self, why: Disconnect) -> None:
         """Close with the code and reason of ``why`` (from any greenlet)."""
+        if self.protocol.state is State.OPEN:
+            metrics.connection_closed("websocket", why.name.lower(), self.identity.user_id)
         self.close(why.code, why.reason)
 
     def wake(self) -> None:
@@ -346,6 +353,7 @@ class WebSocket:
         watcher = gevent.get_hub().loop.io(self.fd, 1)
         watcher.start(self._wake.set)
         _open.add(self)
+        metrics.connection_opened("websocket")
         log_connection(log, logging.DEBUG, self, "websocket open")
         try:
             endpoint.on_open()
@@ -396,6 +404,7 @@ class WebSocket:
                 if exc.errno == errno.EINTR:
                     continue
                 data = b""
+            was_open = protocol.state is State.OPEN
             for event in protocol.receive(data or None, self._clock()):
                 if isinstance(event, RateLimited):  # logged before the close frame leaves
                     peer = self._slots.ip if self._slots is not None else ""
@@ -405,11 +414,14 @@ class WebSocket:
                         extra=connection_fields(self),
                     )
                     penalise(peer, conf.get("OFFLOAD_ABUSE_COOLDOWN"))
+                    metrics.connection_closed("websocket", "rate_limit", self.identity.user_id)
                 self._flush_protocol()  # pongs before what the endpoint answers next
                 if isinstance(event, TextReceived):
                     endpoint.on_text(event.text)
                 elif isinstance(event, BinaryReceived):
                     endpoint.on_binary(event.data)
+            if was_open and protocol.send_fin:  # only a protocol error (1002/1007/1009) closes with a FIN
+                metrics.connection_closed("websocket", "protocol_error", self.identity.user_id)
             self._flush_protocol()
             if not data:
                 return
@@ -418,6 +430,7 @@ class WebSocket:
     def _tick(self) -> None:
         result = self.protocol.tick(self._clock(), self._stuck_since)
         if isinstance(result, Dropped):
+            metrics.connection_closed("websocket", "dead_peer", self.identity.user_id)
             log.info("%s", result.why, extra=connection_fields(self))
         elif result:  # a ping went out: this socket is alive, keep counting it
             self._flush_protocol()

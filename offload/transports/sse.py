@@ -53,7 +53,7 @@ import gevent
 import gevent.event
 from gevent.socket import wait_write
 
-from .. import conf
+from .. import conf, metrics
 from ..core.closes import Disconnect
 from ..core.cursor import Entry
 from ..core.protocol import StreamId, error_text
@@ -65,7 +65,7 @@ from .lifecycle import new_connection_id
 from .sessions import channel_session
 from .sockets import close_now, detach
 
-__all__ = ["SseStream", "close_all_streams", "close_user_streams", "open_streams", "response_body"]
+__all__ = ["SseStream", "close_all_streams", "close_user_streams", "open_streams", "queued_bytes", "response_body"]
 
 log = logging.getLogger("offload.transports.sse")
 
@@ -78,6 +78,11 @@ _streams: set[SseStream] = set()
 def open_streams() -> int:
     """SSE streams open in this process."""
     return len(_streams)
+
+
+def queued_bytes() -> int:
+    """Bytes of events waiting for this process's streams' clients (the metrics sampler reads it)."""
+    return sum(stream._queued_bytes for stream in _streams)
 
 
 def close_user_streams(user_id: int, why: Disconnect) -> int:
@@ -207,6 +212,7 @@ class SseStream:
     def events(self) -> Iterator[bytes]:
         """The response body: ``retry``, then events and pings until the end."""
         _streams.add(self)
+        metrics.connection_opened("sse")
         log_connection(log, logging.DEBUG, self, "sse stream open")
         try:
             self.watch(self.fd)
@@ -245,6 +251,7 @@ class SseStream:
                 self.ended = "closed by the server"  # a failed write: the generator was closed
             self.watch(None)
             _streams.discard(self)
+            metrics.stream_ended(self.ended, self.identity)
             self.session.close()
             self._outbox.clear()
             if self._slots is not None:

@@ -476,6 +476,7 @@ def routes(ctx: Context) -> dict[str, Callable[[random.Random, Context], Request
         "api/publish/<str:channel>": _api,
         "healthz": _get("healthz", lambda rng: b"/healthz", auth="anonymous"),
         "readyz": _get("readyz", lambda rng: b"/readyz", auth="anonymous"),
+        "metrics": _get("metrics", lambda rng: b"/metrics", auth="anonymous"),
         "": _get("", lambda rng: b"/" + (b"?" + random_query(rng, [b"next"]) if rng.random() < 0.3 else b"")),
         "rooms/<slug:room>/": _get("rooms/<slug:room>/", lambda rng: b"/rooms/" + _room(rng) + b"/"),
         "rooms/<slug:room>/messages": _post(
