@@ -477,6 +477,11 @@ def routes(ctx: Context) -> dict[str, Callable[[random.Random, Context], Request
         "healthz": _get("healthz", lambda rng: b"/healthz", auth="anonymous"),
         "readyz": _get("readyz", lambda rng: b"/readyz", auth="anonymous"),
         "metrics": _get("metrics", lambda rng: b"/metrics", auth="anonymous"),
+        # staff only: alice is refused (403), anonymous clients are sent to log in
+        "operator/": _get(
+            "operator/", lambda rng: b"/operator/" + (b"?" + random_query(rng, [b"x"]) if rng.random() < 0.3 else b"")
+        ),
+        "operator/token": _get("operator/token", lambda rng: b"/operator/token"),
         "": _get("", lambda rng: b"/" + (b"?" + random_query(rng, [b"next"]) if rng.random() < 0.3 else b"")),
         "rooms/<slug:room>/": _get("rooms/<slug:room>/", lambda rng: b"/rooms/" + _room(rng) + b"/"),
         "rooms/<slug:room>/messages": _post(
