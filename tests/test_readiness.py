@@ -66,3 +66,22 @@ def test_unready_when_redis_does_not_answer(ready_worker, settings):
         settings.OFFLOAD_REDIS_URL = url
         redis_client.reset()
     assert status == 503 and body["reason"].startswith("redis:"), body
+
+
+def test_healthz_says_ok_and_whether_redis_answers(ready_worker, settings):
+    """/healthz (liveness, docs/deployment.md): 200 ok, or 503 degraded with the reason while Redis does not answer."""
+    from django.conf import settings as django_settings
+
+    response = views.healthz(RequestFactory().get("/healthz"))
+    assert (response.status_code, json.loads(response.content)) == (200, {"status": "ok", "redis": "up"})
+    url = django_settings.OFFLOAD_REDIS_URL
+    settings.OFFLOAD_REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+    redis_client.reset()
+    try:
+        response = views.healthz(RequestFactory().get("/healthz"))
+    finally:
+        settings.OFFLOAD_REDIS_URL = url
+        redis_client.reset()
+    body = json.loads(response.content)
+    assert response.status_code == 503 and body["status"] == "degraded" and body["redis"] == "down", body
+    assert body["reason"].startswith("redis:"), body
