@@ -1,4 +1,4 @@
-"""Servers ours is compared with, one process each on a free port (standard library only).
+"""Servers ours is compared with, one process each on a free port.
 
 :class:`AnchorServer` starts one (its own session and log, a fresh Redis
 key prefix per start so leftovers of an earlier run cost nothing), waits
@@ -15,11 +15,13 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
+
+from offload.testing import WaitTimeout, free_port, wait_for
+
+from .clients import end
 
 NODE_DIR = Path(__file__).resolve().parent / "node"
 #: the Node.js anchors: ``ws`` 8 and Socket.IO 4, each with an ioredis subscriber
@@ -46,39 +48,31 @@ class AnchorServer:
 
     def start(self, timeout: float = 30.0) -> AnchorServer:
         """Spawn it on a free port; return once its ``/probe/`` answers. Raises with the log's tail."""
-        with socket.socket() as s:
-            s.bind((self.host, 0))
-            self.port = s.getsockname()[1]
-        self.prefix = f"asgi-{secrets.token_hex(4)}-"
+        self.port, self.prefix = free_port(), f"asgi-{secrets.token_hex(4)}-"
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
         env.update(API_KEY=self.api_key, CHANNELS_PREFIX=self.prefix, PYTHONUNBUFFERED="1")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
-            log.write(f"--- {self.name} on port {self.port}\n".encode())
-            log.flush()
             how = {"stdin": subprocess.DEVNULL, "stdout": log, "stderr": subprocess.STDOUT, "start_new_session": True}
             self.proc = subprocess.Popen(self.argv(), cwd=self.cwd, env=env, **how)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://{self.host}:{self.port}/probe/", timeout=2) as resp:
-                    if resp.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.1)
-        self.close()
-        raise RuntimeError(f"{self.name} did not start; log {self.log_path}:\n{self.log_path.read_text()[-3000:]}")
+        try:
+            wait_for(self._answers, timeout, f"{self.name} on port {self.port}", 0.1)
+        except WaitTimeout as exc:
+            self.close()
+            raise RuntimeError(f"{exc}; log {self.log_path}:\n{self.log_path.read_text()[-3000:]}") from None
+        return self
+
+    def _answers(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"exited with {self.proc.returncode}")
+        with urllib.request.urlopen(f"http://{self.host}:{self.port}/probe/", timeout=2) as resp:
+            return resp.status == 200
 
     def close(self) -> None:
         """SIGTERM, then SIGKILL after 10 s: only the process we started."""
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        if proc is not None:
+            end(proc, ((signal.SIGTERM, 10), (signal.SIGKILL, 5)))
 
 
 class NodeServer(AnchorServer):

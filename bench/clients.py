@@ -16,6 +16,7 @@ import signal
 import subprocess
 import threading
 import time
+from contextlib import suppress
 from pathlib import Path
 
 from .config import PROJECT_DIR
@@ -84,19 +85,21 @@ class Process:
         except FileNotFoundError:
             return ""
 
-    def close(self, timeout: float = 15) -> None:
+    def close(self) -> None:
         """EOF on stdin (its own way out), then TERM, then KILL: only this pid."""
         if self.proc.poll() is None:
-            try:
+            with suppress(OSError):
                 self.proc.stdin.close()
-            except OSError:
-                pass
-            for action, wait in ((None, timeout), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
-                if action is not None:
-                    self.proc.send_signal(action)
-                try:
-                    self.proc.wait(wait)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+            end(self.proc)
         self._reader.join(2)
+
+
+def end(proc: subprocess.Popen, steps=((None, 15), (signal.SIGTERM, 5), (signal.SIGKILL, 5))) -> None:
+    """Each step's signal (None: none), then up to its seconds for ``proc`` to exit: only this pid."""
+    for action, seconds in steps:
+        if proc.poll() is not None:
+            return
+        if action is not None:
+            proc.send_signal(action)
+        with suppress(subprocess.TimeoutExpired):
+            proc.wait(seconds)

@@ -116,9 +116,11 @@ class Bench:
         pub.wait("ready", 60)
         return pub
 
-    def meter(self, server: dict[str, Callable[[], list[int]]], labels: tuple = ("clients", "publisher")) -> CpuMeter:
-        """CPU groups: the server's, one per label of helper processes (those alive), the orchestrator."""
-        groups = dict(server)
+    def meter(self, server, redis: list[int] | None = None, labels: tuple = ("clients", "publisher"), groups=None):
+        """CPU groups: ``server`` (its pid, or ``groups``), ``Redis`` (``redis``, else the server's own), one per
+        label of helper processes (those alive), the orchestrator."""
+        groups = dict(groups or {"server": lambda: [server.pid]})
+        groups["Redis"] = lambda: server.pids("redis") if redis is None else redis
         for label in labels:
             groups[label] = lambda label=label: [p.pid for p in self.live if getattr(p, "label", None) == label]
         return CpuMeter({**groups, "orchestrator": lambda: [os.getpid()]})

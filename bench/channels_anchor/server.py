@@ -1,4 +1,4 @@
-"""Start and stop one Channels anchor server; standard library only (the orchestrator imports it).
+"""Start and stop one Channels anchor server (the orchestrator imports this module, not the rest).
 
 The server runs under ``bench/.venv-channels`` (``requirements-channels.txt``),
 one process and one event loop, to compare with one uWSGI worker; it speaks

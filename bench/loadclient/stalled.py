@@ -1,6 +1,6 @@
 """Websockets that stop reading once subscribed, watched from the kernel's side (slow consumers).
 
-``stall`` opens ``count`` raw websockets with a small ``SO_RCVBUF`` and stops
+``stall`` opens ``count`` websockets with a small ``SO_RCVBUF`` and stops
 reading after the server's ``subscribed``. Every ``poll_s`` it asks the kernel
 (sock_diag) about the *server's* end of each connection: the bytes held for
 it, and when it leaves ESTABLISHED (the server closed it), which a client
@@ -14,112 +14,75 @@ closed its end. ``release`` reports each socket and closes them.
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
 import socket
 import struct
 import sys
 import time
 from collections import Counter
 
+from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+
 TCP_STATES = {"01": "ESTABLISHED", "04": "FIN_WAIT1", "05": "FIN_WAIT2", "06": "TIME_WAIT", "07": "CLOSE"}
 
 
-class FrameScanner:
-    """Walks server frames (unmasked) in a byte stream, keeping only what the report needs."""
+class Stalled(WSListener):
+    """One websocket (picows) that stops reading once subscribed, unless it is the witness; times are seconds since
+    it stopped. Stopping pauses the transport: what the server sends then stays in the kernels' buffers."""
 
-    def __init__(self) -> None:
-        self.buffer, self.frames, self.messages = b"", 0, 0
-        self.texts: list[bytes] = []  # the first few text payloads (the subscribed reply)
-        self.close_code: int | None = None
-        self.close_reason = ""
-
-    def feed(self, data: bytes) -> None:
-        buf, at = self.buffer + data, 0
-        while len(buf) - at >= 2:
-            n, head = buf[at + 1] & 0x7F, 2
-            if n >= 126:
-                head = 4 if n == 126 else 10
-                if len(buf) - at < head:
-                    break
-                n = int.from_bytes(buf[at + 2 : at + head], "big")
-            if len(buf) - at < head + n:
-                break
-            opcode, payload = buf[at] & 0x0F, buf[at + head : at + head + n]
-            self.frames += 1
-            if opcode == 1:
-                self.messages += 1
-                if len(self.texts) < 4:
-                    self.texts.append(payload)
-            elif opcode == 8 and self.close_code is None:
-                self.close_code = struct.unpack("!H", payload[:2])[0] if n >= 2 else 1005
-                self.close_reason = payload[2:].decode(errors="replace")
-            at += head + n
-        self.buffer = buf[at:]
-
-
-class Stalled:
-    """One raw websocket that stops reading once subscribed; times are seconds since it stopped."""
-
-    def __init__(self, index: int, returning: bool = False) -> None:
-        self.index, self.returning, self.scanner = index, returning, FrameScanner()
+    def __init__(self, index: int, returning: bool = False, witness: bool = False) -> None:
+        super().__init__()
+        self.index, self.returning, self.witness = index, returning, witness
+        self.subscribed = asyncio.get_running_loop().create_future()
+        self.transport: WSTransport | None = None
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setblocking(False)
-        self.port, self.stopped_at, self.tx_max = 0, 0.0, 0
+        self.port, self.stopped_at, self.tx_max, self.messages, self.frames, self.bytes = 0, 0.0, 0, 0, 0, 0
         self.kernel_full_s = self.resumed_s = self.close_frame_s = self.dropped_s = None
         self.messages_at_growth: int | None = None
         self.state_at_drop: str | None = None
+        self.close_code, self.close_reason = None, ""
         self.drain: dict | None = None
 
     async def open(self, host: str, port: int, path: str, rcvbuf: int | None) -> None:
-        loop = asyncio.get_running_loop()
         if rcvbuf:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connect: the window scale
-        key = base64.b64encode(os.urandom(16)).decode()
+        how = {"socket_factory": lambda _url: self.sock, "extra_headers": {"Origin": f"http://{host}:{port}"}}
         async with asyncio.timeout(10):
-            await loop.sock_connect(self.sock, (host, port))
+            self.transport, _ = await ws_connect(lambda: self, f"ws://{host}:{port}{path}", **how)
             self.port = self.sock.getsockname()[1]
-            request = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            request += f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nOrigin: http://{host}:{port}\r\n\r\n"
-            await loop.sock_sendall(self.sock, request.encode())
-            data = b""
-            while b"\r\n\r\n" not in data:
-                if not (chunk := await loop.sock_recv(self.sock, 4096)):
-                    raise ConnectionError("closed during the handshake")
-                data += chunk
-            head, rest = data.split(b"\r\n\r\n", 1)
-            if not head.startswith(b"HTTP/1.1 101"):
-                raise ConnectionError(f"handshake refused: {head[:80]!r}")
-            self.scanner.feed(rest)
-            while not any(b'"type":"subscribed"' in t for t in self.scanner.texts):
-                if self.scanner.texts or not (chunk := await loop.sock_recv(self.sock, 4096)):
-                    raise ConnectionError(f"not subscribed: {self.scanner.texts[:1]!r}")
-                self.scanner.feed(chunk)
-        self.stopped_at = time.monotonic()  # from here on nothing reads this socket until read_rest()
+            await self.subscribed
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        self.frames, self.bytes = self.frames + 1, self.bytes + len(frame.get_payload_as_bytes())
+        if frame.msg_type == WSMsgType.CLOSE and self.close_code is None:
+            self.close_code = getattr(frame.get_close_code(), "value", frame.get_close_code())
+            self.close_reason = (frame.get_close_message() or b"").decode(errors="replace")
+            self.close_frame_s = time.monotonic() - self.stopped_at
+        elif frame.msg_type == WSMsgType.TEXT:
+            self.messages += 1
+            if self.subscribed.done():
+                return
+            if b'"type":"subscribed"' not in (payload := frame.get_payload_as_bytes()):
+                self.subscribed.set_exception(ConnectionError(f"not subscribed: {payload[:200]!r}"))
+                return
+            if not self.witness:  # from here on nothing reads this socket until read_rest()
+                transport.underlying_transport.pause_reading()
+                self.stopped_at, self.frames, self.bytes = time.monotonic(), 0, 0
+            self.subscribed.set_result(None)
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        if not self.subscribed.done():
+            self.subscribed.set_exception(ConnectionError("closed before subscribed"))
 
     async def read_rest(self, timeout: float) -> None:
         """Read again until the stream ends: what did the server leave for us?"""
-        got, ended = 0, "timeout"
+        self.transport.underlying_transport.resume_reading()
         try:
-            async with asyncio.timeout(timeout):
-                while chunk := await asyncio.get_running_loop().sock_recv(self.sock, 1 << 20):
-                    got += len(chunk)
-                    self.scanner.feed(chunk)
-                    if self.scanner.close_code is not None and self.close_frame_s is None:
-                        self.close_frame_s = time.monotonic() - self.stopped_at
-                ended = "eof"
+            await asyncio.wait_for(self.transport.wait_disconnected(), timeout)
+            ended = "eof"
         except TimeoutError:
-            pass
-        except ConnectionResetError:
-            ended = "reset"
-        s = self.scanner
-        self.drain = {"bytes": got, "frames": s.frames, "ended": ended, "close_code": s.close_code}
-        self.drain["close_reason"] = s.close_reason
-
-    async def read_forever(self) -> None:
-        """The witness: reads and counts messages as any healthy client would."""
-        while chunk := await asyncio.get_running_loop().sock_recv(self.sock, 1 << 20):
-            self.scanner.feed(chunk)
+            ended = "timeout"
+        self.drain = {"bytes": self.bytes, "frames": self.frames, "ended": ended, "close_code": self.close_code}
+        self.drain["close_reason"] = self.close_reason
 
     def report(self) -> dict:
         def seconds(value: float | None) -> float | None:
@@ -168,7 +131,7 @@ class StalledGroup:
     def __init__(self, cfg: dict, count: int, returning: int) -> None:
         self.cfg, self.diag, self.tasks, self.reads = cfg, SocketDiag(), set(), set()
         self.sockets = [Stalled(i, returning=i < returning) for i in range(count)]
-        self.witness = Stalled(-1)
+        self.witness = Stalled(-1, witness=True)
 
     def start(self, coro, *groups: set) -> None:
         task = asyncio.create_task(coro)
@@ -184,7 +147,6 @@ class StalledGroup:
         opened = await asyncio.gather(*opening, return_exceptions=True)
         errors = Counter(f"{type(e).__name__}: {e}"[:120] for e in opened if isinstance(e, BaseException))
         self.sockets = [s for s, e in zip(self.sockets, opened, strict=True) if not isinstance(e, BaseException)]
-        self.start(self.witness.read_forever())
         self.start(self.watch())
         rcvbuf = self.sockets[0].sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) if self.sockets else None
         returning = sum(s.returning for s in self.sockets)
@@ -193,7 +155,7 @@ class StalledGroup:
     async def watch(self) -> None:
         read_timeout = self.cfg.get("read_timeout_s", 5.0)
         while True:
-            now, seen = time.monotonic(), self.witness.scanner.messages
+            now, seen = time.monotonic(), self.witness.messages
             for s in (s for s in self.sockets if s.dropped_s is None):
                 state, tx = self.diag.server_end(self.cfg["port"], s.port)
                 if state != "01":  # the server closed its end (or it is gone)
@@ -216,9 +178,9 @@ class StalledGroup:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         for s in [*self.sockets, self.witness]:
-            s.sock.close()
+            s.transport.disconnect()
         self.diag.nl.close()
-        return {"sockets": [s.report() for s in self.sockets], "witness_messages": self.witness.scanner.messages}
+        return {"sockets": [s.report() for s in self.sockets], "witness_messages": self.witness.messages}
 
 
 async def run(cfg: dict, chan) -> None:

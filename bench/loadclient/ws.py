@@ -57,7 +57,7 @@ class Subscriber(WSListener):
         if not frame.fin:
             return
         payload, self._parts = b"".join(self._parts), []
-        if payload[:1].isdigit() and not (payload := self.engine_io(transport, payload)):
+        if not payload.startswith(b"{") and not (payload := self.engine_io(transport, payload)):
             return
         # the server splices the data JSON last into a fixed envelope (offload.core.cursor.make_entry): hand it
         # over unparsed, a json.loads per delivery would delay the next sockets

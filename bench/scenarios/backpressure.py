@@ -1,12 +1,6 @@
 """Slow consumers: do clients that never read hurt the others, or the worker's memory?
 
-Windows with ``fast`` subscribers only (baseline) alternate with windows that
-add ``stalled`` raw websockets which stop reading once subscribed (another
-process, ``loadclient/stalled.py``); big messages at ``rate``/s. The worker
-queues what a socket cannot take and closes it with 1008 "slow consumer"
-past ``OFFLOAD_MAX_QUEUED_BYTES`` (``offload/transports/connection.py``), lowered to
-``queue`` messages so that this happens inside a window. Drops by the
-worker's timers instead (stopped reading, ping) are counted in its log.
+What it runs, step by step, its knobs and its targets: ``bench/README.md``, section ``backpressure``.
 """
 
 from __future__ import annotations
@@ -23,8 +17,7 @@ from ..server import rss_kib
 from ..stats import median_merge, ratio, spread
 
 PREFIX = "BACKPRESSURE_"
-# returning: of the stalled ones, those that read again once the server must have closed them (to see the code);
-# seconds: the stalled sockets must be closed inside a window; queue: OFFLOAD_MAX_QUEUED_BYTES = queue x (payload + 128)
+# what each knob means: the scenario's table in bench/README.md
 KNOBS = dict(fast=(1000, 100), stalled=(10, 10), returning=(5, 5), seconds=(20.0, 20.0), repeats=(2, 1))
 KNOBS.update(
     rate=(20.0, 20.0), payload=(16384,) * 2, queue=(50, 50), rcvbuf=(4096, 4096), warmup=(3.0, 3.0), pause=(2.0, 2.0)
@@ -69,7 +62,7 @@ def run(bench: Bench, k: dict) -> dict:
     bench.step("starting uWSGI (1 worker)")
     server = bench.server("ours", env)
     worker, groups = server.pid, ("fast client", "stalled client")
-    meter = bench.meter({"server": lambda: [worker], "Redis": lambda: server.pids("redis")}, groups)
+    meter = bench.meter(server, labels=groups)
     bench.step(f"connecting {k['fast']} fast subscribers")
     rss_idle = rss_kib(worker)
     fast = bench.subscribers(server, "fast", k["fast"], "fast client", channel=CHANNEL, payload=k["payload"])

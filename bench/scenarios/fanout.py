@@ -1,16 +1,6 @@
 """Fan-out on one channel: latency, saturation, idle memory, connect storm; Channels 4 and Node.js as anchors.
 
-Ours first (one worker): ``small`` sockets over ``small_clients`` processes
-(one client cannot take a saturated worker's deliveries) get a fixed-rate
-window through the HTTP API, timed by a probe process with no socket, then
-saturation steps from ``offload.publish()`` while the probe keeps timing the
-API; ``large`` sockets give the idle memory per socket and the time for one
-broadcast to reach all; ``storm`` sockets connect at once from two processes.
-With ``metrics_off``, a second uWSGI with ``OFFLOAD_METRICS=0`` repeats the
-fixed-rate window and the saturation steps (what recording metrics costs).
-Then each anchor (same Redis, same client): a Channels setup or a Node.js
-server (``ws`` + ioredis, Socket.IO + ioredis), the fixed-rate window and a
-saturation window of HTTP publish streams (their only path from outside).
+What it runs, step by step, its knobs and its targets: ``bench/README.md``, section ``fanout``.
 """
 
 from __future__ import annotations
@@ -27,7 +17,7 @@ from ..report import cell
 from ..stats import ratio
 
 PREFIX = "FANOUT_"
-# rate: HTTP publishes/s of the fixed-rate windows; sat_rates: offload.publish() publishes/s of the saturation steps
+# what each knob means: the scenario's table in bench/README.md
 KNOBS = dict(seconds=(10.0, 5.0), sat_seconds=(5.0, 3.0), rate=(5.0, 5.0), small=(1000, 200), small_clients=(2, 2))
 KNOBS.update(large=(5000, 500), storm=(10000, 1000), sat_rates=([50, 100, 200, 300], [50, 100]))
 KNOBS.update(channels_streams=(4, 4), anchors=([*COMBINATIONS, *NODE_ANCHORS],) * 2, metrics_off=(1, 1))
@@ -48,15 +38,11 @@ def run(bench: Bench, k: dict) -> dict:
             bench.step("[ours, metrics off] starting uWSGI (1 worker, OFFLOAD_METRICS=0)")
             quiet = bench.server("ours-metrics-off", {**SERVER_ENV, "OFFLOAD_METRICS": "0"})
             quiet.name = "ours-metrics-off"
-            results["metrics_off"] = {"windows": small_and_saturation(bench, k, quiet, meter_of(bench, quiet), {})}
+            results["metrics_off"] = {"windows": small_and_saturation(bench, k, quiet, bench.meter(quiet), {})}
     redis = server.pids("redis")
     results["anchors"] = bench.anchors(k["anchors"], server.redis_url, lambda a: run_anchor(bench, k, a, redis))
     results["comparison"] = compare(results)
     return {**results, "verdict": verdict_of(results)}
-
-
-def meter_of(bench: Bench, server):
-    return bench.meter({"server": lambda: [server.pid], "Redis": lambda: server.pids("redis")})
 
 
 def small_and_saturation(bench: Bench, k: dict, server, meter, out: dict) -> dict:
@@ -81,7 +67,7 @@ def small_and_saturation(bench: Bench, k: dict, server, meter, out: dict) -> dic
 
 
 def run_ours(bench: Bench, k: dict, server) -> dict:
-    meter, out = meter_of(bench, server), {}
+    meter, out = bench.meter(server), {}
     windows = small_and_saturation(bench, k, server, meter, out)  # 1. fixed rate, then saturation steps
     with bench.scope():  # 2. idle memory, fixed rate, one broadcast reaching all
         bench.step(f"[ours] connecting {k['large']} (idle RSS)")
@@ -113,7 +99,7 @@ def saturation(bench: Bench, k: dict, server, meter, clients: list, rate: int, f
 
 
 def run_anchor(bench: Bench, k: dict, anchor, redis: list[int]) -> dict:
-    meter, name = bench.meter({"server": lambda: [anchor.pid], "Redis": lambda: redis}), anchor.name
+    meter, name = bench.meter(anchor, redis), anchor.name
     bench.step(f"[{name}] connecting {k['small']}")
     clients, info = bench.connect(anchor, name, k["small"], channel=CHANNEL)
     bench.step(f"[{name}] fan-out {k['small']} x {k['rate']:g}/s")

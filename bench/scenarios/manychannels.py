@@ -1,12 +1,6 @@
 """Many channels: ``subscribers`` websockets over ``channels`` channels on one worker; Channels 4 as anchor.
 
-At full scale 10 sockets per channel (``bench/spread.py``): the worker's hub
-holds 1,000 Redis subscriptions and each message reaches a handful of
-sockets (rooms, documents, per-user feeds), not one large broadcast. ``rate``
-messages/s on *every* channel come from ``offload.publish()`` in a process
-(``group_send`` for Channels: what its views and tasks call), then a quarter
-of that rate through the HTTP API; lost/duplicate are counted per subscriber
-after the backlog drained.
+What it runs, step by step, its knobs and its targets: ``bench/README.md``, section ``manychannels``.
 """
 
 from __future__ import annotations
@@ -18,9 +12,7 @@ from ..report import cell
 from ..stats import ratio
 
 PREFIX = "MC_"
-# rate: messages/s on every channel; api_rate: one worker answers about 1,400 HTTP publishes/s flat out, a quarter
-# of the rate stays below saturation; api_seconds 0: no HTTP window; drain: seconds a backlog may take before late
-# deliveries count as lost; anchor_subscribers 0: as many as ours; anchor_api 1: the HTTP window against Channels too
+# what each knob means: the scenario's table in bench/README.md
 KNOBS = dict(subscribers=(10000, 1000), channels=(1000, 100), rate=(1.0, 1.0), seconds=(10.0, 5.0))
 KNOBS.update(api_rate=(250.0, 25.0), api_seconds=(10.0, 5.0), connect_concurrency=(200, 200), drain=(20.0, 20.0))
 KNOBS.update(anchors=(list(COMBINATIONS),) * 2, anchor_subscribers=(0, 0), anchor_api=(0, 0))
@@ -44,7 +36,7 @@ def run(bench: Bench, k: dict) -> dict:
 
 def with_target(bench: Bench, k: dict, target, n: int, redis: list[int], rate: float, api: bool) -> dict:
     """Connect ``n`` subscribers to ``target``; the publisher window at ``rate``; the HTTP window if ``api``."""
-    meter = bench.meter({"server": lambda: [target.pid], "Redis": lambda: redis})
+    meter = bench.meter(target, redis)
     with bench.scope():
         bench.step(f"[{target.name}] connecting {n:,} over {k['channels']:,} channels")
         how = {"connect_concurrency": k["connect_concurrency"], "connect_timeout": 10.0, "channels": k["channels"]}

@@ -1,12 +1,6 @@
 """Offloading on vs off: websocket broadcast and view latency under heavy load.
 
-Two servers in the same run, ``offload`` (X-Sendfile through offload
-threads, tasks in the spooler) and ``inline`` (``OFFLOAD_INLINE=1``: a Python
-generator streams the file, the POST view runs the task), each with an idle
-window and a loaded one (slow downloads of a big protected file and report
-tasks). Each mode is compared with its own idle window, so the ratios do not
-depend on the other server. Target (the issue): with offloading, p99
-broadcast and view latency loaded within 2x of idle.
+What it runs, step by step, its knobs and its targets: ``bench/README.md``, section ``offload``.
 """
 
 from __future__ import annotations
@@ -18,8 +12,7 @@ from ..server import make_file
 from ..stats import median_merge, ratio
 
 PREFIX = ""  # BENCH_SECONDS, BENCH_SUBSCRIBERS, ...
-# seconds: each window, at most 50 (report tasks stop after 60 s); settle: after the load started, before the
-# loaded window; download_kbps: lowered so that no download ends inside the window
+# what each knob means: the scenario's table in bench/README.md
 KNOBS = dict(seconds=(20.0, 10.0), warmup=(5.0, 3.0), settle=(3.0, 3.0), subscribers=(1000, 100), rate=(10.0, 10.0))
 KNOBS.update(probe_ms=(100.0, 100.0), downloads=(50, 5), file_mb=(100, 10), download_kbps=(1024, 1024), tasks=(4, 4))
 KNOBS.update(task_rows=(200_000,) * 2, repeats=(2, 1), modes=(["offload", "inline"],) * 2, connect_concurrency=(50, 50))
@@ -65,7 +58,7 @@ def run_mode(bench: Bench, k: dict, mode: str, rep: int, big) -> dict:
     server = bench.server(name, {**SERVER_ENV, **MODES[mode][1]}, [big])
     session = server.login()
     groups = {f"uWSGI {role}": lambda role=role: server.pids(role) for role in ("worker", "spooler", "master")}
-    meter = bench.meter({**groups, "Redis": lambda: server.pids("redis")}, ("probe client", "load client"))
+    meter = bench.meter(server, labels=("probe client", "load client"), groups=groups)
     bench.step(f"{label} connecting {k['subscribers']} websockets")
     how = {"channel": CHANNEL, "probe_path": VIEW_PATH, "probe_ms": k["probe_ms"]}
     how["connect_concurrency"] = k["connect_concurrency"]

@@ -1,15 +1,6 @@
 """Presence: what "who is online" costs, side by side with presence off in the same run.
 
-One uWSGI worker with the bench's settings (``bench/settings.py``: ``crowd``
-is ``public`` with presence, each anonymous socket one member; ``quiet`` the
-same without join/leave events) and ``OFFLOAD_PRESENCE_GRACE=0``. Connect
-storms of ``storm`` sockets to a fresh channel of each, in turn (the order
-alternates): each socket's time to its ``subscribed`` reply, and worker/Redis
-CPU per connect until every socket is a member. With the first "on" storm still connected: Redis
-memory per member and query latency (the websocket ``members`` command, a
-page of 100 and count only; ``offload.presence_count()`` from a Django
-process). Last, ``closes`` sockets close one by one while an observer in
-their channel times each ``leave`` event (coalescing window included).
+What it runs, step by step, its knobs and its targets: ``bench/README.md``, section ``presence``.
 """
 
 from __future__ import annotations
@@ -28,7 +19,7 @@ from ..stats import median_merge, ratio, summarize_us
 from .fanout import backlog
 
 PREFIX = "PRESENCE_"
-# queries: websocket queries of each kind; seconds: the offload.presence_count() run; coalesce: the server's window
+# what each knob means: the scenario's table in bench/README.md
 KNOBS = dict(storm=(10000, 1000), repeats=(2, 1), queries=(1000, 200), seconds=(3.0, 2.0), closes=(20, 5))
 KNOBS.update(coalesce=(0.5, 0.5))
 MODES = {"off": "public", "on": "crowd", "quiet": "quiet"}  # namespaces: the same but for presence (bench/settings.py)
@@ -45,7 +36,7 @@ def run(bench: Bench, k: dict) -> dict:
         env["OFFLOAD_MAX_MESSAGES_PER_SECOND"] = "1000000"  # queries back to back from one socket
         bench.step("starting uWSGI (1 worker, presence grace 0)")
         server = bench.server("ours", env)
-        meter = bench.meter({"server": lambda: [server.pid], "Redis": lambda: server.pids("redis")})
+        meter = bench.meter(server)
         storm(bench, k, server, meter, "on", "warm-up", False)  # a cold worker's first storm costs more
         for rep in range(k["repeats"]):
             for mode in MODES if rep % 2 == 0 else list(MODES)[::-1]:  # alternate: no order bias

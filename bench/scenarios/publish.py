@@ -1,12 +1,6 @@
 """Publish throughput, closed loop: ``offload.publish()`` and the HTTP API vs Channels' publish paths.
 
-Each path runs alone for ``seconds`` with ``concurrency`` callers that call
-again as soon as their call returned, while ``subscribers`` websockets over
-``channels`` channels receive everything (a publish path faster than its
-server delivers only builds a backlog: deliveries/s are reported too). Ours:
-``offload.publish()`` from greenlets (as in the project's uWSGI views) and
-from OS threads, and ``POST /api/publish/``; Channels: its async publish view
-and ``group_send`` from an asyncio process.
+What it runs, step by step, its knobs and its targets: ``bench/README.md``, section ``publish``.
 """
 
 from __future__ import annotations
@@ -18,7 +12,7 @@ from ..stats import ratio
 from .manychannels import setup_warnings, setups
 
 PREFIX = "PUB_"
-# concurrency: callers (greenlets, threads, HTTP streams, asyncio tasks); py_modes: how offload.publish() is called
+# what each knob means: the scenario's table in bench/README.md
 KNOBS = dict(subscribers=(1000, 200), channels=(1000, 200), seconds=(5.0, 3.0), concurrency=(16, 16))
 KNOBS.update(drain=(20.0, 20.0), py_modes=(["gevent", "threads"],) * 2, anchors=(list(COMBINATIONS),) * 2)
 TITLES = {"py_gevent": "offload.publish(), greenlets (gevent)", "py_threads": "offload.publish(), threads"}
@@ -39,7 +33,7 @@ def run(bench: Bench, k: dict) -> dict:
 
 def paths(bench: Bench, k: dict, target, redis: list[int], names: list[str]) -> dict:
     """Connect the subscribers to ``target``, then run each publish path alone, drained after."""
-    meter, n, first = bench.meter({"server": lambda: [target.pid], "Redis": lambda: redis}), k["concurrency"], 0
+    meter, n, first = bench.meter(target, redis), k["concurrency"], 0
     with bench.scope():
         bench.step(f"[{target.name}] connecting {k['subscribers']:,} over {k['channels']:,} channels")
         how = {"channels": k["channels"], "connect_timeout": 10.0}
