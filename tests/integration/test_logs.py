@@ -2,8 +2,9 @@
 
 uWSGI with ``OFFLOAD_LOG_FORMAT=json`` (and the offload loggers at DEBUG, for
 the open and close lines): alice opens a websocket and closes it, an anonymous
-client floods pings and is closed for it; each connection's lines are found by
-its ``connection_id`` alone, in order, with its ``user_id``.
+client floods pings and is closed for it, bob reads an event stream and goes;
+each connection's lines are found by its ``connection_id`` alone, in order,
+with its ``user_id``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from wsproto.events import CloseConnection
 
 from offload.testing import frame, wait_for
 from tests.integration.demo import DemoServer
+from tests.integration.test_sse import SseClient
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -74,3 +76,23 @@ def test_one_connection_is_followed_by_its_id(server):
     assert messages[0] == "websocket open" and messages[-1].startswith("websocket closed")
     assert any("faster than its rate limit: closing it with 1008" in message for message in messages), messages
     assert {line["user_id"] for line in lines} == {None}
+
+
+def test_an_event_stream_is_followed_by_its_id_too(server):
+    session = server.http()
+    session.login("bob")
+    stream = SseClient(server, "/sse/?channel=public:logs-sse", headers={"Cookie": session.cookie_header()})
+    assert "public:logs-sse" in stream.subscribed()
+    [line] = wait_for(lambda: [line for line in json_lines(server) if line["msg"] == "sse stream open"], 10, "open")
+    bob, connection_id = line["user_id"], line["connection_id"]
+    assert isinstance(bob, int) and line["logger"] == "offload.transports.sse"
+    server.publish("public:logs-sse", "hello")
+    assert stream.message()["data"] == "hello"
+    stream.close()  # the client goes: the server sees EOF and ends the stream
+    lines = wait_for(
+        lambda: (s := story(server, connection_id))[-1]["msg"].startswith("sse stream ended") and s,
+        10,
+        "bob's stream's end line",
+    )
+    assert lines[0]["msg"] == "sse stream open" and lines[-1]["msg"] == "sse stream ended: client closed"
+    assert {line["user_id"] for line in lines} == {bob}
