@@ -313,3 +313,22 @@ def _request(host: str, port: int, path: str, headers: dict) -> tuple[int, dict,
     head, _, body = data.partition(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
     return status, {}, body
+
+
+def test_a_graceful_reload_keeps_the_counters_and_counts_its_closes(server):
+    channel = f"public:metrics-reload-{os.getpid()}"
+    client = server.ws_client(f"/ws/?channel={channel}")
+    assert json.loads(client.recv())["type"] == "subscribed"
+    before = scrape_until(server, lambda s: total(s, "offload_connections_open") >= 1, "the socket's gauge")
+    restarts = total(before, "offload_connections_closed_total", reason="restart")
+    old_pids = server.worker_pids()
+    os.kill(server.proc.pid, signal.SIGHUP)  # uWSGI's graceful reload: the master re-executes itself
+    event = client.recv_event()
+    assert isinstance(event, CloseConnection) and event.code == 1012
+    server.wait_for_new_workers(old_pids, 30)
+    after = scrape_until(server, lambda s: total(s, "offload_connections_open") == 0, "the old workers' gauges to go")
+    # var/metrics is emptied when the master starts, not when a reload re-executes it
+    assert total(after, "offload_connections_closed_total", reason="restart") == restarts + 1
+    for key in ("opened", "deliveries", "api", "slow_consumer", "rate_limit"):
+        assert counters(after)[key] == counters(before)[key], key
+    client.abort()
