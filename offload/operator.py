@@ -118,6 +118,7 @@ class Sampler:
         figures = process_figures(self._last_cpu, cpu, elapsed, self._rss())
         self._last, self._last_cpu = now, cpu
         hub = self._hub
+        redis = self._redis()
         return {
             "host": _HOST,
             "pid": os.getpid(),
@@ -129,14 +130,16 @@ class Sampler:
             "channels": hub.channels,
             "delivered": hub.delivered,
             **figures,
-            "redis": self._redis(),
-            "top": self.top_channels(elapsed),
+            "redis": redis,
+            # Redis down: no presence counts (each would wait OFFLOAD_REDIS_TIMEOUT for nothing)
+            "top": self.top_channels(elapsed, presence=redis["up"]),
             "drops": recent_drops()[:DROPS],
         }
 
-    def top_channels(self, elapsed: float) -> list[dict[str, Any]]:
+    def top_channels(self, elapsed: float, *, presence: bool = True) -> list[dict[str, Any]]:
         """The channels with the most local subscribers and those with the highest
-        message rate (messages per second since the last call), most subscribers first."""
+        message rate (messages per second since the last call), most subscribers first;
+        with their presence counts (``presence=False``: None, Redis is not asked)."""
         n = min(conf.get("OFFLOAD_OPERATOR_TOP_CHANNELS"), _MAX_TOP)
         hub = self._hub
         counts = hub.take_message_counts()
@@ -149,7 +152,7 @@ class Sampler:
                 "channel": channel,
                 "subscribers": subscribers,
                 "rate": round(counts.get(channel, 0) / elapsed, 2) if elapsed > 0 else 0.0,
-                "presence": _presence(channel),
+                "presence": _presence(channel) if presence else None,
             }
             for channel, subscribers in chosen.items()
             if subscribers
@@ -216,7 +219,8 @@ def operator_page(request: HttpRequest) -> HttpResponse:
         "wsUrl": reverse("offload:ws"),
         "interval": conf.get("OFFLOAD_STATS_INTERVAL"),
     }
-    response = render(request, "offload/operator.html", {"config": config, "drops": DROPS})
+    context = {"config": config, "drops": DROPS, "username": request.user.get_username()}
+    response = render(request, "offload/operator.html", context)
     response["Cache-Control"] = "no-store"
     return response
 

@@ -18,6 +18,7 @@ from django.test import RequestFactory, override_settings
 
 import offload
 from offload import metrics, operator
+from offload.backend import redis_client
 from offload.backend.hub import Hub
 from offload.exceptions import PermissionDenied
 from offload.policies import Identity, check_subscribe, reset_cache
@@ -182,3 +183,20 @@ def test_the_project_may_declare_the_operator_namespace_itself(settings):
     finally:
         settings.OFFLOAD_NAMESPACES = declared
         reset_cache()
+
+
+def test_with_redis_unreachable_a_sample_says_so_and_asks_no_presence(hub, settings):
+    crowd = Recorder()
+    hub.subscribe(crowd, "room:crowded")
+    wait_until(lambda: crowd.ready)
+    url = django_settings.OFFLOAD_REDIS_URL
+    settings.OFFLOAD_REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+    redis_client.reset()
+    try:
+        figures = operator.Sampler(hub, clock=Clock()).sample()
+    finally:
+        settings.OFFLOAD_REDIS_URL = url
+        redis_client.reset()
+    assert figures["redis"]["up"] is False and figures["redis"]["ping_ms"] is None
+    assert "127.0.0.1:1" in figures["redis"]["error"] or "refused" in figures["redis"]["error"]
+    assert figures["top"] == [{"channel": "room:crowded", "subscribers": 1, "rate": 0.0, "presence": None}]
