@@ -193,9 +193,9 @@ class OffloadWSGIHandler(WSGIHandler):
 
 
 def _run_detached(upgraded: Upgraded) -> list:
-    """The socket leaves uWSGI: its own greenlet serves it from now on, and
-    this request (and its async core) ends at once. Each of thousands of idle
-    greenlets then keeps a shallow stack, not Django's middleware frames."""
+    """The socket leaves uWSGI: a greenlet opens it and is free once it idles, and
+    this request (and its async core) ends at once. An idle socket keeps no
+    greenlet at all (:mod:`offload.transports.connection`)."""
     ws = upgraded.websocket
     ws.detach()
     gevent.spawn(ws.run, upgraded.endpoint)

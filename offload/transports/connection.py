@@ -1,4 +1,4 @@
-"""One websocket's I/O, on its own greenlet (the uWSGI/gevent edge).
+"""One websocket's I/O on libev watchers, with a greenlet only while it has work (the uWSGI/gevent edge).
 
 Theory of operation
 -------------------
@@ -25,9 +25,16 @@ thin loop around it:
   writer at a time (gevent is cooperative and a write never yields), so
   frames never interleave.
 
-The greenlet sleeps on one event, set by: the fd became readable (a libev io
-watcher), the queue drained, a close was requested, or the next deadline of
-the protocol or the endpoint. The clock is injected (``clock``).
+An idle socket has no greenlet: a parked greenlet keeps its saved C stack
+and Python frame chunk (about 5.5 KB, more than the rest of the socket).
+It waits on a read watcher and one timer (the next deadline of the protocol
+or the endpoint). A *turn* (read what arrived, ``on_wake``, the protocol's
+timers) runs on a greenlet spawned when one of them fires or when
+:meth:`WebSocket.wake` is called (the queue drained, a close was requested,
+the session has work); it takes more turns while woken meanwhile, then parks
+the socket again and ends. One turn at a time per socket, so the endpoint
+still sees one caller, which may block on Redis. The clock is injected
+(``clock``).
 """
 
 from __future__ import annotations
@@ -41,7 +48,6 @@ from collections import deque
 from collections.abc import Callable
 
 import gevent
-import gevent.event
 
 from .. import conf, metrics
 from ..backend.abuse import penalise
@@ -98,8 +104,9 @@ def close_user(user_id: int, why: Disconnect) -> int:
 class Endpoint:
     """What runs on a websocket. Subclass and override the ``on_*`` hooks.
 
-    All hooks run on the connection's own greenlet, so they may call
-    ``self.ws.send_text()`` and block on Redis (gevent-cooperatively).
+    All hooks run in the connection's turns, on a greenlet it borrows (one
+    turn at a time), so they may call ``self.ws.send_text()`` and block on
+    Redis (gevent-cooperatively).
     """
 
     def __init__(self, ws: WebSocket) -> None:
@@ -125,14 +132,18 @@ class WebSocket:
     """An upgraded connection: the protocol, the outgoing queue, the loop."""
 
     __slots__ = (
+        "_busy",
         "_clock",
+        "_endpoint",
         "_max_queued",
         "_out",
         "_owns_fd",
         "_queued_bytes",
+        "_reader",
         "_slots",
         "_stuck_since",
-        "_wake",
+        "_timer",
+        "_woken",
         "_write_watcher",
         "connection_id",
         "fd",
@@ -173,14 +184,21 @@ class WebSocket:
             # Sockets that connected together (a storm, a reload) do not all ping together.
             first_ping_in=interval * random.uniform(0.5, 1.0),
         )
-        self._out: deque[bytes | memoryview] = deque()
+        # Made when first needed, and dropped when no longer: most sockets never need them.
+        self._out: deque[bytes | memoryview] | None = None
+        self._write_watcher = None  # flushes the queue when the socket drains
         self._queued_bytes = 0
         self._max_queued = conf.get("OFFLOAD_MAX_QUEUED_BYTES")
-        self._wake = gevent.event.Event()
         self._stuck_since: float | None = None
         self._slots = slots
-        self._write_watcher = gevent.get_hub().loop.io(fd, 2)
         self._owns_fd = False
+        # The turns (see the module's docstring). Busy until run() parks the
+        # socket, and again for good once it ended: wake() then only notes it.
+        self._endpoint: Endpoint | None = None
+        self._reader = None  # read watcher, started while parked
+        self._timer = None  # the next deadline, while parked
+        self._busy = True
+        self._woken = False
 
     @property
     def state(self) -> State:
@@ -233,7 +251,7 @@ class WebSocket:
         if self.protocol.state is State.OPEN:
             self.protocol.close(code, reason, self._clock())
             self._flush_protocol()
-            self._wake.set()
+            self.wake()
 
     def disconnect(self, why: Disconnect) -> None:
         """Close with the code and reason of ``why`` (from any greenlet)."""
@@ -242,18 +260,29 @@ class WebSocket:
         self.close(why.code, why.reason)
 
     def wake(self) -> None:
-        self._wake.set()
+        """Have a turn run soon (from any greenlet, or a watcher's callback):
+        on a greenlet spawned now if the socket is parked, else the turn
+        under way takes another one."""
+        if self._busy:
+            self._woken = True
+            return
+        self._busy = self._woken = True
+        self._reader.stop()
+        if self._timer is not None:
+            self._timer.stop()
+            self._timer = None
+        gevent.spawn(self._serve, self._endpoint)
 
     @property
     def queued(self) -> int:
         """Frames (or parts of one) waiting for the socket to drain."""
-        return len(self._out)
+        return len(self._out) if self._out else 0
 
     @property
     def queued_bytes(self) -> int:
         """Bytes waiting for the socket to drain (bounded by ``OFFLOAD_MAX_QUEUED_BYTES``).
 
-        When it falls back to 0 the connection's greenlet is woken, so an
+        When it falls back to 0 the connection is woken (a turn), so an
         endpoint that waits for the client to read (a history replay sent
         page by page) can go on.
         """
@@ -303,9 +332,11 @@ class WebSocket:
         """The kernel took ``written`` bytes of ``data`` (the queue being empty):
         keep the rest and flush it when the socket drains."""
         rest = memoryview(data)[written:]
-        self._out.append(rest)
+        self._out = deque((rest,))
         self._queued_bytes += len(rest)
         self._stuck_since = self._clock()
+        if self._write_watcher is None:
+            self._write_watcher = gevent.get_hub().loop.io(self.fd, 2)
         self._write_watcher.start(self._on_writable)
 
     def _on_writable(self) -> None:
@@ -327,39 +358,54 @@ class WebSocket:
             self._broken()
             return
         self._stuck_since = None
-        self._write_watcher.stop()
-        self._wake.set()  # drained: an endpoint waiting to send more (history pages) goes on
+        self._drop_queue()
+        self.wake()  # drained: an endpoint waiting to send more (history pages) goes on
+
+    def _drop_queue(self) -> None:
+        """Forget the queue and its write watcher (drained, or nobody to send to)."""
+        self._out = None
+        self._queued_bytes = 0
+        if self._write_watcher is not None:
+            self._write_watcher.stop()
+            self._write_watcher = None
 
     def _broken(self) -> None:
         """The peer is gone (EPIPE, ECONNRESET): stop at once."""
-        self._out.clear()
-        self._queued_bytes = 0
-        self._write_watcher.stop()
+        self._drop_queue()
         self.protocol.connection_lost()
-        self._wake.set()
+        self.wake()
 
     def detach(self) -> None:
         """Take the socket over from uWSGI, freeing the request's async core
         (:func:`offload.transports.sockets.detach`). Call it before any data is exchanged."""
-        self._write_watcher.stop()
         self.fd = detach(self.fd)
         self._owns_fd = True
-        self._write_watcher = gevent.get_hub().loop.io(self.fd, 2)
 
     # -- the loop ----------------------------------------------------------------
 
     def run(self, endpoint: Endpoint) -> None:
-        """Serve the websocket until it closes."""
-        watcher = gevent.get_hub().loop.io(self.fd, 1)
-        watcher.start(self._wake.set)
+        """Serve the websocket: ``endpoint.on_open()`` and the first turns on
+        the calling greenlet, which is free again once the socket parks (see
+        the module's docstring); later turns run on greenlets of their own."""
+        self._endpoint = endpoint
+        self._reader = gevent.get_hub().loop.io(self.fd, 1)
         _open.add(self)
         metrics.connection_opened("websocket")
         log_connection(log, logging.DEBUG, self, "websocket open")
+        self._serve(endpoint, opening=True)
+
+    def _serve(self, endpoint: Endpoint, opening: bool = False) -> None:
+        """Turns while woken; then park the socket, or end it once closed."""
+        ended = True
         try:
-            endpoint.on_open()
+            if opening:
+                endpoint.on_open()
             while self.protocol.state is not State.CLOSED:
-                self._wake.wait(timeout=self._timeout(endpoint))
-                self._wake.clear()
+                if not self._woken:
+                    self._park(endpoint)
+                    ended = False
+                    return
+                self._woken = False
                 self._read(endpoint)
                 if self.protocol.state is State.OPEN:
                     endpoint.on_wake()
@@ -368,21 +414,36 @@ class WebSocket:
             log.exception("websocket endpoint failed", extra=connection_fields(self))
             self.disconnect(Disconnect.INTERNAL_ERROR)
         finally:
-            watcher.stop()
-            self._write_watcher.stop()
-            _open.discard(self)
-            if self._slots is not None:
-                self._slots.release()
-            self.protocol.connection_lost()
-            self._out.clear()
-            self._queued_bytes = 0
-            try:
-                endpoint.on_close()
-            except Exception:
-                log.exception("websocket on_close failed", extra=connection_fields(self))
-            if self._owns_fd:
-                close_now(self.fd)
-            log_connection(log, logging.DEBUG, self, "websocket closed (code %s)", self.protocol.close_code)
+            if ended:
+                self._end(endpoint)
+
+    def _park(self, endpoint: Endpoint) -> None:
+        """Wait for the next turn on watchers alone: data to read, or the next deadline."""
+        delay = self._timeout(endpoint)
+        self._timer = timer = gevent.get_hub().loop.timer(delay)
+        timer.start(self.wake)
+        self._reader.start(self.wake)
+        self._busy = False
+
+    def _end(self, endpoint: Endpoint) -> None:
+        """The connection is over: release everything, tell the endpoint, close the fd."""
+        self._busy = True  # for good: no more turns
+        self._reader.stop()
+        if self._timer is not None:
+            self._timer.stop()
+            self._timer = None
+        _open.discard(self)
+        if self._slots is not None:
+            self._slots.release()
+        self.protocol.connection_lost()
+        self._drop_queue()
+        try:
+            endpoint.on_close()
+        except Exception:
+            log.exception("websocket on_close failed", extra=connection_fields(self))
+        if self._owns_fd:
+            close_now(self.fd)
+        log_connection(log, logging.DEBUG, self, "websocket closed (code %s)", self.protocol.close_code)
 
     def _timeout(self, endpoint: Endpoint) -> float:
         deadline = self.protocol.next_deadline(self._stuck_since)
