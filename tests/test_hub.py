@@ -4,6 +4,8 @@ The subscribers here are small recorders (the hub's narrow interface); the
 Redis server, the pub/sub connection and publishing are real.
 """
 
+from collections import deque
+
 import gevent
 import pytest
 
@@ -173,11 +175,11 @@ def test_hub_writes_directly_until_the_channel_is_lost(hub, redis_client):
     assert hub.last_fanned_out(channel) == parse_stream_id(first)
     assert hub.delivered == 2
 
-    ws._out.append(b"pending")  # bytes queued: the subscriber is called instead
+    ws._out = deque([b"pending"])  # bytes queued: the subscriber is called instead
     second = offload.publish(channel, {"n": 2})
     wait_until(lambda: direct.messages)
     assert [entry[0] for _, entry in direct.messages] == [parse_stream_id(second)]
-    ws._out.clear()
+    ws._out = None
 
     for client in redis_client.client_list(_type="pubsub"):  # the hub loses Redis
         redis_client.client_kill_filter(_id=client["id"])
