@@ -90,12 +90,20 @@ def test_staff_watch_workers_a_hot_channel_and_a_drop(server, browser):  # noqa:
     expect(drop.first.locator("td").nth(2)).to_have_text("websocket")
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "operator.png"), full_page=True)
+
+    page.goto(server.base_url + "/rooms/general/")  # the demo's pages link staff to it
+    page.click("#operator-link")
+    page.wait_for_url("**/operator/")
+    expect(page.locator("#conn-state")).to_have_text("live", timeout=15000)
     page.context.close()
 
 
 def test_users_who_are_not_staff_are_refused(server, browser):  # noqa: F811
     page = log_in(browser, server, "alice")
     page.wait_for_load_state()
+    page.goto(server.base_url + "/rooms/general/")
+    expect(page.locator("#current-user")).to_have_text("alice")
+    assert page.locator("#operator-link").count() == 0
     response = page.goto(server.base_url + "/operator/")
     assert response.status == 403
     assert page.locator("#workers").count() == 0
