@@ -23,7 +23,7 @@ INSTALLED_APPS: list[str] = []
 DATABASES: dict = {}
 # both async-capable: the async publish view runs on the event loop without a thread hop
 MIDDLEWARE = ["django.middleware.security.SecurityMiddleware", "django.middleware.common.CommonMiddleware"]
-ROOT_URLCONF = "channels_anchor.urls"
+ROOT_URLCONF = "channels_anchor.views"
 ASGI_APPLICATION = "channels_anchor.asgi.application"
 USE_TZ = True
 USE_I18N = False

@@ -1,4 +1,4 @@
-"""HTTP views: the publish API (async, as a Channels user would write it) and a plain page."""
+"""HTTP views and their URLs: the publish API (async, as a Channels user would write it) and a plain page."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, JsonResponse
+from django.urls import path
 
 from . import protocol
 
@@ -49,3 +50,6 @@ async def publish(request: HttpRequest, channel: str) -> HttpResponse:
 def probe(request: HttpRequest) -> HttpResponse:
     """``GET /probe/``: a sync view (run in Django's thread executor, as a Channels user's views are)."""
     return HttpResponse("<!doctype html><title>probe</title><p>ok</p>\n")
+
+
+urlpatterns = [path("api/publish/<str:channel>", publish), path("probe/", probe)]
