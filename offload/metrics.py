@@ -215,7 +215,7 @@ def history_read(*, resume: bool, recovered: bool) -> None:
 
 
 def redis_failed(operation: str, timeout: bool) -> None:
-    """A Redis call failed (``operation``: publish, history, hub, ...); ``timeout``: it timed out."""
+    """A Redis call failed (``operation``: publish, history, hub, slots, presence); ``timeout``: it timed out."""
     if conf.get("OFFLOAD_METRICS"):
         REDIS_ERRORS.labels(operation, "timeout" if timeout else "error").inc()
 

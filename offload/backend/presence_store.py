@@ -15,7 +15,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .. import conf
+import redis
+
+from .. import conf, metrics
 from ..core.presence import Change, presence_event
 from ..exceptions import BackendUnavailable, ChannelError
 from ..policies import namespace_of
@@ -82,6 +84,7 @@ def _call(channel: str, *args: Any) -> Any:
     try:
         return script("presence")(keys=presence_keys(channel), args=list(args))
     except REDIS_ERRORS as exc:
+        metrics.redis_failed("presence", isinstance(exc, redis.TimeoutError))
         raise BackendUnavailable(f"Redis is unavailable: {exc}") from exc
 
 
@@ -152,6 +155,7 @@ def members(channel: str, *, after: str | None = None, limit: int = 100) -> Page
             page = [name.decode() for name in names[:limit]]
             infos = get_client().hmget(i, page) if page else []
     except REDIS_ERRORS as exc:
+        metrics.redis_failed("presence", isinstance(exc, redis.TimeoutError))
         raise BackendUnavailable(f"Redis is unavailable: {exc}") from exc
     # A member that left between the two reads has no info any more: it is not listed.
     entries = [(name, json.loads(info)) for name, info in zip(page, infos, strict=True) if info is not None]
@@ -215,4 +219,5 @@ def count(channel: str) -> int:
     try:
         return get_client().zcard(presence_keys(channel)[0])
     except REDIS_ERRORS as exc:
+        metrics.redis_failed("presence", isinstance(exc, redis.TimeoutError))
         raise BackendUnavailable(f"Redis is unavailable: {exc}") from exc

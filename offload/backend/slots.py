@@ -23,7 +23,7 @@ import uuid
 
 import redis
 
-from .. import conf
+from .. import conf, metrics
 from .redis_client import REDIS_ERRORS, get_client, script, topology
 
 __all__ = ["ConnectionSlots"]
@@ -118,7 +118,8 @@ class _SlotBroker:
                 for key, limit, stale_after, members in calls:
                     pipe.evalsha(acquire.sha, 1, key, *_script_args(now, limit, stale_after), *members)
             replies = pipe.execute(raise_on_error=False) if len(pipe) else []
-        except REDIS_ERRORS:
+        except REDIS_ERRORS as exc:
+            metrics.redis_failed("slots", isinstance(exc, redis.TimeoutError))
             return answers  # availability first: Redis down must not lock everyone out
         if cluster:
             replies += [
