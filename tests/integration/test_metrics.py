@@ -106,6 +106,9 @@ COUNTERS = {
     "slow_consumer": ("offload_connections_closed_total", {"transport": "websocket", "reason": "slow_consumer"}),
     "rate_limit": ("offload_connections_closed_total", {"transport": "websocket", "reason": "rate_limit"}),
     "closed": ("offload_connections_closed_total", {}),
+    "catchups": ("offload_history_catchups_total", {}),
+    "history_pages": ("offload_history_pages_total", {}),
+    "unrecovered": ("offload_history_unrecovered_total", {}),
     "refused_origin": ("offload_handshake_refusals_total", {"transport": "websocket", "reason": "origin"}),
     "refused_ws_bad": ("offload_handshake_refusals_total", {"transport": "websocket", "reason": "bad_request"}),
     "refused_sse_bad": ("offload_handshake_refusals_total", {"transport": "sse", "reason": "bad_request"}),
@@ -158,8 +161,7 @@ def test_a_scripted_session_is_counted_exactly_across_two_workers_and_a_sigkill(
     assert total(samples, "offload_channels") == len(holding)
 
     # Publishes: the HTTP API reaches every subscriber; offload.publish (the demo's /notify) nobody.
-    for n in range(PUBLISHES):
-        server.publish(channel, {"n": n})
+    ids = [server.publish(channel, {"n": n}) for n in range(PUBLISHES)]
     for client in clients:
         assert [json.loads(client.recv())["data"]["n"] for _ in range(PUBLISHES)] == list(range(PUBLISHES))
     expected["api"] += PUBLISHES
@@ -170,6 +172,17 @@ def test_a_scripted_session_is_counted_exactly_across_two_workers_and_a_sigkill(
     status, _, body = alice.post_csrf("/notify")
     assert status == 200, body
     expected["python"] += 1
+
+    # Resumes: from a retained id, and from one long trimmed (recovered:false). One history page each.
+    for since, recovered in ((ids[0], True), ("1-0", False)):
+        resumed = server.ws_client(f"/ws/?channel={channel}&since={since}")
+        reply = json.loads(resumed.recv())
+        assert (reply["type"], reply["recovered"]) == ("subscribed", recovered)
+        resumed.close()
+    expected["opened"] += 2
+    expected["catchups"] += 2
+    expected["history_pages"] += 2
+    expected["unrecovered"] += 1
 
     # Refused handshakes: a foreign Origin, a GET without the upgrade, an event stream without a channel.
     with pytest.raises(HandshakeError) as refused:
