@@ -1,8 +1,9 @@
 """Prometheus metrics against a real two-worker uWSGI (issue 15).
 
 One scripted session: websockets connect, messages are published (HTTP API
-and ``offload.publish``), handshakes are refused, a flooder is closed for its
-rate, a client that stops reading is closed as a slow consumer, then the
+and ``offload.publish``), clients resume from history, a user's websocket and
+event stream end at her logout, handshakes are refused, a flooder is closed for
+its rate, a client that stops reading is closed as a slow consumer, then the
 worker holding the subscribers is SIGKILLed and respawns. After each step
 ``/metrics`` is scraped and every counter must show exactly what happened,
 summed over both workers: the killed worker's counters still count, its
@@ -26,6 +27,7 @@ from offload.testing import HandshakeError, LiveServer, WebSocketClient, frame, 
 from tests.integration.demo import DemoServer
 from tests.integration.test_hostile_clients import publish_direct
 from tests.integration.test_resilience import StalledClient
+from tests.integration.test_sse import SseClient
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -106,6 +108,9 @@ COUNTERS = {
     "slow_consumer": ("offload_connections_closed_total", {"transport": "websocket", "reason": "slow_consumer"}),
     "rate_limit": ("offload_connections_closed_total", {"transport": "websocket", "reason": "rate_limit"}),
     "closed": ("offload_connections_closed_total", {}),
+    "sse_opened": ("offload_connections_opened_total", {"transport": "sse"}),
+    "logged_out_ws": ("offload_connections_closed_total", {"transport": "websocket", "reason": "logged_out"}),
+    "logged_out_sse": ("offload_connections_closed_total", {"transport": "sse", "reason": "logged_out"}),
     "catchups": ("offload_history_catchups_total", {}),
     "history_pages": ("offload_history_pages_total", {}),
     "unrecovered": ("offload_history_unrecovered_total", {}),
@@ -172,6 +177,27 @@ def test_a_scripted_session_is_counted_exactly_across_two_workers_and_a_sigkill(
     status, _, body = alice.post_csrf("/notify")
     assert status == 200, body
     expected["python"] += 1
+
+    # Alice's websocket and event stream end when she logs out, on whichever worker holds them.
+    hers = server.ws_client(f"/ws/?channel={channel}-alice", cookie=alice.cookie_header())
+    assert json.loads(hers.recv())["type"] == "subscribed"
+    stream = SseClient(server, f"/sse/?channel={channel}-alice", {"Cookie": alice.cookie_header()})
+    while stream.event().get("event") != "subscribed":
+        pass
+    scrape_until(server, lambda s: total(s, "offload_connections_open", transport="sse") == 1, "the stream's gauge")
+    status, _, _ = alice.post_csrf("/accounts/logout/")
+    assert status in (200, 302)
+    assert hers.recv_close().code == 4001
+    with pytest.raises(EOFError):
+        while True:
+            stream.event()
+    stream.conn.close()
+    hers.abort()
+    expected["opened"] += 1
+    expected["sse_opened"] += 1
+    expected["logged_out_ws"] += 1
+    expected["logged_out_sse"] += 1
+    expected["closed"] += 2
 
     # Resumes: from a retained id, and from one long trimmed (recovered:false). One history page each.
     for since, recovered in ((ids[0], True), ("1-0", False)):
