@@ -3,11 +3,11 @@
 One scripted session: websockets connect, messages are published (HTTP API
 and ``offload.publish``), clients resume from history, a user's websocket and
 event stream end at her logout, handshakes are refused, a flooder is closed for
-its rate, a client that stops reading is closed as a slow consumer, then the
-worker holding the subscribers is SIGKILLed and respawns. After each step
-``/metrics`` is scraped and every counter must show exactly what happened,
-summed over both workers: the killed worker's counters still count, its
-gauges are gone.
+its rate, another client for a protocol error, a client that stops reading as a
+slow consumer; then the worker holding the most subscribers is SIGKILLed and
+respawns. ``/metrics`` is scraped along the way and every counter must show
+exactly what happened, summed over both workers: the killed worker's counters
+still count, its gauges are gone. And a graceful reload keeps the counters.
 
 Also: who may scrape (loopback only, no forwarded request, or the bearer key).
 """
@@ -108,6 +108,7 @@ COUNTERS = {
     "slow_consumer": ("offload_connections_closed_total", {"transport": "websocket", "reason": "slow_consumer"}),
     "rate_limit": ("offload_connections_closed_total", {"transport": "websocket", "reason": "rate_limit"}),
     "closed": ("offload_connections_closed_total", {}),
+    "protocol_error": ("offload_connections_closed_total", {"transport": "websocket", "reason": "protocol_error"}),
     "sse_opened": ("offload_connections_opened_total", {"transport": "sse"}),
     "logged_out_ws": ("offload_connections_closed_total", {"transport": "websocket", "reason": "logged_out"}),
     "logged_out_sse": ("offload_connections_closed_total", {"transport": "sse", "reason": "logged_out"}),
@@ -229,6 +230,15 @@ def test_a_scripted_session_is_counted_exactly_across_two_workers_and_a_sigkill(
     flooder.abort()
     expected["opened"] += 1
     expected["rate_limit"] += 1
+    expected["closed"] += 1
+
+    # A frame with a reserved opcode breaks the protocol: close 1002.
+    breaker = server.ws_client("/ws/echo")
+    breaker.send_raw(frame(3, b""))
+    assert breaker.recv_close().code == 1002
+    breaker.abort()
+    expected["opened"] += 1
+    expected["protocol_error"] += 1
     expected["closed"] += 1
 
     # A client that stops reading is closed as a slow consumer. Every message reaches
