@@ -83,15 +83,27 @@ def make_entry(channel_json: bytes, message_id: bytes, data_json: bytes) -> Entr
 class ChannelCursor:
     """Orders and de-duplicates one channel's messages for one connection."""
 
-    __slots__ = ("_buffer", "_buffered_bytes", "_max_buffer", "dropped", "duplicates", "last", "page_count", "state")
+    __slots__ = (
+        "_buffer",
+        "_buffered_bytes",
+        "_max_buffer",
+        "direct",
+        "dropped",
+        "duplicates",
+        "last",
+        "page_count",
+        "state",
+    )
 
     def __init__(self, last: StreamId | None = None, max_buffer_bytes: int = 1 << 20) -> None:
         self.state = CursorState.SYNCING
         #: Id of the newest message emitted (or the resume point).
         self.last: StreamId | None = last
-        self._buffer: list[Entry] = []
+        self._buffer: list[Entry] | None = None  # live messages while syncing (made at the first)
         self._buffered_bytes = 0
         self._max_buffer = max_buffer_bytes
+        #: The hub writes this channel's live messages straight to the socket (set by the session).
+        self.direct = False
         #: How many duplicates were dropped (for tests and stats).
         self.duplicates = 0
         #: How many times the live buffer overflowed and was emptied.
@@ -101,16 +113,18 @@ class ChannelCursor:
 
     @property
     def buffered(self) -> int:
-        return len(self._buffer)
+        return len(self._buffer) if self._buffer else 0
 
     def live(self, entry: Entry) -> list[Entry]:
         """A live message arrived. Returns what to send now (0 or 1 entry)."""
         if self.state is CursorState.SYNCING:
             size = len(entry.frame)
             if self._buffered_bytes + size > self._max_buffer:
-                self._buffer = []  # history holds them all: re-read instead of keeping them
+                self._buffer = None  # history holds them all: re-read instead of keeping them
                 self._buffered_bytes = 0
                 self.dropped += 1
+            if self._buffer is None:
+                self._buffer = []
             self._buffer.append(entry)
             self._buffered_bytes += size
             return []
@@ -148,9 +162,9 @@ class ChannelCursor:
             out.extend(self._admit(entry))
         if more:
             return out
-        for entry in self._buffer:
+        for entry in self._buffer or ():
             out.extend(self._admit(entry))
-        self._buffer = []
+        self._buffer = None
         self._buffered_bytes = 0
         self.state = CursorState.LIVE
         return out

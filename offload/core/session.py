@@ -140,7 +140,6 @@ class ChannelSession:
     """
 
     __slots__ = (
-        "_direct",
         "_history",
         "_max_buffer",
         "_needs_history",
@@ -168,9 +167,10 @@ class ChannelSession:
         self.transport = transport
         self.hub = hub
         self.cursors: dict[str, ChannelCursor] = {}
-        self._pending: dict[str, _Pending] = {}
-        self._needs_history: set[str] = set()
-        self._direct: set[str] = set()  # channels the hub writes straight to the transport's socket
+        # Made when needed, dropped when empty: an idle session keeps only its
+        # cursors (each cursor knows whether the hub writes its channel directly).
+        self._pending: dict[str, _Pending] | None = None
+        self._needs_history: set[str] | None = None
         self._retry_at: float | None = None
         self._subscribe_timeout = subscribe_timeout
         self._max_buffer = max_buffer_bytes
@@ -195,7 +195,7 @@ class ChannelSession:
             LimitExceeded: ``limit`` subscriptions already.
         """
         if channel in self.cursors:
-            if channel not in self._pending:
+            if not self._is_pending(channel):
                 position = self.position(channel)
                 last = None if position is None else format_stream_id(position)
                 text = reply("subscribed", ref, channel=channel, last_id=last, recovered=True)
@@ -204,30 +204,45 @@ class ChannelSession:
         if len(self.cursors) >= limit:
             raise LimitExceeded(f"at most {limit} subscriptions per connection", code="too_many_subscriptions")
         self.cursors[channel] = ChannelCursor(since, self._max_buffer)
+        if self._pending is None:
+            self._pending = {}
         self._pending[channel] = _Pending(ref, now)
         self.hub.subscribe(self, channel)
         return True
 
     def unsubscribe(self, channel: str) -> None:
-        if self._notify is not None and channel in self.cursors and channel not in self._pending:
+        if self._notify is not None and channel in self.cursors and not self._is_pending(channel):
             self._notify("unsubscribed", channel)
         self.cursors.pop(channel, None)
-        self._pending.pop(channel, None)
-        self._needs_history.discard(channel)
-        self._direct.discard(channel)
+        self._not_pending(channel)
+        if self._needs_history is not None:
+            self._needs_history.discard(channel)
         self.hub.unsubscribe(self, channel)
+
+    def _is_pending(self, channel: str) -> bool:
+        return self._pending is not None and channel in self._pending
+
+    def _not_pending(self, channel: str) -> None:
+        if self._pending is not None:
+            self._pending.pop(channel, None)
+            if not self._pending:
+                self._pending = None
+
+    def _need_history(self, channel: str) -> None:
+        if self._needs_history is None:
+            self._needs_history = set()
+        self._needs_history.add(channel)
 
     def close(self) -> None:
         """Leave the hub (the transport ended); emits ``disconnected`` the first time."""
         notify, self._notify = self._notify, None
         for channel in list(self.cursors):
             self.hub.unsubscribe(self, channel)
-            if notify is not None and channel not in self._pending:
+            if notify is not None and not self._is_pending(channel):
                 notify("unsubscribed", channel)
         self.cursors.clear()
-        self._pending.clear()
-        self._needs_history.clear()
-        self._direct.clear()
+        self._pending = None
+        self._needs_history = None
         if notify is not None:
             notify("disconnected")
 
@@ -237,9 +252,13 @@ class ChannelSession:
             self._retry_at = None
         if self._needs_history and self._retry_at is None and self.transport.can_take_history():
             for channel in list(self._needs_history):
+                if self._needs_history is None:
+                    break  # closed meanwhile
                 self._needs_history.discard(channel)
                 self._sync(channel, now)
-        for channel, pending in list(self._pending.items()):
+            if not self._needs_history:
+                self._needs_history = None
+        for channel, pending in list(self._pending.items()) if self._pending else ():
             if now - pending.started >= self._subscribe_timeout:
                 self.unsubscribe(channel)
                 self.transport.subscribe_failed(
@@ -248,7 +267,7 @@ class ChannelSession:
 
     def next_deadline(self) -> float | None:
         """When :meth:`step` must run at the latest (None: only when woken)."""
-        deadlines = [p.started + self._subscribe_timeout for p in self._pending.values()]
+        deadlines = [p.started + self._subscribe_timeout for p in self._pending.values()] if self._pending else []
         if self._retry_at is not None:
             deadlines.append(self._retry_at)
         return min(deadlines) if deadlines else None
@@ -257,7 +276,7 @@ class ChannelSession:
         """The id of the newest message sent on ``channel`` (brings the cursor
         up to date with what the hub wrote directly)."""
         cursor = self.cursors[channel]
-        if channel in self._direct:
+        if cursor.direct:
             fanned = self.hub.last_fanned_out(channel)
             if fanned is not None and (cursor.last is None or fanned > cursor.last):
                 cursor.last = fanned
@@ -267,7 +286,7 @@ class ChannelSession:
 
     def channel_ready(self, channel: str) -> None:
         if channel in self.cursors:
-            self._needs_history.add(channel)
+            self._need_history(channel)
             self.transport.wake()
 
     def channel_lost(self, channel: str) -> None:
@@ -275,11 +294,11 @@ class ChannelSession:
         if cursor is not None:
             self.position(channel)
             cursor.resync()
-        self._direct.discard(channel)
+            cursor.direct = False
 
     def notice(self, channel: str, text: str) -> None:
         """A notice on a channel (a presence event): for subscriptions already confirmed."""
-        if channel in self.cursors and channel not in self._pending:
+        if channel in self.cursors and not self._is_pending(channel):
             self.transport.send_reply("presence", channel, text, None)
 
     def deliver(self, channel: str, entries: list[Entry], frames: bytes) -> None:
@@ -289,17 +308,17 @@ class ChannelSession:
         admitted = cursor.live_many(entries)
         if admitted is None:  # plain live delivery: the batch as it is
             self.transport.send_messages(channel, entries, frames)
-            if channel not in self._direct:  # the hub has caught up with us: let it write directly
-                self._write_directly(channel)
+            if not cursor.direct:  # the hub has caught up with us: let it write directly
+                self._write_directly(channel, cursor)
         elif admitted:
             self.transport.send_messages(channel, admitted, None)
 
     # -- history ----------------------------------------------------------------------
 
-    def _write_directly(self, channel: str) -> None:
+    def _write_directly(self, channel: str, cursor: ChannelCursor) -> None:
         socket = self.transport.direct_socket
         if socket is not None:
-            self._direct.add(channel)
+            cursor.direct = True
             self.hub.write_directly_to(self, channel, socket)
 
     def _sync(self, channel: str, now: float) -> None:
@@ -307,7 +326,7 @@ class ChannelSession:
         cursor = self.cursors.get(channel)
         if cursor is None:
             return
-        pending = self._pending.get(channel)
+        pending = self._pending.get(channel) if self._pending else None
         dropped = cursor.dropped
         try:
             page = self._history(
@@ -315,14 +334,14 @@ class ChannelSession:
             )
         except BackendUnavailable:
             # Stay SYNCING (live messages keep buffering) and retry shortly.
-            self._needs_history.add(channel)
+            self._need_history(channel)
             self._retry_at = now + RETRY_HISTORY
             return
         if self.cursors.get(channel) is not cursor:
             return  # unsubscribed while history was read
         cursor.page_count = page.next_count
         if pending is not None:
-            del self._pending[channel]
+            self._not_pending(channel)
             start = cursor.last if cursor.last is not None else page.tip
             last_id = None if start is None else format_stream_id(start)
             text = reply("subscribed", pending.ref, channel=channel, last_id=last_id, recovered=page.recovered)
@@ -340,7 +359,7 @@ class ChannelSession:
         if sent:
             self.transport.send_messages(channel, sent, None)
         if more:
-            self._needs_history.add(channel)
+            self._need_history(channel)
             self.transport.wake()  # the next page: once the transport can take it
             return
         # Live from here on. Once every id the hub will fan out is newer than
@@ -348,4 +367,4 @@ class ChannelSession:
         # first plain live delivery switches (see deliver).
         fanned = self.hub.last_fanned_out(channel)
         if cursor.last is None or (fanned is not None and fanned >= cursor.last):
-            self._write_directly(channel)
+            self._write_directly(channel, cursor)
