@@ -364,6 +364,27 @@ def _request(host: str, port: int, path: str, headers: dict) -> tuple[int, dict,
     return status, {}, body
 
 
+def test_spooler_task_outcomes_are_counted_in_the_spooler_processes(server):
+    alice = server.http()
+    alice.login("alice")
+    before = scrape(server)
+    for form in ({"seconds": "0", "rows": "100"}, {"seconds": "0", "fail": "1"}):
+        status, _, body = alice.post_csrf("/reports/", form)
+        assert status == 202, body
+
+    def outcomes(samples: Samples) -> dict[str, float]:
+        def delta(outcome: str) -> float:
+            return total(samples, "offload_tasks_total", outcome=outcome) - total(
+                before, "offload_tasks_total", outcome=outcome
+            )
+
+        return {outcome: delta(outcome) for outcome in ("done", "retry", "failed")}
+
+    # done, and failed at once (TaskError is never retried)
+    samples = scrape_until(server, lambda s: outcomes(s) == {"done": 1, "retry": 0, "failed": 1}, "the task outcomes")
+    assert outcomes(samples) == {"done": 1, "retry": 0, "failed": 1}
+
+
 def test_a_graceful_reload_keeps_the_counters_and_counts_its_closes(server):
     channel = f"public:metrics-reload-{os.getpid()}"
     client = server.ws_client(f"/ws/?channel={channel}")
