@@ -10,6 +10,7 @@ from offload.core.frames import (
     FragmentReceived,
     FrameReader,
     PingReceived,
+    PongReceived,
     ProtocolFailure,
     TextReceived,
 )
@@ -106,3 +107,55 @@ def test_every_frame_is_an_event_and_parsing_stops_when_the_caller_does():
     events.close()
     # The rest stayed unparsed in the buffer: the next read continues where the caller stopped.
     assert len(reader.feed(b"")) == 997
+
+
+def test_the_parser_is_held_only_while_a_frame_or_message_is_incomplete():
+    """Most sockets only send pongs: their wsproto connection exists while client bytes are being parsed,
+    and the server's pings without it are the bytes wsproto writes."""
+    from wsproto import ConnectionType
+    from wsproto.connection import Connection
+    from wsproto.events import Ping
+
+    reader = FrameReader(100)
+    for payload in (b"", b"1712345678901", b"x" * 125):
+        assert reader.ping(payload) == Connection(ConnectionType.SERVER).send(Ping(payload=payload))
+    assert reader._conn is None and not reader.closing
+
+    assert reader.feed(frame(10, b"1712345678901")) == [PongReceived(b"1712345678901")]
+    assert reader._conn is None, "a whole frame parsed: nothing to keep"
+    data = frame(1, b"hello")
+    assert reader.feed(data[:3]) == [] and reader._conn is not None, "a partial frame keeps it"
+    assert reader.feed(data[3:]) == [TextReceived("hello")] and reader._conn is None
+
+    # A fragmented message, a ping between its fragments, its UTF-8 split across them.
+    assert reader.feed(frame(1, "é".encode()[:1], fin=False) + frame(9, b"p")) == [
+        FragmentReceived(),
+        PingReceived(b"p"),
+    ]
+    assert reader._conn is not None, "a fragmented message keeps it"
+    assert reader.pong(b"p") == b"\x8a\x01p"
+    assert reader.feed(frame(0, "é".encode()[1:])) == [TextReceived("é")] and reader._conn is None
+
+
+def test_a_fresh_parser_still_refuses_a_stray_continuation_and_bad_utf8():
+    reader = FrameReader(100)
+    assert reader.feed(frame(1, b"ok")) == [TextReceived("ok")] and reader._conn is None
+    (failure,) = reader.feed(frame(0, b"stray"))
+    assert isinstance(failure, ProtocolFailure) and failure.code == 1002
+    reader = FrameReader(100)
+    assert reader.feed(frame(1, b"ok")) == [TextReceived("ok")]
+    (failure,) = reader.feed(frame(1, b"\xff"))
+    assert isinstance(failure, ProtocolFailure) and failure.code == 1007
+
+
+def test_a_close_before_any_client_byte_is_sent_once():
+    reader = FrameReader(100)
+    first = reader.close(1001, "going away")
+    assert first[:4] == b"\x88\x0c\x03\xe9" and reader.closing
+    assert reader.close(1001) == b"" and reader.ping() == b""
+
+
+def test_a_whole_message_and_a_fragmented_one_alternate():
+    reader = FrameReader(100)
+    data = frame(1, b"one") + frame(2, b"a", fin=False) + frame(0, b"b") + frame(1, b"two")
+    assert reader.feed(data) == [TextReceived("one"), FragmentReceived(), BinaryReceived(b"ab"), TextReceived("two")]

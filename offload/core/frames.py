@@ -111,20 +111,53 @@ FrameEvent = (
 _FRAGMENT = FragmentReceived()
 
 
+def _at_rest(conn: Connection) -> bool:
+    """wsproto holds nothing between two messages of an open connection: no
+    event, no byte of a partial frame, no fragmented message. (Its internals:
+    another wsproto version without them is never considered at rest.)"""
+    try:
+        proto = conn._proto
+        decoder = proto._frame_decoder
+        return (
+            conn.state is ConnectionState.OPEN
+            and not conn._events
+            and decoder.header is None
+            and not decoder.buffer.buffer
+            and proto._message_decoder.opcode is None
+        )
+    except AttributeError:
+        return False
+
+
 class FrameReader:
-    """Parses a client's byte stream into whole messages and control events."""
+    """Parses a client's byte stream into whole messages and control events.
+
+    One per socket, and most sockets only send pongs: the wsproto connection
+    (about 1.5 KB) is made when client bytes arrive (or a close frame is
+    sent), and dropped again when they were parsed to a message boundary
+    with nothing held (no partial frame, no fragmented message): a new one is
+    then the same. Server pings while there is none are framed here (the
+    same bytes wsproto would write).
+    """
+
+    __slots__ = ("_conn", "_max", "_parts", "_size", "failed")
 
     def __init__(self, max_message_bytes: int) -> None:
-        self._conn = Connection(ConnectionType.SERVER)
+        self._conn: Connection | None = None
         self._max = max_message_bytes
-        self._parts: list = []
+        self._parts: list | None = None  # the pieces of a fragmented message so far
         self._size = 0
         self.failed = False
+
+    def _connection(self) -> Connection:
+        if self._conn is None:
+            self._conn = Connection(ConnectionType.SERVER)
+        return self._conn
 
     @property
     def closing(self) -> bool:
         """True once a close frame was sent or received."""
-        return self._conn.state is not ConnectionState.OPEN
+        return self._conn is not None and self._conn.state is not ConnectionState.OPEN
 
     def feed(self, data: bytes | None) -> list[FrameEvent]:
         """Parse received bytes (``None`` at end of stream) into events."""
@@ -134,10 +167,11 @@ class FrameReader:
         """Like :meth:`feed`, parsing lazily: frames are parsed only as the
         caller takes events, so a caller that stops (a flooder was closed)
         leaves the rest of the bytes unparsed instead of paying for them."""
-        if self.failed or self._conn.state is ConnectionState.CLOSED:
+        conn = self._connection()
+        if self.failed or conn.state is ConnectionState.CLOSED:
             return
-        self._conn.receive_data(data)
-        for event in self._conn.events():
+        conn.receive_data(data)
+        for event in conn.events():
             if isinstance(event, (TextMessage, BytesMessage)):
                 piece = event.data
                 self._size += len(piece.encode()) if isinstance(piece, str) else len(piece)
@@ -145,14 +179,20 @@ class FrameReader:
                     self.failed = True
                     yield ProtocolFailure(CloseCode.TOO_BIG, f"message larger than {self._max} bytes")
                     return
-                self._parts.append(piece)
                 if event.message_finished:
+                    parts, self._parts, self._size = self._parts, None, 0
+                    if parts is not None:  # the last piece of a fragmented message
+                        parts.append(piece)
+                        piece = "".join(parts) if isinstance(event, TextMessage) else b"".join(parts)
                     if isinstance(event, TextMessage):
-                        yield TextReceived("".join(self._parts))
+                        yield TextReceived(piece)
                     else:
-                        yield BinaryReceived(b"".join(self._parts))
-                    self._parts, self._size = [], 0
-                elif event.frame_finished:
+                        yield BinaryReceived(piece)
+                    continue
+                if self._parts is None:
+                    self._parts = []
+                self._parts.append(piece)
+                if event.frame_finished:
                     yield _FRAGMENT
             elif isinstance(event, Ping):
                 yield PingReceived(bytes(event.payload))
@@ -165,14 +205,20 @@ class FrameReader:
                     yield ProtocolFailure(int(event.code), event.reason or "")
                     return
                 yield CloseReceived(int(event.code), event.reason or "")
+        if self._parts is None and _at_rest(conn):
+            self._conn = None
 
     def pong(self, payload: bytes) -> bytes:
         """Bytes of a pong echoing ``payload`` (RFC 6455 5.5.3)."""
-        if self._conn.state is not ConnectionState.OPEN:
+        conn = self._connection()
+        if conn.state is not ConnectionState.OPEN:
             return b""
-        return self._conn.send(Pong(payload=payload))
+        return conn.send(Pong(payload=payload))
 
     def ping(self, payload: bytes = b"") -> bytes:
+        """Bytes of a ping (at most 125 bytes of payload), or b"" once closing."""
+        if self._conn is None:  # nothing received yet: the connection is open
+            return _header(0x89, len(payload)) + payload
         if self._conn.state is not ConnectionState.OPEN:
             return b""
         return self._conn.send(Ping(payload=payload))
@@ -182,8 +228,9 @@ class FrameReader:
 
         Answers a peer's close too (echoing a valid code, as RFC 6455 asks).
         """
-        if self._conn.state not in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
+        conn = self._connection()
+        if conn.state not in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
             return b""
         if code in (CloseReason.NO_STATUS_RCVD, CloseReason.ABNORMAL_CLOSURE):
             code = CloseCode.NORMAL
-        return self._conn.send(CloseConnection(code=code, reason=reason[:120]))
+        return conn.send(CloseConnection(code=code, reason=reason[:120]))

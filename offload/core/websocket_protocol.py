@@ -141,7 +141,7 @@ class WebSocketProtocol:
         self._bucket, self._control_bucket = buckets
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
-        self._outgoing: list[bytes] = []
+        self._outgoing: list[bytes] | None = None  # made when a frame is queued
         self._closing_since = 0.0
         self._next_ping = now + first_ping_in
         self._ping_sent: float | None = None
@@ -174,10 +174,10 @@ class WebSocketProtocol:
                 if self.state is State.OPEN:
                     yield event
             elif isinstance(event, PingReceived):
-                self._outgoing.append(self._reader.pong(event.payload))
+                self._queue(self._reader.pong(event.payload))
             elif isinstance(event, CloseReceived):
                 self.close_code = event.code
-                self._outgoing.append(self._reader.close(event.code))
+                self._queue(self._reader.close(event.code))
                 self._to("peer_close")
                 return
             elif isinstance(event, ProtocolFailure):
@@ -207,7 +207,7 @@ class WebSocketProtocol:
 
     def _send_close(self, code: int, reason: str, now: float) -> None:
         self.close_code = code
-        self._outgoing.append(self._reader.close(code, reason))
+        self._queue(self._reader.close(code, reason))
         self._closing_since = now
 
     def tick(self, now: float, stuck_since: float | None) -> Dropped | bool:
@@ -228,7 +228,7 @@ class WebSocketProtocol:
             self._to("ping_unanswered")  # a dead peer cannot receive a close frame
             return Dropped(f"websocket peer did not answer a ping for {self._ping_timeout:.0f} s: dropping it")
         elif self.state is State.OPEN and self._ping_sent is None and now >= self._next_ping:
-            self._outgoing.append(self._reader.ping(b"%d" % int(now * 1000)))
+            self._queue(self._reader.ping(b"%d" % int(now * 1000)))
             self._ping_sent = now
             self._next_ping = now + self._ping_interval
             return True
@@ -252,5 +252,14 @@ class WebSocketProtocol:
 
     def data_to_send(self) -> list[bytes]:
         """Control frames to write, in order (pongs, pings, close frames)."""
-        out, self._outgoing = self._outgoing, []
-        return [data for data in out if data]
+        out, self._outgoing = self._outgoing, None
+        return out or []
+
+    def _queue(self, data: bytes) -> None:
+        """Queue a control frame (b"": the reader had none to send, the connection closing)."""
+        if not data:
+            return
+        if self._outgoing is None:
+            self._outgoing = [data]
+        else:
+            self._outgoing.append(data)
