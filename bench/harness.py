@@ -105,13 +105,16 @@ class Bench:
         return self.client("subscribers", label, name, **config)
 
     def publisher(self, target, name: str, **config) -> Process:
-        """Ours (``offload.publish()``, ``bench/publisher.py``) or a Channels setup's ``group_send``, ready."""
+        """Ours (``offload.publish()``, ``bench/publisher.py``), a Channels setup's ``group_send`` or, for a Node.js
+        anchor, Redis PUBLISH of the envelope (``bench/publisher.py`` too), ready."""
         if isinstance(target, ChannelsServer):
             config.update(layer=target.layer, prefix=target.prefix, redis_url=target.redis_url)
             argv = [str(target.python), "-m", "bench.channels_anchor.publisher"]
         else:
             config = {"mode": "gevent", "concurrency": 16, **config, "redis_url": target.redis_url}
             argv, config["var_dir"] = [sys.executable, "-m", "bench.publisher"], str(self.work / "publisher-var")
+            if isinstance(target, NodeServer):
+                config["prefix"] = target.prefix
         pub = self.start(Process([*argv, json.dumps(config)], "publisher", self.logs / f"{name}-publisher.log"))
         pub.wait("ready", 60)
         return pub

@@ -9,6 +9,9 @@ server or a task runner. Each caller publishes once to ``public:warmup``
 before ``ready`` (connections and script loaded); then ``bench.publoop``'s
 protocol. ``call`` ``presence_count``: each call is ``offload.presence_count()``
 of the channel instead (``settings``: a settings module that declares it).
+With ``prefix`` (a Node.js anchor's), each call PUBLISHes on Redis the
+envelope the anchor's own publish view would, the way a Django app beside
+Node.js hands it a message.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 
 def main(cfg: dict) -> None:
@@ -23,8 +27,19 @@ def main(cfg: dict) -> None:
         from gevent import monkey
 
         monkey.patch_all()
-    import time
+    from . import publoop, spread
 
+    names, callers = spread.names(cfg), int(cfg["concurrency"])
+    call, warm = (node_calls if "prefix" in cfg else offload_calls)(cfg, names)
+    publoop.run_threads(publoop.PublishRun(count=callers), warm, callers)
+    publoop.ready_then_go()
+    run = publoop.PublishRun(int(cfg["first"]), float(cfg["seconds"]), cfg.get("rate"))
+    publoop.run_threads(run, call, callers)
+    publoop.finish(run)
+
+
+def offload_calls(cfg: dict, names: list[str]):
+    """``offload.publish()`` (or ``presence_count()``) with the project's settings, and its warm-up call."""
     os.environ.update(DJANGO_SETTINGS_MODULE=cfg.get("settings", "project.settings"), REDIS_URL=cfg["redis_url"])
     os.environ.update(OFFLOAD_VAR_DIR=cfg["var_dir"])
     os.environ.setdefault("DJANGO_SECRET_KEY", "bench-publisher-not-secret")
@@ -33,21 +48,28 @@ def main(cfg: dict) -> None:
     django.setup()
     from offload import presence_count, publish
 
-    from . import publoop, spread
-
-    names, callers = spread.names(cfg), int(cfg["concurrency"])
-
     def call(g: int) -> None:
         publish(names[g % len(names)], {"t": time.time_ns(), "seq": g})
 
-    def count(_g: int) -> None:
-        presence_count(names[0])
+    if cfg.get("call") == "presence_count":
+        return (lambda _g: presence_count(names[0])), (lambda _: publish("public:warmup", {}))
+    return call, (lambda _: publish("public:warmup", {}))
 
-    publoop.run_threads(publoop.PublishRun(count=callers), lambda _: publish("public:warmup", {}), callers)
-    publoop.ready_then_go()
-    run = publoop.PublishRun(int(cfg["first"]), float(cfg["seconds"]), cfg.get("rate"))
-    publoop.run_threads(run, count if cfg.get("call") == "presence_count" else call, callers)
-    publoop.finish(run)
+
+def node_calls(cfg: dict, names: list[str]):
+    """A Node.js anchor (``bench/node/server.js``): PUBLISH on Redis the envelope its publish view builds."""
+    import redis
+
+    from . import spread
+
+    client = redis.Redis.from_url(cfg["redis_url"])
+
+    def call(g: int) -> None:
+        name = names[g % len(names)]
+        envelope = f'{{"type":"message","channel":{json.dumps(name)},"id":"{g}-0","data":'
+        client.publish(cfg["prefix"] + name, envelope.encode() + spread.stamp(g) + b"}")
+
+    return call, (lambda _: client.publish(cfg["prefix"] + "warmup", "{}"))
 
 
 if __name__ == "__main__":

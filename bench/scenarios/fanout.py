@@ -99,7 +99,12 @@ def saturation(bench: Bench, k: dict, server, meter, clients: list, rate: int, f
 
 
 def run_anchor(bench: Bench, k: dict, anchor, redis: list[int]) -> dict:
-    meter, name = bench.meter(anchor, redis), anchor.name
+    """A Node.js anchor runs what ours runs first (:func:`small_and_saturation`, its publisher PUBLISHing on
+    Redis); a Channels setup, far slower, the fixed-rate window and HTTP publish streams."""
+    meter, name, out = bench.meter(anchor, redis), anchor.name, {}
+    if name in NODE_ANCHORS:
+        windows = small_and_saturation(bench, k, anchor, meter, out)
+        return {"connect_s": out["small_connect_s"], "idle_rss": out["small_rss"], "windows": windows}
     bench.step(f"[{name}] connecting {k['small']}")
     clients, info = bench.connect(anchor, name, k["small"], channel=CHANNEL)
     bench.step(f"[{name}] fan-out {k['small']} x {k['rate']:g}/s")
@@ -148,24 +153,21 @@ def _figures(sat: dict, small: dict, rss: dict) -> dict:
     }
 
 
-#: Channels' best setup for each figure: the most deliveries/s (smallest ours/anchor), else the lowest value
-BEST = {"deliveries": min, "cpu": max, "p99": max, "rss": max}
-
-
 def compare(results: dict) -> dict:
-    """Ours / each anchor for every figure of :func:`_figures`, and ours / Channels' best setup."""
+    """How many times better ours is than each anchor, for every figure of :func:`_figures` (ours / anchor for
+    deliveries/s, anchor / ours for the rest: above 1, ours is better), and than Channels' best setup (for each
+    figure the setup nearest to ours)."""
     ours, best = results["ours"], _best_sat(results["ours"])
     if not best:
         return {}
     mine, per = _figures(best, ours["windows"]["fanout_small"], ours["small_rss"]), {}
     for combo, a in results["anchors"].items():
         if "windows" in a:
-            theirs = _figures(a["windows"]["sat"], a["windows"]["fanout_small"], a["idle_rss"])
-            per[combo] = {n: ratio(mine[n], theirs[n], 2) for n in mine}
+            theirs = _figures(a["windows"].get("sat") or _best_sat(a), a["windows"]["fanout_small"], a["idle_rss"])
+            better = {n: (mine[n], theirs[n]) if n == "deliveries" else (theirs[n], mine[n]) for n in mine}
+            per[combo] = {n: ratio(*pair) for n, pair in better.items()}
     if channels := [per[c] for c in per if c in COMBINATIONS]:
-        per["channels-best"] = {
-            n: f((r[n] for r in channels if r[n] is not None), default=None) for n, f in BEST.items()
-        }
+        per["channels-best"] = {n: min((r[n] for r in channels if r[n] is not None), default=None) for n in mine}
     return per
 
 
@@ -228,30 +230,40 @@ def _cpu_s(storm: dict) -> float:
 def _rows(results: dict) -> list[tuple[str, dict]]:
     k, w = results["knobs"], results["ours"]["windows"]
     rows = [(f"ours, {k['small']:,} sockets x {k['rate']:g}/s (HTTP API)", w["fanout_small"])]
-    for label, windows in [("ours", w), ("ours, metrics off", results.get("metrics_off", {}).get("windows"))]:
-        for rate in k["sat_rates"] if windows else ():
-            offered = windows[f"sat_{rate}"]["publisher"]["publishes_per_s"] * k["small"]
-            rows.append(
-                (f"{label}, saturation: offload.publish() {rate}/s (offered {offered:,.0f}/s)", windows[f"sat_{rate}"])
-            )
+    rows += _saturation_rows(k, "ours", w, "offload.publish()")
+    off = results.get("metrics_off", {}).get("windows", {})
+    rows += _saturation_rows(k, "ours, metrics off", off, "offload.publish()")
     rows.append((f"ours, {k['large']:,} sockets x {k['rate']:g}/s (HTTP API)", w["fanout_large"]))
     rows.append((f"ours, {k['storm']:,} sockets x {k['rate']:g}/s (offload.publish())", w["fanout_storm"]))
     for combo, a in results["anchors"].items():
-        names = (("fanout_small", f"{k['small']:,} x {k['rate']:g}/s"), ("sat", "saturation: HTTP publish streams"))
-        rows += [(combo, a)] if "error" in a else [(f"{a['label']}, {title}", a["windows"][n]) for n, title in names]
+        if "error" in a:
+            rows.append((combo, a))
+            continue
+        rows.append((f"{a['label']}, {k['small']:,} x {k['rate']:g}/s", a["windows"]["fanout_small"]))
+        rows += _saturation_rows(k, a["label"], a["windows"], "Redis PUBLISH")
+        if "sat" in a["windows"]:
+            rows.append((f"{a['label']}, saturation: HTTP publish streams", a["windows"]["sat"]))
+    return rows
+
+
+def _saturation_rows(k: dict, label: str, windows: dict, how: str) -> list[tuple[str, dict]]:
+    rows = []
+    for rate in (r for r in k["sat_rates"] if f"sat_{r}" in windows):
+        offered = windows[f"sat_{rate}"]["publisher"]["publishes_per_s"] * k["small"]
+        rows.append((f"{label}, saturation: {how} {rate}/s (offered {offered:,.0f}/s)", windows[f"sat_{rate}"]))
     return rows
 
 
 TEXT = """one uWSGI worker (gevent), embedded Redis shared with the anchors (one process each); windows of {seconds} s
-(saturation {sat_seconds} s, {channels_streams} HTTP publish streams against the anchors). Latency = arrival - publish
-time of every delivery; deliveries/s counted by arrival inside the window; CPU from /proc over the window."""
-RATIOS = """**Ratios, ours / anchor** (same run; above 1 is better for deliveries/s, below 1 for the rest; RSS per
-idle socket at {small} sockets, ours {rss} KiB). Metrics cost: server CPU per delivery at saturation {cost}% higher with
-metrics on than with `OFFLOAD_METRICS=0`."""
-RATIO_COLUMNS = [
-    (head, lambda r, n=n: r[n]) for head, n in [("deliveries/s", "deliveries"), ("server µs/delivery", "cpu")]
-]
-RATIO_COLUMNS += [("fan-out p99", lambda r: r["p99"]), ("RSS per socket", lambda r: r["rss"])]
+(saturation {sat_seconds} s: ours and the Node.js anchors from a publisher process, `offload.publish()` or Redis
+PUBLISH of the envelope; {channels_streams} HTTP publish streams against Channels). Latency = arrival - publish time of
+every delivery; deliveries/s counted by arrival inside the window; CPU from /proc over the window."""
+RATIOS = """**Ratios: how many times better ours is** (same run; ours / anchor for deliveries/s, anchor / ours for the
+rest: above 1, ours is better; fan-out p99 and RSS per idle socket at {small} sockets, ours {p99} ms and {rss} KiB).
+Metrics cost: ours takes {cost}% more server CPU per delivery at saturation with metrics on than with
+`OFFLOAD_METRICS=0`."""
+RATIO_HEADS = {"deliveries": "deliveries/s at saturation", "cpu": "server CPU per delivery", "p99": "fan-out p99"}
+RATIO_COLUMNS = [(head, lambda r, n=n: r[n]) for n, head in {**RATIO_HEADS, "rss": "RSS per idle socket"}.items()]
 STORM = """Connect storm: {connect_s} s, server CPU {server_ms_per_connect} ms per connect (server, clients and Redis
 {cpu_s} s of CPU); retries: {retries}; uWSGI: {counters}; kernel backlog limits (old, new): {sysctls}.
 
@@ -273,6 +285,7 @@ def markdown(results: dict) -> str:
         labels = {c: a["label"] for c, a in results["anchors"].items()} | {"channels-best": "Channels 4, best setup"}
         rows = [(labels[c], r) for c, r in results["comparison"].items()]
         figures = {"rss": ours["small_rss"]["per_socket_kib"], "cost": metrics_cost(results)}
+        figures["p99"] = ours["windows"]["fanout_small"]["broadcast"]["p99"]
         lines += [report.fill(RATIOS, k, **figures), "", report.columns_table(RATIO_COLUMNS, rows, "anchor"), ""]
     figures = {**storm, **cpu_floors(results), "cpu_s": _cpu_s(storm), "cpus": results["machine"]["cpus"]}
     figures.update(retries=str(storm["connect_errors"] or "none"), sysctls=str(ours["backlog_sysctls"] or "unchanged"))
