@@ -40,6 +40,26 @@ def test_a_sentinel_url_names_the_service_and_database():
     assert parse_redis_url("redis+sentinel://s1:26379/mymaster").db == 0
 
 
+def test_tls_options_in_the_query_reach_every_connection():
+    target = parse_redis_url("rediss+sentinel://s1:26379/mymaster?ssl_ca_certs=/etc/ca.crt&ssl_cert_reqs=required")
+    assert (target.service, target.db) == ("mymaster", 0)
+    assert target.connection_options() == {
+        "username": None,
+        "password": None,
+        "ssl": True,
+        "ssl_ca_certs": "/etc/ca.crt",
+        "ssl_cert_reqs": "required",
+    }
+    cluster = parse_redis_url("rediss+cluster://u:p@h:7000/?ssl_certfile=/c.crt&ssl_keyfile=/c.key")
+    assert cluster.connection_options() == {
+        "username": "u",
+        "password": "p",
+        "ssl": True,
+        "ssl_certfile": "/c.crt",
+        "ssl_keyfile": "/c.key",
+    }
+
+
 @pytest.mark.parametrize(
     "url, error",
     [
@@ -51,6 +71,11 @@ def test_a_sentinel_url_names_the_service_and_database():
         ("redis+cluster://h:x/", "bad port"),
         ("redis+sentinel://h:1/", "names its service"),
         ("redis+sentinel://h:1/m/x", "bad database"),
+        ("rediss+cluster://h:1/?ssl_ca_cert=/ca.crt", "unknown option 'ssl_ca_cert'"),
+        ("redis+cluster://h:1/?ssl_ca_certs=/ca.crt", "needs TLS"),
+        ("rediss+sentinel://h:1/m?ssl_cert_reqs=maybe", "ssl_cert_reqs is one of"),
+        ("rediss+cluster://h:1/?ssl_ca_certs=/a&ssl_ca_certs=/b", "given twice"),
+        ("rediss+cluster://h:1/?ssl_ca_certs", "malformed query"),
     ],
 )
 def test_malformed_urls_are_refused_with_the_reason(url, error):

@@ -61,7 +61,7 @@ class ClusterRoutes:
         self._slots: dict[str, int] = {}
         self._unrouted: set[str] = {CONTROL}
         where = target()
-        self._auth = {"username": where.username, "password": where.password, "ssl": where.ssl}
+        self._auth = where.connection_options()
         self._known: list[Node] = list(where.nodes)
         self._stale = gevent.event.Event()
         self._stale.set()

@@ -120,7 +120,7 @@ def new_client(max_connections: int = 1, timeout: float | None = None, retries: 
     if where.kind == "single":
         pool = redis.BlockingConnectionPool.from_url(where.url, **pooling, **_options(timeout, retries))
         return redis.Redis(connection_pool=pool)
-    auth = {"username": where.username, "password": where.password, "ssl": where.ssl}
+    auth = where.connection_options()
     if where.kind == "cluster":
         options = _options(timeout, retries)
         return redis.RedisCluster(

@@ -63,10 +63,55 @@ def use_redis(url: str, namespaces: dict[str, dict] | None = None) -> Iterator[N
         refresh()
 
 
-def _redis(port: int, timeout: float = 2):
+def _redis(port: int, timeout: float = 2, **tls: Any):
     import redis
 
-    return redis.Redis(host=_HOST, port=port, socket_timeout=timeout, socket_connect_timeout=timeout)
+    return redis.Redis(host=_HOST, port=port, socket_timeout=timeout, socket_connect_timeout=timeout, **tls)
+
+
+class LocalTls:
+    """A throwaway CA and a certificate for 127.0.0.1 (made with ``openssl``), for TLS-only test servers.
+
+    ``redis-server`` is given :meth:`server_args`; clients trust the CA through
+    :attr:`client_options` (redis-py) or :attr:`query` (an ``OFFLOAD_REDIS_URL``).
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.ca, self.cert, self.key = (self.dir / name for name in ("ca.crt", "server.crt", "server.key"))
+        key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+        self._openssl("req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=test-ca")
+        self._openssl("req", *key, "-keyout", "server.key", "-out", "server.csr", "-subj", f"/CN={_HOST}")
+        (self.dir / "san.ext").write_text(f"subjectAltName=IP:{_HOST}\n")
+        self._openssl(
+            "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "server.crt", "-days", "2", "-extfile", "san.ext",
+        )  # fmt: skip
+
+    def _openssl(self, *args: str) -> None:
+        openssl = shutil.which("openssl")
+        if openssl is None:
+            raise RuntimeError("no openssl found: apt-get install openssl")
+        subprocess.run([openssl, *args], cwd=self.dir, check=True, capture_output=True, timeout=60)
+
+    def server_args(self) -> list[str]:
+        """TLS for clients (no client certificates asked) and for replication."""
+        return [
+            "--tls-cert-file", str(self.cert),
+            "--tls-key-file", str(self.key),
+            "--tls-ca-cert-file", str(self.ca),
+            "--tls-auth-clients", "no",
+            "--tls-replication", "yes",
+        ]  # fmt: skip
+
+    @property
+    def client_options(self) -> dict[str, Any]:
+        return {"ssl": True, "ssl_ca_certs": str(self.ca)}
+
+    @property
+    def query(self) -> str:
+        return f"?ssl_ca_certs={self.ca}"
 
 
 def _as_dict(reply) -> dict:
@@ -82,6 +127,17 @@ class _Processes:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.procs: dict[int, subprocess.Popen] = {}
         self.args: dict[int, list[str]] = {}
+        self.tls: LocalTls | None = None  # the nodes speak only TLS
+
+    def client(self, port: int, timeout: float = 2):
+        """A ``redis.Redis`` to the node on ``port`` (over TLS if the nodes speak it)."""
+        return _redis(port, timeout, **(self.tls.client_options if self.tls else {}))
+
+    def port_args(self, port: int) -> list[str]:
+        """redis-server's arguments for listening on ``port``: plain, or TLS only."""
+        if self.tls is None:
+            return ["--port", str(port)]
+        return ["--port", "0", "--tls-port", str(port), *self.tls.server_args()]
 
     def spawn(self, port: int, *args: str) -> None:
         node_dir = self.dir / str(port)
@@ -111,7 +167,7 @@ class _Processes:
         """Start a killed node again with its arguments (a cluster node keeps its nodes.conf)."""
         self.kill(port)
         self.procs[port] = subprocess.Popen(self.args[port], cwd=self.dir / str(port))
-        wait_for(lambda: _redis(port, 1).ping(), 10, f"redis-server on {port}")
+        wait_for(lambda: self.client(port, 1).ping(), 10, f"redis-server on {port}")
 
     def stop(self) -> None:
         for port in list(self.procs):
@@ -132,15 +188,24 @@ class LocalRedisCluster:
         node_timeout_ms: ``cluster-node-timeout``; a killed master's replica
             takes over about this long after the kill.
         directory: where the nodes keep their files (default: a new temp dir).
+        tls: every node speaks only TLS (clients, replication and the cluster bus), with a
+            throwaway CA (:class:`LocalTls`); :attr:`url` is then ``rediss+cluster://`` trusting it.
     """
 
     def __init__(
-        self, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 1000, directory: Path | None = None
+        self,
+        masters: int = 3,
+        replicas: int = 1,
+        node_timeout_ms: int = 1000,
+        directory: Path | None = None,
+        tls: bool = False,
     ) -> None:
         self.masters = masters
         self.replicas = replicas
         self.node_timeout_ms = node_timeout_ms
         self._procs = _Processes(directory, "offload-cluster-")
+        if tls:
+            self._procs.tls = LocalTls(self._procs.dir / "tls")
         self.ports: list[int] = []
 
     @property
@@ -150,7 +215,9 @@ class LocalRedisCluster:
     @property
     def url(self) -> str:
         """``OFFLOAD_REDIS_URL`` for this cluster (every node a seed)."""
-        return "redis+cluster://" + ",".join(f"{_HOST}:{port}" for port in self.ports) + "/"
+        tls = self._procs.tls
+        nodes = ",".join(f"{_HOST}:{port}" for port in self.ports)
+        return f"rediss+cluster://{nodes}/{tls.query}" if tls else f"redis+cluster://{nodes}/"
 
     def start(self) -> LocalRedisCluster:
         ports: set[int] = set()
@@ -160,9 +227,11 @@ class LocalRedisCluster:
         count = self.masters * (1 + self.replicas)
         self.ports, bus_ports = ordered[:count], ordered[count:]
         for port, bus in zip(self.ports, bus_ports, strict=True):
+            tls_bus = ["--tls-cluster", "yes"] if self._procs.tls else []
             self._procs.spawn(
                 port,
-                "--port", str(port),
+                *self._procs.port_args(port),
+                *tls_bus,
                 "--bind", _HOST,
                 "--cluster-enabled", "yes",
                 "--cluster-port", str(bus),
@@ -176,7 +245,7 @@ class LocalRedisCluster:
                 "--logfile", "redis.log",
             )  # fmt: skip
         for port in self.ports:
-            wait_for(lambda port=port: _redis(port, 1).ping(), 10, f"cluster node {port}")
+            wait_for(lambda port=port: self._procs.client(port, 1).ping(), 10, f"cluster node {port}")
         cli = shutil.which("redis-cli")
         if cli is None:
             raise RuntimeError("no redis-cli found: apt-get install redis-tools")
@@ -189,6 +258,7 @@ class LocalRedisCluster:
                 "--cluster-replicas",
                 str(self.replicas),
                 "--cluster-yes",
+                *(["--tls", "--cacert", str(self._procs.tls.ca)] if self._procs.tls else []),
             ],
             check=True,
             stdout=subprocess.DEVNULL,
@@ -198,8 +268,8 @@ class LocalRedisCluster:
         return self
 
     def node(self, port: int):
-        """A plain ``redis.Redis`` to one node (CLUSTER commands, KEYSLOT, INFO)."""
-        return _redis(port)
+        """A ``redis.Redis`` to one node (CLUSTER commands, KEYSLOT, INFO)."""
+        return self._procs.client(port)
 
     def live_ports(self) -> list[int]:
         return [p for p in self.ports if self._procs.alive(p)]
@@ -321,12 +391,19 @@ class LocalRedisSentinel:
         down_after_ms: ``down-after-milliseconds``: how long a dead master is
             waited for before the failover starts.
         directory: where the servers keep their files (default: a new temp dir).
+        tls: the master and the replica speak only TLS (to clients, to each other and to the
+            sentinels, which stay plain themselves), with a throwaway CA (:class:`LocalTls`);
+            :attr:`url` is then ``rediss+sentinel://`` trusting it.
     """
 
-    def __init__(self, service: str = "offload", down_after_ms: int = 1000, directory: Path | None = None) -> None:
+    def __init__(
+        self, service: str = "offload", down_after_ms: int = 1000, directory: Path | None = None, tls: bool = False
+    ) -> None:
         self.service = service
         self.down_after_ms = down_after_ms
         self._procs = _Processes(directory, "offload-sentinel-")
+        if tls:
+            self._procs.tls = LocalTls(self._procs.dir / "tls")
         self.data_ports: list[int] = []
         self.sentinel_ports: list[int] = []
 
@@ -337,7 +414,13 @@ class LocalRedisSentinel:
     @property
     def url(self) -> str:
         """``OFFLOAD_REDIS_URL`` for this service."""
-        return "redis+sentinel://" + ",".join(f"{_HOST}:{p}" for p in self.sentinel_ports) + f"/{self.service}"
+        tls = self._procs.tls
+        sentinels = ",".join(f"{_HOST}:{p}" for p in self.sentinel_ports)
+        return (
+            f"rediss+sentinel://{sentinels}/{self.service}{tls.query}"
+            if tls
+            else f"redis+sentinel://{sentinels}/{self.service}"
+        )
 
     def start(self) -> LocalRedisSentinel:
         ports: set[int] = set()
@@ -349,7 +432,7 @@ class LocalRedisSentinel:
             extra = ["--replicaof", _HOST, str(master)] if port == replica else []
             self._procs.spawn(
                 port,
-                "--port", str(port),
+                *self._procs.port_args(port),
                 "--bind", _HOST,
                 "--dir", str(self.dir / str(port)),
                 "--save", "",
@@ -359,8 +442,15 @@ class LocalRedisSentinel:
                 *extra,
             )  # fmt: skip
         for port in self.data_ports:
-            wait_for(lambda port=port: _redis(port, 1).ping(), 10, f"redis-server on {port}")
-        wait_for(lambda: _redis(replica).info("replication")["master_link_status"] == "up", 10, "replica in sync")
+            wait_for(lambda port=port: self.node(port).ping(), 10, f"redis-server on {port}")
+        wait_for(lambda: self.node(replica).info("replication")["master_link_status"] == "up", 10, "replica in sync")
+        tls = self._procs.tls
+        # the sentinels listen plain and speak TLS to the data nodes
+        tls_conf = (
+            f"tls-replication yes\ntls-cert-file {tls.cert}\ntls-key-file {tls.key}\ntls-ca-cert-file {tls.ca}\n"
+            if tls
+            else ""
+        )
         for port in self.sentinel_ports:
             conf = self.dir / f"sentinel-{port}.conf"
             conf.write_text(
@@ -368,7 +458,7 @@ class LocalRedisSentinel:
                 f"sentinel monitor {self.service} {_HOST} {master} 2\n"
                 f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}\n"
                 f"sentinel failover-timeout {self.service} 10000\n"
-                f"sentinel parallel-syncs {self.service} 1\n"
+                f"sentinel parallel-syncs {self.service} 1\n" + tls_conf
             )
             self._procs.spawn(port, str(conf), "--sentinel")
         self.wait_ready()
@@ -390,7 +480,8 @@ class LocalRedisSentinel:
         return next(p for p in self.data_ports if p != master)
 
     def node(self, port: int):
-        return _redis(port)
+        """A ``redis.Redis`` to a data node (over TLS if they speak it)."""
+        return self._procs.client(port)
 
     def wait_ready(self, timeout: float = 30) -> None:
         """Until every sentinel knows the master, one live replica and the two other sentinels."""
@@ -424,7 +515,7 @@ class LocalRedisSentinel:
 
         def promoted() -> int | None:
             port = self.master_port()
-            if port != old and _redis(port).info("replication")["role"] == "master":
+            if port != old and self.node(port).info("replication")["role"] == "master":
                 return port
             return None
 
@@ -443,7 +534,7 @@ class LocalRedisSentinel:
         self._procs.restart(port)
 
         def in_sync() -> bool:
-            info = _redis(port).info("replication")
+            info = self.node(port).info("replication")
             return info["role"] == "slave" and info["master_link_status"] == "up"
 
         wait_for(in_sync, timeout, f"{port} a replica in sync again")
