@@ -90,7 +90,8 @@ def run_ours(bench: Bench, k: dict, server) -> dict:
 
 
 def saturation(bench: Bench, k: dict, server, meter, clients: list, rate: int, first: int) -> dict:
-    """``offload.publish()`` at ``rate``/s while the probe (``clients[0]``) keeps timing the HTTP API."""
+    """A publisher process (:meth:`Bench.publisher`: ``offload.publish()``, or Redis PUBLISH for a Node.js anchor)
+    at ``rate``/s while the probe (``clients[0]``) keeps timing the HTTP API."""
     how = {"channel": CHANNEL, "rate": rate, "seconds": k["sat_seconds"], "first": first}
     pub = bench.publisher(server, f"{server.name}-sat-{rate}", **how)
     after = first + rate * int(k["sat_seconds"] + 1)  # the probe numbers its publishes after the publisher's
