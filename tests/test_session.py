@@ -215,3 +215,23 @@ def test_closing_leaves_the_hub():
     s.subscribe("public:b", None, None, now=0.0, limit=10)
     s.close()
     assert hub.subscribed == [] and s.cursors == {}
+
+
+def test_an_idle_session_keeps_only_its_cursors_and_shares_the_channel_names():
+    """Thousands of sessions per worker (issue 16): the name is one string in the process, and what a
+    subscription needs only until it is live (pending reply, history to read, live buffer) is gone once it is."""
+    sessions = [session()[0] for _ in range(2)]
+    names = ["".join(["public:", "shared"]) for _ in sessions]  # equal, distinct objects (as parsed per socket)
+    assert names[0] is not names[1]
+    for s, name in zip(sessions, names, strict=True):
+        s.subscribe(name, None, None, now=0.0, limit=10)
+        assert s._pending is not None
+        s.channel_ready(name)
+        s.step(now=0.0)
+    first, second = (next(iter(s.cursors)) for s in sessions)
+    assert first is second, "one string per channel name, not one per session"
+    for s in sessions:
+        cursor = s.cursors["public:shared"]
+        assert s._pending is None and s._needs_history is None and cursor.buffered == 0 and cursor.direct
+    sessions[0].channel_lost("public:shared")
+    assert not sessions[0].cursors["public:shared"].direct and sessions[1].cursors["public:shared"].direct

@@ -80,12 +80,21 @@ def make_entry(channel_json: bytes, message_id: bytes, data_json: bytes) -> Entr
     return Entry((int(ms), int(seq)), text, frame_text(text))
 
 
+class _LiveBuffer(list):
+    """Live messages kept while a cursor syncs, and their frames' total size."""
+
+    __slots__ = ("size",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.size = 0
+
+
 class ChannelCursor:
     """Orders and de-duplicates one channel's messages for one connection."""
 
     __slots__ = (
         "_buffer",
-        "_buffered_bytes",
         "_max_buffer",
         "direct",
         "dropped",
@@ -99,8 +108,7 @@ class ChannelCursor:
         self.state = CursorState.SYNCING
         #: Id of the newest message emitted (or the resume point).
         self.last: StreamId | None = last
-        self._buffer: list[Entry] | None = None  # live messages while syncing (made at the first)
-        self._buffered_bytes = 0
+        self._buffer: _LiveBuffer | None = None  # live messages while syncing (made at the first)
         self._max_buffer = max_buffer_bytes
         #: The hub writes this channel's live messages straight to the socket (set by the session).
         self.direct = False
@@ -119,14 +127,14 @@ class ChannelCursor:
         """A live message arrived. Returns what to send now (0 or 1 entry)."""
         if self.state is CursorState.SYNCING:
             size = len(entry.frame)
-            if self._buffered_bytes + size > self._max_buffer:
-                self._buffer = None  # history holds them all: re-read instead of keeping them
-                self._buffered_bytes = 0
+            buffer = self._buffer
+            if (0 if buffer is None else buffer.size) + size > self._max_buffer:
+                buffer = None  # history holds them all: re-read instead of keeping them
                 self.dropped += 1
-            if self._buffer is None:
-                self._buffer = []
-            self._buffer.append(entry)
-            self._buffered_bytes += size
+            if buffer is None:
+                self._buffer = buffer = _LiveBuffer()
+            buffer.append(entry)
+            buffer.size += size
             return []
         return self._admit(entry)
 
@@ -165,7 +173,6 @@ class ChannelCursor:
         for entry in self._buffer or ():
             out.extend(self._admit(entry))
         self._buffer = None
-        self._buffered_bytes = 0
         self.state = CursorState.LIVE
         return out
 

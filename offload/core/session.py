@@ -43,6 +43,7 @@ Subscription lifecycle (per channel)::
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -203,6 +204,8 @@ class ChannelSession:
             return False
         if len(self.cursors) >= limit:
             raise LimitExceeded(f"at most {limit} subscriptions per connection", code="too_many_subscriptions")
+        # Thousands of sessions keep the same few names: one string each in the process.
+        channel = sys.intern(channel)
         self.cursors[channel] = ChannelCursor(since, self._max_buffer)
         if self._pending is None:
             self._pending = {}

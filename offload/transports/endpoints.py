@@ -10,6 +10,7 @@ session's websocket transport.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from typing import Any
 
@@ -97,10 +98,13 @@ class ChannelsEndpoint(Endpoint):
     def subscribe_failed(self, channel: str, ref: Any, code: str, reason: str) -> None:
         self.ws.send_text(error_text(code, reason, ref, channel))
 
-    # -- websocket hooks (connection greenlet) ----------------------------------
+    # -- websocket hooks (the connection's turns) --------------------------------
 
     def on_open(self) -> None:
         self.session.open()
+        query = self.ws.query
+        if "channel" in query:  # the worker's one string per name (the session interns it): not one per socket
+            query["channel"] = [sys.intern(name) for name in query["channel"]]
         since = self.ws.query.get("since", [None])[-1]
         subscriptions, unreadable = query_subscriptions(
             self.ws.query.get("channel", []), self.ws.query.get("sub_token", [])
