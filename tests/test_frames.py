@@ -3,6 +3,9 @@
 import struct
 
 import pytest
+from wsproto import ConnectionType
+from wsproto.connection import Connection
+from wsproto.events import Ping
 
 from offload.core.frames import (
     BinaryReceived,
@@ -112,10 +115,6 @@ def test_every_frame_is_an_event_and_parsing_stops_when_the_caller_does():
 def test_the_parser_is_held_only_while_a_frame_or_message_is_incomplete():
     """Most sockets only send pongs: their wsproto connection exists while client bytes are being parsed,
     and the server's pings without it are the bytes wsproto writes."""
-    from wsproto import ConnectionType
-    from wsproto.connection import Connection
-    from wsproto.events import Ping
-
     reader = FrameReader(100)
     for payload in (b"", b"1712345678901", b"x" * 125):
         assert reader.ping(payload) == Connection(ConnectionType.SERVER).send(Ping(payload=payload))
