@@ -1,11 +1,7 @@
 """The skeleton every scenario runs on: servers, helper processes, measuring windows, collection.
 
-A scenario is a sequence of *windows*: the subscriber clients open one,
-something publishes, the window closes and every client is told which
-publishes it must have received; CPU per process group is read at the
-window's edges. ``Bench`` owns every server and process it started and stops
-them (by pid) on every way out; each Channels setup runs in a
-:meth:`Bench.scope` of its own, so one broken setup loses nothing else.
+``Bench`` owns every server and process it started and stops them (by pid) on every way out; each anchor runs
+in a :meth:`Bench.scope` of its own, so one broken setup loses nothing else (windows: ``bench/README.md``).
 """
 
 from __future__ import annotations

@@ -1,17 +1,10 @@
 """``python -m bench.publisher CONFIG_JSON`` (project .venv): ``offload.publish()`` from a Django process.
 
-The bench publishes from Python through the library itself (pooled Redis
-client, Lua script, idempotency token) with the project's own settings, as a
-view or a task does: it measures what users run and keeps no copy of the
-publish code. ``mode`` ``gevent``: greenlets after monkey-patching, as views
-run in the project's uWSGI workers; ``threads``: OS threads, as in a threaded
-server or a task runner. Each caller publishes once to ``public:warmup``
-before ``ready`` (connections and script loaded); then ``bench.publoop``'s
-protocol. ``call`` ``presence_count``: each call is ``offload.presence_count()``
-of the channel instead (``settings``: a settings module that declares it).
-With ``prefix`` (a Node.js anchor's), each call PUBLISHes on Redis the
-envelope the anchor's own publish view would, the way a Django app beside
-Node.js hands it a message.
+Through the library itself (pooled Redis client, Lua script, idempotency token) with the project's settings, as a
+view or a task does: it measures what users run and keeps no copy of the publish code. ``mode`` ``gevent``:
+greenlets after monkey-patching, as the project's uWSGI views run; ``threads``: OS threads (a threaded server, a
+task runner). ``call`` ``presence_count``: ``offload.presence_count()`` instead; with ``prefix`` (a Node.js anchor),
+Redis PUBLISH of the envelope its publish view builds, as a Django app beside Node.js would.
 """
 
 from __future__ import annotations
@@ -31,7 +24,7 @@ def main(cfg: dict) -> None:
 
     names, callers = spread.names(cfg), int(cfg["concurrency"])
     call, warm = (node_calls if "prefix" in cfg else offload_calls)(cfg, names)
-    publoop.run_threads(publoop.PublishRun(count=callers), warm, callers)
+    publoop.run_threads(publoop.PublishRun(count=callers), warm, callers)  # connections and script ready
     publoop.ready_then_go()
     run = publoop.PublishRun(int(cfg["first"]), float(cfg["seconds"]), cfg.get("rate"))
     publoop.run_threads(run, call, callers)

@@ -1,13 +1,9 @@
 """One publisher run, whoever publishes (stdlib only: every environment of the bench imports it).
 
-The HTTP publishes and view probes of the load client, ``offload.publish()``
-(``bench/publisher.py``) and ``group_send`` (``channels_anchor/publisher.py``)
-all go through :class:`PublishRun`, so each is numbered, paced, timed and
-reported the same way. Without a rate, callers call as fast as they can
-(closed loop: throughput); with one, number ``n`` is due at ``n / rate`` s
-(open loop, at most ``callers`` in flight: a stalled server shows as latency,
-not as fewer samples). Publisher processes say ``ready``, wait for ``go``,
-print one ``result`` and exit at EOF, after the orchestrator read their CPU.
+The HTTP publishes and view probes of the load client, ``offload.publish()`` (``bench/publisher.py``) and
+``group_send`` (``channels_anchor/publisher.py``) all go through :class:`PublishRun`, so each is numbered, paced,
+timed and reported the same way. Open loop (a ``rate``): number ``n`` is due at ``n / rate`` s with at most
+``callers`` in flight, so a stalled server shows as latency, not as fewer samples; closed loop: throughput.
 """
 
 from __future__ import annotations

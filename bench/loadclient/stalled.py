@@ -1,14 +1,7 @@
 """Websockets that stop reading once subscribed, watched from the kernel's side (slow consumers).
 
-``stall`` opens ``count`` websockets with a small ``SO_RCVBUF`` and stops
-reading after the server's ``subscribed``. Every ``poll_s`` it asks the kernel
-(sock_diag) about the *server's* end of each connection: the bytes held for
-it, and when it leaves ESTABLISHED (the server closed it), which a client
-that does not read cannot see. A witness socket reads normally and counts
-messages: the first ``returning`` sockets read again ``resume_after`` messages
-after their server-side buffer stopped growing (inside the server's 2 s
-closing grace) to see the close frame; the others only after the server
-closed its end. ``release`` reports each socket and closes them.
+A client that does not read cannot see the server close its end, so the kernel is asked (sock_diag) about the
+server's end of each connection; the steps and the returning sockets are in ``bench/README.md`` (backpressure).
 """
 
 from __future__ import annotations

@@ -1,15 +1,7 @@
 """The measuring client: websocket subscribers, plus the HTTP publisher and the view probe when asked.
 
-Works against the project and the Channels anchor alike. Subscriber ``i``
-listens on channel ``i % C``; every publish, whoever sends it, carries
-``{"t": ns, "seq": g}`` (``bench/spread.py``), so a delivery's latency is its
-arrival minus ``t`` (one clock: same machine) and lost/duplicate deliveries
-are counted per subscriber. Commands: ``open``/``close`` a window (``closed``
-says which publishes this process made in it), ``publish`` over HTTP (open
-loop at ``rate``/s or ``streams`` closed-loop streams, for ``seconds`` or
-until ``stop``; ``published`` with the result), ``expect`` the publishes of
-a window, ``ping`` (``pong``: deliveries so far and expected, a backlog
-shows), ``stop`` (``summary`` of every window after ``drain_s``).
+Works against ours and every anchor alike; the numbering that lets it count latency, loss and duplicates per
+subscriber whoever published is ``bench/spread.py``'s. Its commands are in :meth:`Client.handle` and :func:`run`.
 """
 
 from __future__ import annotations

@@ -19,9 +19,8 @@ from ..stats import median_merge, ratio, spread
 PREFIX = "BACKPRESSURE_"
 # what each knob means: the scenario's table in bench/README.md
 KNOBS = dict(fast=(1000, 100), stalled=(10, 10), returning=(5, 5), seconds=(20.0, 20.0), repeats=(2, 1))
-KNOBS.update(
-    rate=(20.0, 20.0), payload=(16384,) * 2, queue=(50, 50), rcvbuf=(4096, 4096), warmup=(3.0, 3.0), pause=(2.0, 2.0)
-)
+KNOBS.update(rate=(20.0, 20.0), payload=(16384,) * 2, queue=(50, 50), rcvbuf=(4096, 4096))
+KNOBS.update(warmup=(3.0, 3.0), pause=(2.0, 2.0))
 CHANNEL, TARGET = "public:backpressure", 1.5
 #: worker RSS in a stalled window may exceed the baseline's max by one queue of frames plus this (MiB)
 RSS_SLACK_MIB = 4.0
@@ -169,22 +168,19 @@ def _stalled(get):
     return lambda w: get(w["stalled"]) if "stalled" in w else "—"
 
 
-RSS = (
-    "worker RSS start / max / end MiB",
-    lambda w: " / ".join(cell(w["rss"][f"{x}_mib"]) for x in ("start", "max", "end")),
-)
+def _rss(w: dict) -> str:
+    return " / ".join(cell(w["rss"][f"{x}_mib"]) for x in ("start", "max", "end"))
+
+
+RSS = ("worker RSS start / max / end MiB", _rss)
 CLOSED = ("stalled closed by server", _stalled(lambda s: f"{s['closed_by_server']} / {s['wanted']}"))
 COLUMNS = [*report.latency(prefix="fast "), report.DELIVERIES, report.LOST, report.API_P99, RSS, CLOSED]
 COLUMNS += [("closed after s (min / median / max)", _stalled(lambda s: _spread(s["dropped_s"])))]
 COLUMNS += [report.cpu("server"), report.cpu("fast client"), report.cpu("Redis"), report.cpu("other"), report.LAG]
 STALLED_ROWS = [("sockets", lambda g: g["subscribed"]), ("closed in the window", lambda g: g["closed_by_server"])]
-for title, f in (
-    ("server kernel buffer full", "kernel_full"),
-    ("read again", "resumed"),
-    ("close frame read", "close_frame"),
-):
-    STALLED_ROWS.append((f"{title} after s", lambda g, f=f: _spread(g[f"{f}_s"])))
-STALLED_ROWS.append(("server closed its end after s", lambda g: _spread(g["dropped_s"])))
+AFTER = {"server kernel buffer full": "kernel_full_s", "read again": "resumed_s", "close frame read": "close_frame_s"}
+AFTER["server closed its end"] = "dropped_s"
+STALLED_ROWS += [(f"{title} after s", lambda g, f=f: _spread(g[f])) for title, f in AFTER.items()]
 STALLED_ROWS += [("how their stream ended", lambda g: ", ".join(f"{e}: {n}" for e, n in g["endings"].items()))]
 TEXT = """one uWSGI worker (gevent), embedded Redis, `OFFLOAD_MAX_QUEUED_BYTES={queue_bytes}` ({queue} messages).
 {fast} fast subscribers on `{channel}`, {rate} messages/s of {payload} bytes through `POST /api/publish/`; stalled
@@ -203,9 +199,8 @@ def markdown(results: dict) -> str:
     b, st = s["baseline"], s["stalled"]
     medians = {f"{x[:4]}_{q}": s[x][q] for x in ("baseline", "stalled") for q in ("p50", "p99")}
     medians.update(base_rss=b["rss"]["max_mib"], stalled_rss=st["rss"]["max_mib"], p99_ratio=s["p99_ratio"])
-    text = report.fill(
-        TEXT, k, channel=CHANNEL, queue_bytes=results["server_env"]["OFFLOAD_MAX_QUEUED_BYTES"], **medians
-    )
+    medians.update(channel=CHANNEL, queue_bytes=results["server_env"]["OFFLOAD_MAX_QUEUED_BYTES"])
+    text = report.fill(TEXT, k, **medians)
     lines = [*report.heading(results, "Slow-consumer benchmark", text)]
     lines += [report.columns_table(COLUMNS, list(results["windows"].items())), ""]
     groups = [(g, lambda get, x=x: get(x)) for g, x in s["groups"].items()]

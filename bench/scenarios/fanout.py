@@ -146,13 +146,8 @@ def _best_sat(ours: dict) -> dict:
 def _figures(sat: dict, small: dict, rss: dict) -> dict:
     """What ours and each anchor are compared on: deliveries/s and server µs per delivery at saturation,
     p99 of the fixed-rate window with ``small`` sockets, RSS per idle socket at ``small`` sockets."""
-    b = sat["broadcast"]
-    return {
-        "deliveries": b["deliveries_per_s"],
-        "cpu": sat["server_us_per_delivery"],
-        "p99": small["broadcast"]["p99"],
-        "rss": rss["per_socket_kib"],
-    }
+    cpu, rss = sat["server_us_per_delivery"], rss["per_socket_kib"]
+    return dict(deliveries=sat["broadcast"]["deliveries_per_s"], cpu=cpu, p99=small["broadcast"]["p99"], rss=rss)
 
 
 def compare(results: dict) -> dict:
@@ -196,11 +191,16 @@ def metrics_cost(results: dict) -> float | None:
     """How much more server CPU per delivery ours takes in the saturation steps with metrics on (the default)
     than with ``OFFLOAD_METRICS=0``, in %: the median over the steps of on / off at the same rate (one step alone
     swings by tens of % on a shared box)."""
-    on, off = results["ours"]["windows"], results.get("metrics_off", {}).get("windows", {})
+    on, off = results["ours"]["windows"], _off(results)
     steps = [n for n in off if n.startswith("sat_") and n in on]
     ratios = [ratio(on[n]["server_us_per_delivery"], off[n]["server_us_per_delivery"], 4) for n in steps]
     ratios = [x for x in ratios if x]
     return round(100 * (statistics.median(ratios) - 1), 1) if ratios else None
+
+
+def _off(results: dict) -> dict:
+    """The windows of the ``OFFLOAD_METRICS=0`` server (none when ``metrics_off`` was 0)."""
+    return results.get("metrics_off", {}).get("windows", {})
 
 
 def _kernel_pct(group: dict) -> float | None:
@@ -236,8 +236,7 @@ def _rows(results: dict) -> list[tuple[str, dict]]:
     k, w = results["knobs"], results["ours"]["windows"]
     rows = [(f"ours, {k['small']:,} sockets x {k['rate']:g}/s (HTTP API)", w["fanout_small"])]
     rows += _saturation_rows(k, "ours", w, "offload.publish()")
-    off = results.get("metrics_off", {}).get("windows", {})
-    rows += _saturation_rows(k, "ours, metrics off", off, "offload.publish()")
+    rows += _saturation_rows(k, "ours, metrics off", _off(results), "offload.publish()")
     rows.append((f"ours, {k['large']:,} sockets x {k['rate']:g}/s (HTTP API)", w["fanout_large"]))
     rows.append((f"ours, {k['storm']:,} sockets x {k['rate']:g}/s (offload.publish())", w["fanout_storm"]))
     for combo, a in results["anchors"].items():
@@ -305,21 +304,14 @@ def plot(results: dict) -> dict:
     sat = {title.split(" (")[0].replace("saturation: ", ""): w for title, w in rows if "saturation" in title}
     panels = [report.cdf(f"fan-out latency at {results['knobs']['rate']:g} msgs/s", fixed)]
     panels.append(report.bars_of("saturation", "deliveries/s (log)", sat, lambda w: w["broadcast"]["deliveries_per_s"]))
-    panels.append(
-        report.bars_of("server CPU per delivery, saturated", "µs (log)", sat, lambda w: w["server_us_per_delivery"])
-    )
-    return {
-        "title": f"fan-out {results['started']}: ours (blue) vs Django Channels 4 and Node.js (red)",
-        "panels": panels,
-    }
+    cpu = report.bars_of("server CPU per delivery, saturated", "µs (log)", sat, lambda w: w["server_us_per_delivery"])
+    title = f"fan-out {results['started']}: ours (blue) vs Django Channels 4 and Node.js (red)"
+    return {"title": title, "panels": [*panels, cpu]}
 
 
 def warnings(results: dict) -> list[str]:
     out = [f"{c}: failed: {a['error'][:300]}" for c, a in results["anchors"].items() if "error" in a]
-    every = [
-        ("ours", results["ours"]["windows"]),
-        ("ours, metrics off", results.get("metrics_off", {}).get("windows", {})),
-    ]
+    every = [("ours", results["ours"]["windows"]), ("ours, metrics off", _off(results))]
     every += [(c, a.get("windows", {})) for c, a in results["anchors"].items()]
     for label, windows in every:
         for n, w in windows.items():  # losses of saturation steps and of Channels are figures, not doubts

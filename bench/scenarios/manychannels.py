@@ -15,17 +15,18 @@ PREFIX = "MC_"
 # what each knob means: the scenario's table in bench/README.md
 KNOBS = dict(subscribers=(10000, 1000), channels=(1000, 100), rate=(1.0, 1.0), seconds=(10.0, 5.0))
 KNOBS.update(api_rate=(250.0, 25.0), api_seconds=(10.0, 5.0), connect_concurrency=(200, 200), drain=(20.0, 20.0))
-KNOBS.update(anchors=(list(COMBINATIONS),) * 2, anchor_subscribers=(0, 0), anchor_api=(0, 0))
+KNOBS.update(anchors=(list(COMBINATIONS),) * 2)
 
 
 def run(bench: Bench, k: dict) -> dict:
-    nofile, total, n = raise_nofile(), k["rate"] * k["channels"], k["anchor_subscribers"] or k["subscribers"]
+    nofile, total, n = raise_nofile(), k["rate"] * k["channels"], k["subscribers"]
     bench.step("[ours] starting uWSGI (1 worker)")
     server = bench.server("ours", SERVER_ENV)
-    redis, api = server.pids("redis"), bool(k["anchor_api"] and k["api_seconds"])
-    ours = with_target(bench, k, server, k["subscribers"], redis, total, bool(k["api_seconds"]))
+    redis, steps = server.pids("redis"), {"publish": (k["seconds"], "pub", {"rate": total, "concurrency": 64})}
+    api = {"api": (k["api_seconds"], "http", {"rate": k["api_rate"]})} if k["api_seconds"] else {}
+    ours = windows_of(bench, k, server, redis, n, {**steps, **api})
     ours["counters"] = server.counters()
-    anchors = bench.anchors(k["anchors"], server.redis_url, lambda a: with_target(bench, k, a, n, redis, total, api))
+    anchors = bench.anchors(k["anchors"], server.redis_url, lambda a: windows_of(bench, k, a, redis, n, steps))
     results = {"rlimit_nofile": nofile, "ours": ours, "channels": anchors}
     results["comparison"], w = compare(results), ours["windows"]["publish"]["broadcast"]
     items = {f"p99, {ours['sockets']:,} sockets over {k['channels']:,} channels (ms)": (w["p99"], "<=", 50)}
@@ -34,25 +35,27 @@ def run(bench: Bench, k: dict) -> dict:
     return {**results, "verdict": report.verdict(items)}
 
 
-def with_target(bench: Bench, k: dict, target, n: int, redis: list[int], rate: float, api: bool) -> dict:
-    """Connect ``n`` subscribers to ``target``; the publisher window at ``rate``; the HTTP window if ``api``."""
-    meter = bench.meter(target, redis)
+def windows_of(bench: Bench, k: dict, target, redis: list[int], n: int, steps: dict) -> dict:
+    """Connect ``n`` subscribers to ``target`` over ``channels`` channels, then each step alone, drained after.
+    ``steps``: ``{window: (seconds, via, how)}``, via ``pub`` (a publisher process, ``how`` its config) or ``http``
+    (an HTTP client publishing at ``rate`` or in ``streams``; also the publish scenario's)."""
+    meter, first, windows = bench.meter(target, redis), 0, {}
     with bench.scope():
         bench.step(f"[{target.name}] connecting {n:,} over {k['channels']:,} channels")
-        how = {"connect_concurrency": k["connect_concurrency"], "connect_timeout": 10.0, "channels": k["channels"]}
-        (subs,), out = bench.connect(target, target.name, n, **how)
-        bench.step(f"[{target.name}] {rate:,.0f} publishes/s over {k['channels']:,} channels (a publisher process)")
-        how = {"channels": k["channels"], "rate": rate, "seconds": k["seconds"], "first": 0, "concurrency": 64}
-        pub = bench.publisher(target, target.name, **how)
-        windows = {"publish": bench.window(meter, "publish", [subs], k["seconds"], pub=pub)}
-        windows["publish"]["drain_s"] = bench.drain([subs], k["drain"])
-        if api:
-            bench.step(f"[{target.name}] {k['api_rate']:,.0f} publishes/s through the HTTP API")
-            http = bench.subscribers(target, f"{target.name}-http", 0, "publisher", channels=k["channels"])
-            http.wait("ready", 60)
-            how = {"first": windows["publish"]["next"], "rate": k["api_rate"]}
-            windows["api"] = bench.window(meter, "api", [subs], k["api_seconds"], http=http, **how)
-            windows["api"]["drain_s"] = bench.drain([subs], k["drain"])
+        how = {"connect_concurrency": k.get("connect_concurrency", 100), "connect_timeout": 10.0}
+        (subs,), out = bench.connect(target, target.name, n, channels=k["channels"], **how)
+        for name, (seconds, via, how) in steps.items():
+            bench.step(f"[{target.name}] {name}, {seconds:g} s, {via}: {how}")
+            if via == "http":
+                http = bench.subscribers(target, f"{target.name}-{name}", 0, "publisher", channels=k["channels"])
+                http.wait("ready", 60)
+                w = bench.window(meter, name, [subs], seconds, http=http, first=first, **how)
+                bench.stop(http)
+            else:
+                how = {**how, "channels": k["channels"], "seconds": seconds, "first": first}
+                pub = bench.publisher(target, f"{target.name}-{name}", **how)
+                w = bench.window(meter, name, [subs], seconds, pub=pub)
+            w["drain_s"], first, windows[name] = bench.drain([subs], k["drain"]), w["next"], w
         out["misrouted"] = bench.collect([subs], windows)["misrouted"]
     return {**out, "windows": windows}
 
@@ -63,11 +66,8 @@ def compare(results: dict) -> dict:
     ok = {combo: a for combo, a in results["channels"].items() if "windows" in a}
     if not ok:
         return {}
-    delivered = {  # the setup that delivered the most
-        c: a["windows"]["publish"]["broadcast"]["expected"] - a["windows"]["publish"]["broadcast"]["lost"]
-        for c, a in ok.items()
-    }
-    ours, best = results["ours"], max(ok, key=delivered.get)
+    delivered = {c: a["windows"]["publish"]["broadcast"] for c, a in ok.items()}
+    ours, best = results["ours"], max(ok, key=lambda c: delivered[c]["expected"] - delivered[c]["lost"])
     o, t = ours["windows"]["publish"], ok[best]["windows"]["publish"]
     us = min(a["windows"]["publish"]["server_us_per_delivery"] or 1e12 for a in ok.values())
     kib = min(a["idle_rss"]["per_socket_kib"] or 1e12 for a in ok.values())

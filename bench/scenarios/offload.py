@@ -123,17 +123,11 @@ LATENCY_ROWS = [  # (title, figure of a window)
     ("view probes (failed)", lambda w: f"{w['view']['n']} ({sum(w['view']['failed'].values())})"),
     ("client loop lag p99 (ms)", lambda w: w["client_loop_lag"]["p99"]),
 ]
-LOAD_ROWS = [
-    (title, lambda w, key=key: w["load"][key])
-    for title, key in (
-        ("downloads in flight, min", "downloads_in_flight_min"),
-        ("download throughput (MiB/s)", "download_mb_per_s"),
-        ("tasks progressing", "tasks_progressing"),
-        ("task progress messages", "task_progress_events"),
-        ("download requests (200)", "download_requests"),
-        ("... of them offloaded (uWSGI stats)", "offloaded_requests"),
-    )
-] + [("worker RSS at end (MiB)", lambda w: w["server"]["after"].get("worker_rss_mb"))]
+LOAD = {"downloads in flight, min": "downloads_in_flight_min", "download throughput (MiB/s)": "download_mb_per_s"}
+LOAD.update({"tasks progressing": "tasks_progressing", "task progress messages": "task_progress_events"})
+LOAD["download requests (200)"], LOAD["... of them offloaded (uWSGI stats)"] = "download_requests", "offloaded_requests"
+LOAD_ROWS = [(title, lambda w, key=key: w["load"][key]) for title, key in LOAD.items()]
+LOAD_ROWS.append(("worker RSS at end (MiB)", lambda w: w["server"]["after"].get("worker_rss_mb")))
 
 
 def _columns(summary: dict, ratios: bool = True) -> list[tuple]:

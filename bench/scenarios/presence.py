@@ -139,10 +139,8 @@ def _wait_count(server, channel: str, n: int) -> None:
 
 CPU = {"worker": "server", "Redis": "Redis"}  # row name: the CPU group
 STORM_ROWS = [(f"connect {q} (ms)", lambda s, q=q: s["connect_ms"][q]) for q in ("p50", "p90", "p99", "max")]
-STORM_ROWS += [
-    ("all connected (s)", lambda s: s["connect_s"]),
-    ("retries", lambda s: sum(s["connect_errors"].values())),
-]
+STORM_ROWS.append(("all connected (s)", lambda s: s["connect_s"]))
+STORM_ROWS.append(("retries", lambda s: sum(s["connect_errors"].values())))
 STORM_ROWS += [(f"{g} CPU per connect (ms)", lambda s, k=k: s["ms_per_connect"][k]) for g, k in CPU.items()]
 QUERIES = {"`members`, page of 100": "ws_page_100", "`members`, count only (limit 0)": "ws_page_0"}
 QUERIES["`offload.presence_count()` (Python)"] = "python_count"
@@ -162,18 +160,11 @@ def markdown(results: dict) -> str:
     lines = [*report.heading(results, "Presence benchmark", report.fill(TEXT, k))]
     columns = [(TITLES[mode], lambda get, mode=mode: get(s[mode])) for mode in MODES]
     columns.append(("on / off", lambda get: ratio(get(s["on"]), get(s["off"]))))
-    lines += [
-        report.grid("connect storm", STORM_ROWS, columns),
-        "",
-        report.fill(AT_SCALE, k, **scale, by_key=str(scale["by_key_b"])),
-        "",
-    ]
+    lines += [report.grid("connect storm", STORM_ROWS, columns), ""]
+    lines += [report.fill(AT_SCALE, k, **scale, by_key=str(scale["by_key_b"])), ""]
     rows = [[name, *(report.cell(scale[key][q]) for q in ("p50", "p99", "max"))] for name, key in QUERIES.items()]
-    lines += [
-        report.table(["query", "p50 ms", "p99 ms", "max ms"], rows),
-        "",
-        report.fill(LEAVE, k, **results["leave"]),
-    ]
+    lines += [report.table(["query", "p50 ms", "p99 ms", "max ms"], rows), ""]
+    lines.append(report.fill(LEAVE, k, **results["leave"]))
     return "\n".join([*lines, *report.closing(results)]) + "\n"  # no verdict: the warnings, if any
 
 

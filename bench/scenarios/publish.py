@@ -9,7 +9,7 @@ from .. import report
 from ..channels_anchor.server import COMBINATIONS
 from ..harness import SERVER_ENV, Bench, raise_nofile
 from ..stats import ratio
-from .manychannels import setup_warnings, setups
+from .manychannels import setup_warnings, setups, windows_of
 
 PREFIX = "PUB_"
 # what each knob means: the scenario's table in bench/README.md
@@ -21,39 +21,16 @@ CHANNELS_HTTP = "HTTP publish view (async, group_send)"
 
 
 def run(bench: Bench, k: dict) -> dict:
-    nofile = raise_nofile()
+    nofile, n, c, s = raise_nofile(), k["subscribers"], k["concurrency"], k["seconds"]
     bench.step("[ours] starting uWSGI (1 worker)")
     server = bench.server("ours", SERVER_ENV)
-    redis = server.pids("redis")
-    ours = paths(bench, k, server, redis, [f"py_{mode}" for mode in k["py_modes"]] + ["http"])
-    anchors = bench.anchors(k["anchors"], server.redis_url, lambda a: paths(bench, k, a, redis, ["http", "group_send"]))
+    redis, http = server.pids("redis"), {"http": (s, "http", {"streams": c})}
+    py = {f"py_{mode}": (s, "pub", {"mode": mode, "concurrency": c}) for mode in k["py_modes"]}  # greenlets, threads
+    ours = windows_of(bench, k, server, redis, n, {**py, **http})
+    theirs = {**http, "group_send": (s, "pub", {"concurrency": c})}
+    anchors = bench.anchors(k["anchors"], server.redis_url, lambda a: windows_of(bench, k, a, redis, n, theirs))
     results = {"rlimit_nofile": nofile, "ours": ours, "channels": anchors, "verdict": {}}  # no target: figures, ratios
     return {**results, "comparison": compare(results)}
-
-
-def paths(bench: Bench, k: dict, target, redis: list[int], names: list[str]) -> dict:
-    """Connect the subscribers to ``target``, then run each publish path alone, drained after."""
-    meter, n, first = bench.meter(target, redis), k["concurrency"], 0
-    with bench.scope():
-        bench.step(f"[{target.name}] connecting {k['subscribers']:,} over {k['channels']:,} channels")
-        how = {"channels": k["channels"], "connect_timeout": 10.0}
-        (subs,), out = bench.connect(target, target.name, k["subscribers"], **how)
-        windows = {}
-        for name in names:
-            bench.step(f"[{target.name}] {name}, {n} callers")
-            how = {"channels": k["channels"], "concurrency": n, "seconds": k["seconds"], "first": first}
-            if name == "http":
-                http = bench.subscribers(target, f"{target.name}-http", 0, "publisher", channels=k["channels"])
-                http.wait("ready", 60)
-                windows[name] = bench.window(meter, name, [subs], k["seconds"], http=http, first=first, streams=n)
-                bench.stop(http)
-            else:  # py_gevent, py_threads: offload.publish() called from greenlets or threads; or group_send
-                mode = {"mode": name[3:]} if name.startswith("py_") else {}
-                pub = bench.publisher(target, f"{target.name}-{name}", **how, **mode)
-                windows[name] = bench.window(meter, name, [subs], k["seconds"], pub=pub)
-            windows[name]["drain_s"], first = bench.drain([subs], k["drain"]), windows[name]["next"]
-        out["misrouted"] = bench.collect([subs], windows)["misrouted"]
-    return {**out, "windows": windows}
 
 
 def _rate(w: dict) -> float:
@@ -73,12 +50,8 @@ def compare(results: dict) -> dict:
             x["ours_deliveries"], x["channels_deliveries"] = (w["broadcast"]["deliveries_per_s"] for w in (o, t))
             x["throughput_ratio"] = ratio(_rate(o), _rate(t))
             x["deliveries_ratio"] = ratio(x["ours_deliveries"], x["channels_deliveries"])
-            x.update(
-                {
-                    f"{q}_ratio": ratio(t["publisher"]["latency"][q], o["publisher"]["latency"][q])
-                    for q in ("p50", "p99")
-                }
-            )
+            for q in ("p50", "p99"):
+                x[f"{q}_ratio"] = ratio(t["publisher"]["latency"][q], o["publisher"]["latency"][q])
     return out
 
 
