@@ -1,12 +1,15 @@
-"""Servers ours is compared with, one process each on a free port.
+"""Servers ours is compared with, one process each on a free port: Django Channels 4 and Node.js.
 
 :class:`AnchorServer` starts one (its own session and log, a fresh Redis
 key prefix per start so leftovers of an earlier run cost nothing), waits
 until ``GET /probe/`` answers and stops only that pid. Every anchor speaks
 the part of ``docs/protocol.md`` the load client uses: ``/ws/?channel=C``
 (or Socket.IO's path), the ``subscribed`` reply, ``message`` envelopes and
-``POST /api/publish/<channel>`` with a bearer key. The Channels setups are
-in ``channels_anchor/server.py``; :class:`NodeServer` runs ``node/server.js``.
+``POST /api/publish/<channel>`` with a bearer key.
+
+Worth knowing when reading Channels' results: the core layer drops whole
+broadcasts, silently, once 100 group messages wait for one server process
+(``capacity``); the pubsub layer never drops, its per-socket queues grow instead.
 """
 
 from __future__ import annotations
@@ -24,8 +27,12 @@ from offload.testing import WaitTimeout, free_port, wait_for
 from .clients import end
 
 NODE_DIR = Path(__file__).resolve().parent / "node"
+CHANNELS_DIR = Path(__file__).resolve().parent / "channels_anchor"
 #: the Node.js anchors: ``ws`` 8 and Socket.IO 4, each with an ioredis subscriber
 NODE_ANCHORS = ("node-ws", "node-socketio")
+#: every Channels setup the comparison runs, in a stable order: ``<server>-<layer>``
+COMBINATIONS = ("uvicorn-pubsub", "uvicorn-core", "daphne-pubsub", "daphne-core")
+LAYER_NAMES = {"core": "RedisChannelLayer", "pubsub": "RedisPubSubChannelLayer"}
 
 
 class AnchorServer:
@@ -94,3 +101,23 @@ class NodeServer(AnchorServer):
         if not (NODE_DIR / "node_modules").is_dir() or not shutil.which("node"):
             raise RuntimeError("Node.js anchors need node and `npm ci --prefix bench/node` (make bench runs it)")
         return ["node", str(NODE_DIR / "server.js"), self.kind, str(self.port), self.redis_url, self.prefix]
+
+
+class ChannelsServer(AnchorServer):
+    """``<daphne|uvicorn>-<core|pubsub>``: ``channels_anchor/`` under ``bench/.venv-channels``
+    (``requirements-channels.txt``), one process and one event loop, to compare with one uWSGI worker."""
+
+    python, cwd = CHANNELS_DIR.parent / ".venv-channels" / "bin" / "python", CHANNELS_DIR
+
+    def __init__(self, combo: str, redis_url: str, log_path: Path) -> None:
+        self.server, self.layer = combo.split("-")
+        if self.server not in ("daphne", "uvicorn") or self.layer not in LAYER_NAMES:
+            raise ValueError(f"unknown Channels setup {combo!r}; known: {', '.join(COMBINATIONS)}")
+        label = f"Channels 4 + {self.server} + {LAYER_NAMES[self.layer]}"
+        super().__init__(f"channels-{combo}", redis_url, log_path, label)
+
+    def argv(self) -> list[str]:
+        if not self.python.exists():
+            venv = "python3 -m venv bench/.venv-channels && bench/.venv-channels/bin/pip install -r"
+            raise RuntimeError(f"{self.python} missing: {venv} bench/requirements-channels.txt")
+        return [str(self.python), str(CHANNELS_DIR / "run.py"), self.server, self.layer, str(self.port), self.redis_url]

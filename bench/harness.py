@@ -16,8 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .anchor import NODE_ANCHORS, AnchorServer, NodeServer
-from .channels_anchor.server import ChannelsServer
+from .anchor import NODE_ANCHORS, AnchorServer, ChannelsServer, NodeServer
 from .clients import Process
 from .config import Config
 from .cpu import CpuMeter

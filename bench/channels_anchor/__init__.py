@@ -1,5 +1,1 @@
-"""Django Channels 4 comparison anchor (``server.py``): a minimal project in its own venv.
-
-It imports nothing here, so the orchestrator can import ``server`` from the
-project's ``.venv``.
-"""
+"""Django Channels 4 comparison anchor: a minimal project in its own venv, started by ``bench/anchor.py``."""

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-APP = "channels_anchor.asgi:application"
+APP = "channels_anchor.app:application"
 
 
 def main(server: str, layer: str, port: str, redis_url: str) -> None:

@@ -1,7 +1,7 @@
 """Settings of the Channels anchor: no database, no auth, no sessions, no access log.
 
 ``REDIS_URL``, ``CHANNEL_LAYER`` (``core``/``pubsub``), ``API_KEY`` and
-``CHANNELS_PREFIX`` come from ``run.py`` and ``server.ChannelsServer``. The
+``CHANNELS_PREFIX`` come from ``run.py`` and ``bench/anchor.py``'s ``ChannelsServer``. The
 layers keep their library defaults (core: capacity 100, expiry 60 s): the
 comparison is with what a Channels user gets out of the box.
 """
@@ -23,8 +23,8 @@ INSTALLED_APPS: list[str] = []
 DATABASES: dict = {}
 # both async-capable: the async publish view runs on the event loop without a thread hop
 MIDDLEWARE = ["django.middleware.security.SecurityMiddleware", "django.middleware.common.CommonMiddleware"]
-ROOT_URLCONF = "channels_anchor.views"
-ASGI_APPLICATION = "channels_anchor.asgi.application"
+ROOT_URLCONF = "channels_anchor.app"
+ASGI_APPLICATION = "channels_anchor.app.application"
 USE_TZ = True
 USE_I18N = False
 # no LOGGING: warnings and errors reach stderr (Python's last-resort handler)

@@ -11,8 +11,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from .. import report
-from ..anchor import NODE_ANCHORS
-from ..channels_anchor.server import COMBINATIONS
+from ..anchor import COMBINATIONS, NODE_ANCHORS
 from ..harness import SERVER_ENV, Bench, raise_nofile
 from ..report import cell
 from ..stats import ratio

@@ -6,7 +6,7 @@ What it runs, step by step, its knobs and its targets: ``bench/README.md``, sect
 from __future__ import annotations
 
 from .. import report
-from ..channels_anchor.server import COMBINATIONS
+from ..anchor import COMBINATIONS
 from ..harness import SERVER_ENV, Bench, raise_nofile
 from ..report import cell
 from ..stats import ratio
