@@ -25,6 +25,7 @@ from pathlib import Path
 from offload.testing import WaitTimeout, free_port, wait_for
 
 from .clients import end
+from .cpu import descendants
 
 NODE_DIR = Path(__file__).resolve().parent / "node"
 CHANNELS_DIR = Path(__file__).resolve().parent / "channels_anchor"
@@ -52,6 +53,9 @@ class AnchorServer:
 
     def argv(self) -> list[str]:
         raise NotImplementedError
+
+    def tree(self) -> list[int]:
+        return descendants(self.pid) if self.pid else []
 
     def start(self, timeout: float = 30.0) -> AnchorServer:
         """Spawn it on a free port; return once its ``/probe/`` answers. Raises with the log's tail."""

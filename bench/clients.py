@@ -32,16 +32,10 @@ class Process:
     def __init__(self, argv: list[str], label: str, log_path: Path) -> None:
         self.label, self.log_path = label, log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                argv,
-                cwd=PROJECT_DIR,
-                env=dict(os.environ, PYTHONPATH=str(PROJECT_DIR), PYTHONUNBUFFERED="1"),
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=log,
-                start_new_session=True,  # Ctrl-C reaches the orchestrator, which stops us in order
-            )
+        env = dict(os.environ, PYTHONPATH=str(PROJECT_DIR), PYTHONUNBUFFERED="1")
+        pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE}
+        with open(log_path, "ab") as log:  # a new session: Ctrl-C reaches the orchestrator, which stops us in order
+            self.proc = subprocess.Popen(argv, cwd=PROJECT_DIR, env=env, stderr=log, start_new_session=True, **pipes)
         self.events: queue.Queue = queue.Queue()
         self._reader = threading.Thread(target=self._read, name=f"{label}-stdout", daemon=True)
         self._reader.start()

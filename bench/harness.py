@@ -20,7 +20,7 @@ from .anchor import NODE_ANCHORS, AnchorServer, ChannelsServer, NodeServer
 from .clients import Process
 from .config import Config
 from .cpu import CpuMeter
-from .server import BenchServer, rss_kib
+from .server import BenchServer, rss_kib, tree_kib
 from .stats import summarize_us
 
 #: the server environment of the websocket scenarios: one worker, 2,000 cores, no per-IP cap
@@ -69,9 +69,6 @@ class Bench:
     def step(self, label: str) -> None:
         """What the run does now, on stderr: a stuck step is visible in the log too."""
         print(f"[{time.monotonic() - self.started:5.0f}s] {label}", file=sys.stderr, flush=True)
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(seconds)
 
     # -- what runs ---------------------------------------------------------------
 
@@ -127,9 +124,9 @@ class Bench:
 
     def connect(self, target, name: str, n: int, processes: int = 1, meter=None, settled=lambda: None, **config):
         """``n`` subscribers over ``processes`` clients, connected: (clients, connect time (all; each socket's in
-        ``connect_ms``), retries, the server's RSS per socket and, with ``meter``, CPU from the start to the last
-        ``ready``, or to ``settled()`` after it)."""
-        rss0, before = rss_kib(target.pid), meter.snapshot() if meter else None
+        ``connect_ms``), retries, the server's RSS per socket (its worker, and its whole tree) and, with ``meter``,
+        CPU from the start to the last ``ready``, or to ``settled()`` after it)."""
+        rss0, tree0, before = rss_kib(target.pid), tree_kib(target.tree()), meter.snapshot() if meter else None
         share = [n // processes + (i < n % processes) for i in range(processes)]  # n over the processes
         clients = [self.subscribers(target, f"{name}{i or ''}", m, **config) for i, m in enumerate(share)]
         readies = [c.wait("ready", 120 + n / 20) for c in clients]
@@ -139,10 +136,12 @@ class Bench:
         if meter:
             settled()
             info["cpu"] = CpuMeter.delta(before, meter.snapshot())
-        self.sleep(2)  # the server settles before its memory is read
-        rss1 = rss_kib(target.pid)
-        per_socket = round((rss1 - rss0) / n, 2) if rss0 and rss1 and n else None
-        return clients, {**info, "idle_rss": {"before_kib": rss0, "after_kib": rss1, "per_socket_kib": per_socket}}
+        time.sleep(2)  # the server settles before its memory is read
+        rss1, tree1 = rss_kib(target.pid), tree_kib(target.tree())
+        rss = {"before_kib": rss0, "after_kib": rss1, "tree_before_kib": tree0, "tree_after_kib": tree1}
+        rss["per_socket_kib"] = round((rss1 - rss0) / n, 2) if rss0 and rss1 and n else None
+        rss["tree_per_socket_kib"] = round((tree1 - tree0) / n, 2) if tree0 and tree1 and n else None
+        return clients, {**info, "idle_rss": rss}
 
     def storm(self, target, name: str, n: int, meter: CpuMeter, settled: Callable[[], object] = lambda: None, **config):
         """``n`` sockets at once from two processes (:meth:`connect`); CPU from the start until ``settled()``
@@ -176,7 +175,7 @@ class Bench:
         over HTTP for ``seconds`` (``how``: ``first`` and ``rate`` or ``streams``); without either, a pause.
         Returns the publisher's result (``pub``'s if both)."""
         if pub is None and http is None:
-            return self.sleep(seconds)
+            return time.sleep(seconds)
         if http is not None:
             http.send("publish", seconds=seconds, **how)
         result = None

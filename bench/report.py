@@ -155,9 +155,8 @@ def bars(title: str, ylabel: str, values: dict[str, float | None], **more) -> di
 def machine() -> dict:
     """Where the figures come from: CPUs, load, the commit under test."""
     try:
-        commit = subprocess.run(
-            ["git", "describe", "--always", "--dirty"], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
+        how = {"cwd": PROJECT_DIR, "capture_output": True, "text": True, "timeout": 10}
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], **how).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
     return {"cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg(), "commit": commit or "unknown"}

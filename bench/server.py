@@ -27,6 +27,11 @@ def rss_kib(pid: int | None) -> int | None:
         return None
 
 
+def tree_kib(pids: list[int]) -> int | None:
+    """Resident memory of several processes (KiB; shared pages count in each), None if none is left."""
+    return sum(filter(None, map(rss_kib, pids))) or None
+
+
 def make_file(path: Path, size_mb: int) -> Path:
     """A file of ``size_mb`` MiB of incompressible bytes (written once per run)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -82,6 +87,11 @@ class BenchServer:
         cookie, csrf = session.cookie_header(), session.cookie("csrftoken") or ""
         return {"cookie": cookie, "csrftoken": csrf, "user_channel": f"user:{match[1].decode()}"}
 
+    def tree(self) -> list[int]:
+        """The whole uWSGI tree (master, worker, spoolers, gate), not Redis (it serves the anchors too)."""
+        redis = set(self.pids("redis"))
+        return [pid for pid in descendants(self.live.proc.pid) if pid not in redis] if self.live.proc else []
+
     def pids(self, role: str) -> list[int]:
         """pids of ``master``, ``worker``, ``spooler`` (by process title under our master) or ``redis``."""
         if role == "redis":
@@ -108,8 +118,6 @@ class BenchServer:
         workers = stats.get("workers", [])
         out = {key: stats.get(key) for key in ("listen_queue", "listen_queue_errors")}
         out["offloaded_requests"] = sum(c.get("offloaded_requests", 0) for w in workers for c in w.get("cores", []))
-        out["requests"], out["spooler_processes"] = (
-            sum(w.get("requests", 0) for w in workers),
-            len(self.pids("spooler")),
-        )
+        out["requests"] = sum(w.get("requests", 0) for w in workers)
+        out["spooler_processes"] = len(self.pids("spooler"))
         return {**out, "worker_rss_mb": round(sum(w.get("rss", 0) for w in workers) / 2**20, 1)}

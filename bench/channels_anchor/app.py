@@ -26,7 +26,6 @@ from . import protocol  # noqa: E402
 
 MAX_SUBSCRIPTIONS = 100  # the project's OFFLOAD_MAX_SUBSCRIPTIONS default
 MAX_MESSAGE_BYTES = 65536  # the project's OFFLOAD_MAX_MESSAGE_BYTES default
-_ids = protocol.IdClock()
 
 
 class ChannelConsumer(AsyncWebsocketConsumer):
@@ -90,7 +89,7 @@ async def publish(request: HttpRequest, channel: str) -> HttpResponse:
         return _error(400, "bad_json", "body is not valid JSON")
     if not protocol.CHANNEL_RE.match(channel):
         return _error(400, "invalid_channel", "bad channel name")
-    message_id = _ids.next()
+    message_id = protocol.next_id()
     text = protocol.message(channel, message_id, protocol.dumps(data))
     await get_channel_layer().group_send(protocol.group_for(channel), {"type": "offload.message", "text": text})
     return JsonResponse({"id": message_id})

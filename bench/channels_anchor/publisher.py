@@ -11,30 +11,26 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 
 import uvloop
+from channels.layers import get_channel_layer
 
 from bench import publoop, spread
 from bench.channels_anchor import protocol
-from bench.channels_anchor.settings import BACKENDS
-
-
-def make_layer(kind: str, redis_url: str, prefix: str):
-    """The layer as ``channels_anchor.settings`` configures it (hosts and prefix only)."""
-    module, _, name = BACKENDS[kind].rpartition(".")
-    return getattr(__import__(module, fromlist=[name]), name)(hosts=[redis_url], prefix=prefix)
 
 
 async def main(cfg: dict) -> None:
-    layer = make_layer(cfg["layer"], cfg["redis_url"], cfg["prefix"])
+    os.environ.update(DJANGO_SETTINGS_MODULE="bench.channels_anchor.settings", REDIS_URL=cfg["redis_url"])
+    os.environ.update(CHANNEL_LAYER=cfg["layer"], CHANNELS_PREFIX=cfg["prefix"])
+    layer = get_channel_layer()  # read from the settings: the anchor's own
     names = spread.names(cfg)
     groups = [protocol.group_for(name) for name in names]
-    ids = protocol.IdClock()
 
     async def call(g: int) -> None:
         i = g % len(names)
-        text = protocol.message(names[i], ids.next(), spread.stamp(g).decode())
+        text = protocol.message(names[i], protocol.next_id(), spread.stamp(g).decode())
         await layer.group_send(groups[i], {"type": "offload.message", "text": text})
 
     await layer.group_send("bench.warmup", {"type": "offload.message", "text": "{}"})

@@ -1,7 +1,5 @@
 """Slow consumers: do clients that never read hurt the others, or the worker's memory?
-
-What it runs, step by step, its knobs and its targets: ``bench/README.md``, section ``backpressure``.
-"""
+What it runs, step by step, its knobs (``KNOBS``) and its targets: ``bench/README.md``, section ``backpressure``."""
 
 from __future__ import annotations
 
@@ -17,7 +15,6 @@ from ..server import rss_kib
 from ..stats import median_merge, ratio, spread
 
 PREFIX = "BACKPRESSURE_"
-# what each knob means: the scenario's table in bench/README.md
 KNOBS = dict(fast=(1000, 100), stalled=(10, 10), returning=(5, 5), seconds=(20.0, 20.0), repeats=(2, 1))
 KNOBS.update(rate=(20.0, 20.0), payload=(16384,) * 2, queue=(50, 50), rcvbuf=(4096, 4096))
 KNOBS.update(warmup=(3.0, 3.0), pause=(2.0, 2.0))
@@ -82,7 +79,7 @@ def run(bench: Bench, k: dict) -> dict:
             drops = len(TIMER_DROPS.findall(server.live.log_text()[log_start:]))
             w.update(kind=kind, run_s=[start, rss.now()], timer_drops=drops, rss=rss.between(start, rss.now()))
             first = w["next"]
-            bench.sleep(k["pause"])  # backlogs gone: the next window starts clean
+            time.sleep(k["pause"])  # backlogs gone: the next window starts clean
     rss_run = {"samples": rss.stop()}
     bench.collect([fast], windows)
     results = {"server_env": env, "rlimit_nofile": nofile, "connect_s": ready["connect_s"], "rss_run": rss_run}

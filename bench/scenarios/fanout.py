@@ -1,7 +1,5 @@
 """Fan-out on one channel: latency, saturation, idle memory, connect storm; Channels 4 and Node.js as anchors.
-
-What it runs, step by step, its knobs and its targets: ``bench/README.md``, section ``fanout``.
-"""
+What it runs, step by step, its knobs (``KNOBS``) and its targets: ``bench/README.md``, section ``fanout``."""
 
 from __future__ import annotations
 
@@ -17,7 +15,6 @@ from ..report import cell
 from ..stats import ratio
 
 PREFIX = "FANOUT_"
-# what each knob means: the scenario's table in bench/README.md
 KNOBS = dict(seconds=(10.0, 5.0), sat_seconds=(5.0, 3.0), rate=(5.0, 5.0), small=(1000, 200), small_clients=(2, 2))
 KNOBS.update(large=(5000, 500), storm=(10000, 1000), sat_rates=([50, 100, 200, 300], [50, 100]))
 KNOBS.update(channels_streams=(4, 4), anchors=([*COMBINATIONS, *NODE_ANCHORS],) * 2, metrics_off=(1, 1))
@@ -45,9 +42,10 @@ def run(bench: Bench, k: dict) -> dict:
     return {**results, "verdict": verdict_of(results)}
 
 
-def small_and_saturation(bench: Bench, k: dict, server, meter, out: dict) -> dict:
-    """``small`` sockets: the fixed-rate window, then the saturation steps; their windows (``out``: connect
-    time and RSS)."""
+def small_and_saturation(bench: Bench, k: dict, server, meter, out: dict, streams: int = 0) -> dict:
+    """``small`` sockets: the fixed-rate window, then the saturation steps or, with ``streams`` (a Channels setup,
+    hundreds of times slower), one window of that many closed-loop HTTP publish streams; their windows (``out``:
+    connect time and RSS)."""
     windows, name = {}, server.name
     with bench.scope():
         bench.step(f"[{name}] connecting {k['small']}")
@@ -58,7 +56,11 @@ def small_and_saturation(bench: Bench, k: dict, server, meter, out: dict) -> dic
         clients.insert(0, probe)
         bench.step(f"[{name}] fan-out {k['small']} x {k['rate']:g}/s")
         windows["fanout_small"] = bench.window(meter, "fanout_small", clients, k["seconds"], http=probe, rate=k["rate"])
-        for rate in k["sat_rates"]:
+        if streams:
+            bench.step(f"[{name}] saturation: {streams} publish streams")
+            how = {"http": probe, "first": windows["fanout_small"]["next"], "streams": streams}
+            windows["sat"] = bench.window(meter, "sat", clients, k["sat_seconds"], **how)
+        for rate in [] if streams else k["sat_rates"]:
             bench.step(f"[{name}] saturation: a publisher process at {rate}/s x {k['small']} sockets")
             first = windows[list(windows)[-1]]["next"]
             windows[f"sat_{rate}"] = saturation(bench, k, server, meter, clients, rate, first)
@@ -100,21 +102,11 @@ def saturation(bench: Bench, k: dict, server, meter, clients: list, rate: int, f
 
 
 def run_anchor(bench: Bench, k: dict, anchor, redis: list[int]) -> dict:
-    """A Node.js anchor runs what ours runs first (:func:`small_and_saturation`, its publisher PUBLISHing on
-    Redis); a Channels setup, far slower, the fixed-rate window and HTTP publish streams."""
-    meter, name, out = bench.meter(anchor, redis), anchor.name, {}
-    if name in NODE_ANCHORS:
-        windows = small_and_saturation(bench, k, anchor, meter, out)
-        return {"connect_s": out["small_connect_s"], "idle_rss": out["small_rss"], "windows": windows}
-    bench.step(f"[{name}] connecting {k['small']}")
-    clients, info = bench.connect(anchor, name, k["small"], channel=CHANNEL)
-    bench.step(f"[{name}] fan-out {k['small']} x {k['rate']:g}/s")
-    w = bench.window(meter, "fanout_small", clients, k["seconds"], http=clients[0], rate=k["rate"])
-    bench.step(f"[{name}] saturation: {k['channels_streams']} publish streams")
-    how = {"http": clients[0], "first": w["next"], "streams": k["channels_streams"]}
-    windows = {"fanout_small": w, "sat": bench.window(meter, "sat", clients, k["sat_seconds"], **how)}
-    bench.collect(clients, windows)
-    return {"connect_s": info["connect_s"], "idle_rss": info["idle_rss"], "windows": windows}
+    """What ours runs first (:func:`small_and_saturation`): a Node.js anchor's publisher PUBLISHes on Redis; a
+    Channels setup gets HTTP publish streams instead."""
+    out, streams = {}, 0 if anchor.name in NODE_ANCHORS else k["channels_streams"]
+    windows = small_and_saturation(bench, k, anchor, bench.meter(anchor, redis), out, streams)
+    return {"connect_s": out["small_connect_s"], "idle_rss": out["small_rss"], "windows": windows}
 
 
 @contextmanager
@@ -276,14 +268,16 @@ sockets needs {broadcast_ms} ms of the machine (measured p99 {p99} ms); the conn
 
 def markdown(results: dict) -> str:
     k, ours, storm = results["knobs"], results["ours"], results["ours"]["storm"]
-    mem = [("ours (uWSGI worker)", ours["large_connect_s"], ours["idle_rss"], k["large"])]
+    mem = [("ours", ours["large_connect_s"], ours["idle_rss"], k["large"])]
     mem.append(("ours, connect storm (all at once)", storm["connect_s"], storm["idle_rss"], k["storm"]))
     anchors = [a for a in results["anchors"].values() if "idle_rss" in a]
     mem += [(a["label"], a["connect_s"], a["idle_rss"], k["small"]) for a in anchors]
-    mem = [[label, f"{n:,}", cell(rss["per_socket_kib"]), cell(s)] for label, s, rss, n in mem]
+    per = ("per_socket_kib", "tree_per_socket_kib")  # the worker alone; uWSGI's whole tree (one process: the same)
+    mem = [[label, f"{n:,}", *(cell(rss.get(x)) for x in per), cell(s)] for label, s, rss, n in mem]
     lines = [*report.heading(results, "Fan-out benchmark", report.fill(TEXT, k))]
     lines.append(report.columns_table(COLUMNS, _rows(results)))
-    lines += ["", report.table(["idle sockets", "sockets", "RSS per socket (KiB)", "connect time (s)"], mem), ""]
+    head = ["idle sockets", "sockets", "RSS per socket, worker (KiB)", "whole tree (KiB)", "connect time (s)"]
+    lines += ["", report.table(head, mem), ""]
     if results["comparison"]:
         labels = {c: a["label"] for c, a in results["anchors"].items()} | {"channels-best": "Channels 4, best setup"}
         rows = [(labels[c], r) for c, r in results["comparison"].items()]

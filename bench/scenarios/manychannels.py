@@ -1,7 +1,5 @@
 """Many channels: ``subscribers`` websockets over ``channels`` channels on one worker; Channels 4 as anchor.
-
-What it runs, step by step, its knobs and its targets: ``bench/README.md``, section ``manychannels``.
-"""
+What it runs, step by step, its knobs (``KNOBS``) and its targets: ``bench/README.md``, section ``manychannels``."""
 
 from __future__ import annotations
 
@@ -12,7 +10,6 @@ from ..report import cell
 from ..stats import ratio
 
 PREFIX = "MC_"
-# what each knob means: the scenario's table in bench/README.md
 KNOBS = dict(subscribers=(10000, 1000), channels=(1000, 100), rate=(1.0, 1.0), seconds=(10.0, 5.0))
 KNOBS.update(api_rate=(250.0, 25.0), api_seconds=(10.0, 5.0), connect_concurrency=(200, 200), drain=(20.0, 20.0))
 KNOBS.update(anchors=(list(COMBINATIONS),) * 2)

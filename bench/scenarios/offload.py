@@ -1,9 +1,9 @@
 """Offloading on vs off: websocket broadcast and view latency under heavy load.
-
-What it runs, step by step, its knobs and its targets: ``bench/README.md``, section ``offload``.
-"""
+What it runs, step by step, its knobs (``KNOBS``) and its targets: ``bench/README.md``, section ``offload``."""
 
 from __future__ import annotations
+
+import time
 
 from .. import report
 from ..harness import Bench
@@ -12,7 +12,6 @@ from ..server import make_file
 from ..stats import median_merge, ratio
 
 PREFIX = ""  # BENCH_SECONDS, BENCH_SUBSCRIBERS, ...
-# what each knob means: the scenario's table in bench/README.md
 KNOBS = dict(seconds=(20.0, 10.0), warmup=(5.0, 3.0), settle=(3.0, 3.0), subscribers=(1000, 100), rate=(10.0, 10.0))
 KNOBS.update(probe_ms=(100.0, 100.0), downloads=(50, 5), file_mb=(100, 10), download_kbps=(1024, 1024), tasks=(4, 4))
 KNOBS.update(task_rows=(200_000,) * 2, repeats=(2, 1), modes=(["offload", "inline"],) * 2, connect_concurrency=(50, 50))
@@ -66,13 +65,13 @@ def run_mode(bench: Bench, k: dict, mode: str, rep: int, big) -> dict:
     ready = probe.wait("ready", 180)
     probe.send("publish", rate=k["rate"])
     bench.step(f"{label} warm-up (publishing)")
-    bench.sleep(k["warmup"])
+    time.sleep(k["warmup"])
     windows = {}
     for window in ("idle", "loaded"):
         if window == "loaded":
             bench.step(f"{label} starting {k['downloads']} downloads + {k['tasks']} tasks")
             load, load_start, counters = start_load(bench, k, server, session, name)
-            bench.sleep(k["settle"])
+            time.sleep(k["settle"])
         bench.step(f"{label} {window} window")
         before = server.counters()
         windows[window] = bench.window(meter, window, [probe], k["seconds"])

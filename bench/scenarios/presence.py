@@ -1,7 +1,5 @@
 """Presence: what "who is online" costs, side by side with presence off in the same run.
-
-What it runs, step by step, its knobs and its targets: ``bench/README.md``, section ``presence``.
-"""
+What it runs, step by step, its knobs (``KNOBS``) and its targets: ``bench/README.md``, section ``presence``."""
 
 from __future__ import annotations
 
@@ -19,7 +17,6 @@ from ..stats import median_merge, ratio, summarize_us
 from .fanout import backlog
 
 PREFIX = "PRESENCE_"
-# what each knob means: the scenario's table in bench/README.md
 KNOBS = dict(storm=(10000, 1000), repeats=(2, 1), queries=(1000, 200), seconds=(3.0, 2.0), closes=(20, 5))
 KNOBS.update(coalesce=(0.5, 0.5))
 MODES = {"off": "public", "on": "crowd", "quiet": "quiet"}  # namespaces: the same but for presence (bench/settings.py)

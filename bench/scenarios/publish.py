@@ -1,7 +1,5 @@
 """Publish throughput, closed loop: ``offload.publish()`` and the HTTP API vs Channels' publish paths.
-
-What it runs, step by step, its knobs and its targets: ``bench/README.md``, section ``publish``.
-"""
+What it runs, step by step, its knobs (``KNOBS``) and its targets: ``bench/README.md``, section ``publish``."""
 
 from __future__ import annotations
 
@@ -12,7 +10,6 @@ from ..stats import ratio
 from .manychannels import setup_warnings, setups, windows_of
 
 PREFIX = "PUB_"
-# what each knob means: the scenario's table in bench/README.md
 KNOBS = dict(subscribers=(1000, 200), channels=(1000, 200), seconds=(5.0, 3.0), concurrency=(16, 16))
 KNOBS.update(drain=(20.0, 20.0), py_modes=(["gevent", "threads"],) * 2, anchors=(list(COMBINATIONS),) * 2)
 TITLES = {"py_gevent": "offload.publish(), greenlets (gevent)", "py_threads": "offload.publish(), threads"}
