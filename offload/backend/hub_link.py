@@ -44,6 +44,7 @@ CONTROL = "ctl"
 _IDLE_PING = 5.0  # seconds of silence before the link pings Redis
 _BACKOFF = (0.05, 0.1, 0.2, 0.3, 0.5)  # short: live delivery must resume before history (the gap filler) is trimmed
 _MAX_BATCH = 256  # messages fanned out together at most
+_STARTUP_TRIES = len(_BACKOFF)  # failed first connects (about 1 s of backoff) before the link reports an outage
 
 
 class LinkOwner(Protocol):
@@ -130,16 +131,21 @@ class Link:
 
     def _run(self) -> None:
         failures = 0
+        connected_once = False
         while not self.retired:
             try:
                 self._connect()
-                failures = 0
+                failures, connected_once = 0, True
                 self._serve()
             except gevent.GreenletExit:
                 raise
             except Exception as exc:  # Redis down, or a bug: never let the hub die.
                 if not isinstance(exc, REDIS_ERRORS):
                     log.exception("hub error (%s)", self.name)
+                elif not connected_once and failures < _STARTUP_TRIES:
+                    # A worker's hub starts with the worker, often before the embedded Redis
+                    # listens: not an error (nor a metric) every deploy would raise.
+                    log.info("hub waiting for Redis (%s): %s", self.name, exc)
                 else:
                     log.warning("hub lost Redis (%s): %s", self.name, exc)
                     metrics.redis_failed("hub", isinstance(exc, redis.TimeoutError))
