@@ -1,10 +1,7 @@
-"""Knobs: ``BENCH_*`` environment variables over two scale presets.
+"""Knobs: ``BENCH_*`` environment variables over two scale presets (``full``, ``small``: a smoke run of the same paths).
 
-Every scenario declares its knobs as ``{name: (full, small)}``; the value
-of ``BENCH_<PREFIX><NAME>`` (e.g. ``BENCH_FANOUT_SECONDS``) overrides the
-preset of ``BENCH_SCALE`` (``full``, the default, or ``small``: a short
-smoke run of the same code paths). A knob keeps the type of its preset (a
-list is comma-separated), so every run is reproducible from its ``command``.
+``BENCH_<PREFIX><NAME>`` overrides a scenario knob's preset and keeps its type (a list is comma-separated), so
+every run is reproducible from its ``command``.
 """
 
 from __future__ import annotations
@@ -20,22 +17,19 @@ SCALES = ("full", "small")
 
 @dataclass
 class Config:
-    """What every scenario shares (stored in the results JSON)."""
+    """What every scenario shares: ``BENCH_SCALE``, ``BENCH_CLIENT_PYTHON`` (the bench venv's interpreter: load
+    clients, plot) and ``BENCH_OUT_DIR``."""
 
     scale: str = "full"
-    #: the bench virtualenv's interpreter (load clients, plot)
     client_python: str = str(BENCH_DIR / ".venv-bench" / "bin" / "python")
     out_dir: str = str(BENCH_DIR / "results")
-    #: exit 1 when a target is missed
-    strict: bool = False
 
     @classmethod
     def from_env(cls) -> Config:
         env = os.environ
-        cfg = cls(scale=env.get("BENCH_SCALE", "full"), strict=env.get("BENCH_STRICT", "0") in ("1", "true", "yes"))
+        cfg = cls(env.get("BENCH_SCALE", cls.scale), env.get("BENCH_CLIENT_PYTHON", cls.client_python))
         if cfg.scale not in SCALES:
             raise SystemExit(f"BENCH_SCALE must be one of {', '.join(SCALES)}, not {cfg.scale!r}")
-        cfg.client_python = env.get("BENCH_CLIENT_PYTHON", cfg.client_python)
         cfg.out_dir = env.get("BENCH_OUT_DIR", cfg.out_dir)
         return cfg
 

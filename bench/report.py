@@ -63,12 +63,8 @@ def cpu(group: str, head: str | None = None) -> Column:
     return (head or f"{group} %core", lambda w: w["cpu"]["groups"].get(group, {}).get("core_pct"))
 
 
-def lost_dup(w: dict) -> str:
-    return f"{w['broadcast'].get('lost', '—')} / {w['broadcast'].get('dup', '—')}"
-
-
 DELIVERIES: Column = ("deliveries/s", lambda w: w["broadcast"]["deliveries_per_s"])
-LOST: Column = ("lost / dup", lost_dup)
+LOST: Column = ("lost / dup", lambda w: f"{w['broadcast'].get('lost', '—')} / {w['broadcast'].get('dup', '—')}")
 API_P99: Column = ("publish API p99 ms", lambda w: w["publish"]["p99"])
 SERVER_US: Column = ("server µs/delivery", lambda w: w["server_us_per_delivery"])
 LAG: Column = ("client lag p99 ms", lambda w: w["client_loop_lag"]["p99"])
@@ -80,16 +76,6 @@ def verdict(items: dict[str, tuple]) -> dict:
     ops = {"<=": lambda v, t: v <= t, ">=": lambda v, t: v >= t}
     met = {name: None if v is None or not op else ops[op](v, t) for name, (v, op, t) in items.items()}
     return {name: {"value": v, "op": op, "target": t, "met": met[name]} for name, (v, op, t) in items.items()}
-
-
-def verdict_table(verdict: dict, first: str = "target") -> str:
-    """The targets table of a scenario's ``verdict``."""
-    rows = []
-    for name, v in verdict.items():
-        state = "for comparison" if not v["op"] else "not measured" if v["met"] is None else "met"
-        state = "**MISSED**" if v["met"] is False else state
-        rows.append([name, cell(v["value"]), f"{v['op']} {v['target']:,}" if v["op"] else "—", state])
-    return table([first, "measured", "target", "state"], rows)
 
 
 def fill(template: str, knobs: dict = {}, **values) -> str:  # noqa: B006 (only read)
@@ -106,21 +92,23 @@ def heading(results: dict, title: str, text: str) -> list[str]:
 
 
 def closing(results: dict, first: str = "target") -> list[str]:
-    """The verdict table and the "Warnings" paragraph that end every report."""
-    lines = [verdict_table(results["verdict"], first)] if results["verdict"] else []
+    """The targets table of the verdict and the "Warnings" paragraph that end every report."""
+    rows = []
+    for name, v in results["verdict"].items():
+        state = "for comparison" if not v["op"] else "not measured" if v["met"] is None else "met"
+        state = "**MISSED**" if v["met"] is False else state
+        rows.append([name, cell(v["value"]), f"{v['op']} {v['target']:,}" if v["op"] else "—", state])
+    lines = [table([first, "measured", "target", "state"], rows)] if rows else []
     warnings = results.get("warnings")
     return lines + (["", "**Warnings**:", ""] + [f"* {x}" for x in warnings] if warnings else [])
-
-
-def _blue(name: str) -> bool:
-    return name.startswith(("ours", "baseline")) or (name.startswith("offloading") and "disabled" not in name)
 
 
 def colours(names: list[str]) -> dict[str, str]:
     """Ours in blues, Channels setups (and whatever is compared with ours) in reds."""
     blues = iter(["tab:blue", "tab:cyan", "navy", "tab:purple", "tab:green", "steelblue"])
     reds = iter(["tab:red", "tab:orange", "tab:brown", "tab:pink", "darkred", "salmon"])
-    return {n: next(blues if _blue(n) else reds, "tab:gray") for n in names}
+    ours = [n.startswith(("ours", "baseline")) or (n.startswith("offloading") and "disabled" not in n) for n in names]
+    return {n: next(blues if mine else reds, "tab:gray") for n, mine in zip(names, ours, strict=True)}
 
 
 def _series(windows: dict[str, dict], style, x, y) -> list[dict]:

@@ -45,14 +45,7 @@ async def read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
 
 
 async def request(
-    host: str,
-    port: int,
-    method: str,
-    path: str,
-    *,
-    headers: dict | None = None,
-    body: bytes = b"",
-    timeout: float = 10.0,
+    host: str, port: int, method: str, path: str, *, headers: dict | None = None, body: bytes = b"", timeout: float = 10
 ) -> tuple[int, bytes, int]:
     """``(status, body, elapsed ns)`` of one request on a new connection; raises on network errors."""
     started = time.perf_counter_ns()

@@ -1,11 +1,7 @@
-"""The background load of the offloading scenario: slow downloads and long report tasks.
+"""The background load of the offloading scenario: slow downloads and long report tasks (``bench/README.md``).
 
-``downloads`` clients read a large protected file at ``rate_bps`` through a
-small receive buffer (restarting when one ends, so all stay in flight);
-``tasks`` ``POST /reports/`` start report tasks, fired and not awaited (with
-offloading disabled the view answers only when the task is done). A
-websocket on the user's channel records the tasks' progress messages: they
-tell when the tasks really ran.
+Report tasks are fired and not awaited (with offloading disabled the view answers only when the task is done); a
+websocket on the user's channel records their progress messages, which tell when the tasks really ran.
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
-"""Scenarios: one module each, registered by name for ``python -m bench NAME`` (in ``make bench`` order).
+"""Scenarios, registered by name for ``python -m bench NAME`` (in ``make bench`` order).
 
-A scenario module has ``PREFIX`` and ``KNOBS`` (its ``BENCH_<PREFIX><NAME>``
-knobs and their presets, ``bench/config.py``), ``run(bench, knobs)`` (the
-results that go to JSON, with a ``verdict``), ``markdown(results)``,
-``warnings(results)`` and ``plot(results)`` (the PNG's panels, as data).
+A module has ``PREFIX`` and ``KNOBS`` (``bench/config.py``), ``run(bench, knobs)`` (the results that go to JSON,
+with a ``verdict``), ``markdown(results)``, ``warnings(results)`` and ``plot(results)`` (the PNG's panels, as data).
 """
 
 from __future__ import annotations
