@@ -76,7 +76,7 @@ class Transport(Protocol):
         taken the last one.)"""
 
     def wake(self) -> None:
-        """Run :meth:`ChannelSession.step` soon (from the transport's own greenlet)."""
+        """Run :meth:`ChannelSession.step` soon (where the transport runs its endpoint: a websocket's next turn)."""
 
     def subscribe_failed(self, channel: str, ref: Any, code: str, reason: str) -> None:
         """A subscription gave up (Redis unavailable)."""
