@@ -42,13 +42,6 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def machine_busy() -> float:
-    """Busy CPU seconds of the whole machine since boot (all cores)."""
-    with open("/proc/stat") as f:
-        values = [int(v) for v in f.readline().split()[1:]]
-    return (sum(values[:8]) - values[3] - values[4]) / _TICK  # minus idle and iowait
-
-
 class CpuMeter:
     """Snapshots of CPU seconds per group; ``delta`` gives a window's usage.
 
@@ -62,7 +55,10 @@ class CpuMeter:
 
     def snapshot(self) -> dict:
         pids = {name: {pid: cpu for pid in get() if (cpu := process_cpu(pid))} for name, get in self.groups.items()}
-        return {"t": time.monotonic(), "machine": machine_busy(), "pids": pids}
+        with open("/proc/stat") as f:  # the whole machine's busy CPU seconds since boot, all cores
+            values = [int(v) for v in f.readline().split()[1:]]
+        machine = (sum(values[:8]) - values[3] - values[4]) / _TICK  # minus idle and iowait
+        return {"t": time.monotonic(), "machine": machine, "pids": pids}
 
     @staticmethod
     def delta(before: dict, after: dict) -> dict:

@@ -20,9 +20,9 @@ def main(cfg: dict) -> None:
         from gevent import monkey
 
         monkey.patch_all()
-    from . import publoop, spread
+    from . import publoop
 
-    names, callers = spread.names(cfg), int(cfg["concurrency"])
+    names, callers = publoop.names(cfg), int(cfg["concurrency"])
     call, warm = (node_calls if "prefix" in cfg else offload_calls)(cfg, names)
     publoop.run_threads(publoop.PublishRun(count=callers), warm, callers)  # connections and script ready
     publoop.ready_then_go()
@@ -53,14 +53,14 @@ def node_calls(cfg: dict, names: list[str]):
     """A Node.js anchor (``bench/node/server.js``): PUBLISH on Redis the envelope its publish view builds."""
     import redis
 
-    from . import spread
+    from . import publoop
 
     client = redis.Redis.from_url(cfg["redis_url"])
 
     def call(g: int) -> None:
         name = names[g % len(names)]
         envelope = f'{{"type":"message","channel":{json.dumps(name)},"id":"{g}-0","data":'
-        client.publish(cfg["prefix"] + name, envelope.encode() + spread.stamp(g) + b"}")
+        client.publish(cfg["prefix"] + name, envelope.encode() + publoop.stamp(g) + b"}")
 
     return call, (lambda _: client.publish(cfg["prefix"] + "warmup", "{}"))
 

@@ -17,7 +17,7 @@ import sys
 import uvloop
 from channels.layers import get_channel_layer
 
-from bench import publoop, spread
+from bench import publoop
 from bench.channels_anchor import protocol
 
 
@@ -25,12 +25,12 @@ async def main(cfg: dict) -> None:
     os.environ.update(DJANGO_SETTINGS_MODULE="bench.channels_anchor.settings", REDIS_URL=cfg["redis_url"])
     os.environ.update(CHANNEL_LAYER=cfg["layer"], CHANNELS_PREFIX=cfg["prefix"])
     layer = get_channel_layer()  # read from the settings: the anchor's own
-    names = spread.names(cfg)
+    names = publoop.names(cfg)
     groups = [protocol.group_for(name) for name in names]
 
     async def call(g: int) -> None:
         i = g % len(names)
-        text = protocol.message(names[i], protocol.next_id(), spread.stamp(g).decode())
+        text = protocol.message(names[i], protocol.next_id(), publoop.stamp(g).decode())
         await layer.group_send(groups[i], {"type": "offload.message", "text": text})
 
     await layer.group_send("bench.warmup", {"type": "offload.message", "text": "{}"})

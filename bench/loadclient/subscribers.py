@@ -1,7 +1,7 @@
 """The measuring client: websocket subscribers, plus the HTTP publisher and the view probe when asked.
 
 Works against ours and every anchor alike; the numbering that lets it count latency, loss and duplicates per
-subscriber whoever published is ``bench/spread.py``'s. Its commands are in :meth:`Client.handle` and :func:`run`.
+subscriber whoever published is ``bench/publoop.py``'s. Its commands are in :meth:`Client.handle` and :func:`run`.
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from bench.publoop import PublishRun, drive
-from bench.spread import expected, names, parse_stamp, stamp
+from bench.publoop import PublishRun, drive, expected, names, parse_stamp, stamp
 from bench.stats import summarize_us
 
 from . import http
@@ -71,7 +70,7 @@ class Series:
 
 class Ledger:
     """How often each subscriber got each of its channel's messages (by the channel's own numbering,
-    ``bench/spread.py``): lost and duplicate deliveries, in total and of the worst subscriber."""
+    ``bench/publoop.py``): lost and duplicate deliveries, in total and of the worst subscriber."""
 
     def __init__(self, subscribers: int, channels: int) -> None:
         self.channels = channels
