@@ -19,7 +19,7 @@ from tests.browser.test_demo import (
     ARTIFACTS,
     browser,  # noqa: F401 (the fixture: Debian's Chromium, headless)
 )
-from tests.integration.demo import DEMO_PASSWORD, DemoServer
+from tests.integration.demo import DEMO_PASSWORD, serve_demo
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -28,13 +28,7 @@ HOT = "public:operator-hot"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    live = DemoServer(
-        tmp_path_factory.mktemp("operator-var"),
-        env={"WORKERS": "2", "OFFLOAD_STATS_INTERVAL": "0.5"},
-    )
-    live.prepare().start()
-    yield live
-    live.stop()
+    yield from serve_demo(tmp_path_factory, "operator-var", {"WORKERS": "2", "OFFLOAD_STATS_INTERVAL": "0.5"})
 
 
 def log_in(browser, server, username):  # noqa: F811

@@ -25,7 +25,7 @@ from tests.browser.test_demo import (
     ARTIFACTS,
     browser,  # noqa: F401 (the fixture: Debian's Chromium, headless)
 )
-from tests.integration.demo import DemoServer
+from tests.integration.demo import serve_demo
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -38,9 +38,7 @@ WAIT = 15000  # ms: GRACE + COALESCE + a heartbeat's worth of slack
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     env = {"WORKERS": "2", "OFFLOAD_PRESENCE_GRACE": str(GRACE), "OFFLOAD_PRESENCE_COALESCE": str(COALESCE)}
-    live = DemoServer(tmp_path_factory.mktemp("presence-browser-var"), env=env).prepare().start()
-    yield live
-    live.stop()
+    yield from serve_demo(tmp_path_factory, "presence-browser-var", env)
 
 
 def open_room(browser, server, username: str, room: str):  # noqa: F811

@@ -23,7 +23,7 @@ from offload.backend.hub import Hub, on_control
 from offload.backend.redis_client import history_key, pubsub_channel
 from offload.testing import wait_for
 from offload.testing.topologies import LocalRedisCluster, LocalRedisSentinel, use_redis
-from tests.integration.demo import DemoServer
+from tests.integration.demo import DemoServer, serve_demo
 from tests.integration.test_resilience import (
     DeliveryReport,
     Publisher,
@@ -238,9 +238,7 @@ def test_a_cluster_worker_stays_ready_while_one_shard_fails_over(cluster, hub):
 def live_server(tmp_path_factory, redis_url: str) -> Iterator[DemoServer]:
     """The demo on a real uWSGI with two workers (two hubs) on ``redis_url``."""
     env = {"WORKERS": "2", "OFFLOAD_PING_INTERVAL": "2", "OFFLOAD_PING_TIMEOUT": "4"}
-    server = DemoServer(tmp_path_factory.mktemp("var"), env=env, redis_url=redis_url).prepare().start()
-    yield server
-    server.stop()
+    yield from serve_demo(tmp_path_factory, "var", env, redis_url=redis_url)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import sqlite3
 import pytest
 
 from offload.testing import RedisServer, wait_for
-from tests.integration.demo import DemoServer
+from tests.integration.demo import serve_demo
 from tests.integration.test_channels import recv, send
 
 pytestmark = pytest.mark.timeout(180)
@@ -31,9 +31,7 @@ def redis(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, redis):
-    live = DemoServer(tmp_path_factory.mktemp("chat-var"), redis_url=redis.url).prepare().start()
-    yield live
-    live.stop()
+    yield from serve_demo(tmp_path_factory, "chat-var", redis_url=redis.url)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import pytest
 from wsproto.events import CloseConnection, Pong
 
 from offload.testing import HandshakeError, LiveServer, WebSocketClient, frame, wait_for
-from tests.integration.demo import DemoServer
+from tests.integration.demo import serve_demo
 from tests.integration.rawws import handshake
 from tests.integration.test_sse import SseClient
 
@@ -35,13 +35,9 @@ PUBLISH_LUA = (Path(__file__).resolve().parents[2] / "offload" / "backend" / "lu
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     # Long pings: only the rate limit may close the flooders, only the replay queue matters for memory.
-    live = DemoServer(
-        tmp_path_factory.mktemp("hostile-var"),
-        env={"OFFLOAD_PING_INTERVAL": "20", "OFFLOAD_PING_TIMEOUT": "30"},
+    yield from serve_demo(
+        tmp_path_factory, "hostile-var", {"OFFLOAD_PING_INTERVAL": "20", "OFFLOAD_PING_TIMEOUT": "30"}
     )
-    live.prepare().start()
-    yield live
-    live.stop()
 
 
 def publish_direct(server: LiveServer, channel: str, data: str, history: int = 100) -> str:
@@ -153,10 +149,7 @@ def _latencies(server: LiveServer, channel: str, ws, count: int, pause: float) -
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory):
     """A server with the flooders' cooldown on (LiveServer turns it off for other tests)."""
-    live = DemoServer(tmp_path_factory.mktemp("cooldown-var"), env={"OFFLOAD_ABUSE_COOLDOWN": "5"})
-    live.prepare().start()
-    yield live
-    live.stop()
+    yield from serve_demo(tmp_path_factory, "cooldown-var", {"OFFLOAD_ABUSE_COOLDOWN": "5"})
 
 
 def test_flooders_are_dropped_and_other_sockets_keep_their_latency(guarded):
@@ -222,10 +215,7 @@ def test_flooders_are_dropped_and_other_sockets_keep_their_latency(guarded):
 
 @pytest.fixture(scope="module")
 def two_guarded_workers(tmp_path_factory):
-    live = DemoServer(tmp_path_factory.mktemp("cooldown2-var"), env={"OFFLOAD_ABUSE_COOLDOWN": "30", "WORKERS": "2"})
-    live.prepare().start()
-    yield live
-    live.stop()
+    yield from serve_demo(tmp_path_factory, "cooldown2-var", {"OFFLOAD_ABUSE_COOLDOWN": "30", "WORKERS": "2"})
 
 
 def test_a_worker_that_served_no_websocket_yet_hears_a_penalty(two_guarded_workers):

@@ -16,16 +16,14 @@ import urllib.parse
 import pytest
 
 from offload.testing import HttpSession, LiveServer
-from tests.integration.demo import DemoServer
+from tests.integration.demo import serve_demo
 
 pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    live = DemoServer(tmp_path_factory.mktemp("input-var")).prepare().start()
-    yield live
-    live.stop()
+    yield from serve_demo(tmp_path_factory, "input-var")
 
 
 class LogWatch:

@@ -15,7 +15,7 @@ import pytest
 from wsproto.events import CloseConnection
 
 from offload.testing import frame, wait_for
-from tests.integration.demo import DemoServer
+from tests.integration.demo import serve_demo
 from tests.integration.test_sse import SseClient
 
 pytestmark = pytest.mark.timeout(120)
@@ -23,13 +23,7 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    live = DemoServer(
-        tmp_path_factory.mktemp("logs-var"),
-        env={"OFFLOAD_LOG_FORMAT": "json", "OFFLOAD_LOG_LEVEL": "DEBUG"},
-    )
-    live.prepare().start()
-    yield live
-    live.stop()
+    yield from serve_demo(tmp_path_factory, "logs-var", {"OFFLOAD_LOG_FORMAT": "json", "OFFLOAD_LOG_LEVEL": "DEBUG"})
 
 
 def json_lines(server) -> list[dict]:

@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from wsproto.events import CloseConnection
 
 from offload.testing import HandshakeError, LiveServer, WebSocketClient, frame, wait_for
-from tests.integration.demo import DemoServer
+from tests.integration.demo import DemoServer, serve_demo
 from tests.integration.test_hostile_clients import publish_direct
 from tests.integration.test_resilience import StalledClient
 from tests.integration.test_sse import SseClient
@@ -39,22 +39,17 @@ SLOW_MESSAGES = 60  # of 12 KB: well over the 100,000 queued bytes below, and th
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    live = DemoServer(
-        tmp_path_factory.mktemp("metrics-var"),
-        env={
-            "WORKERS": "2",
-            # no stats messages: every publish of the session is the test's own
-            "OFFLOAD_STATS_INTERVAL": "0",
-            "OFFLOAD_MAX_QUEUED_BYTES": "100000",
-            # only the limits under test may close sockets
-            "OFFLOAD_PING_INTERVAL": "20",
-            "OFFLOAD_PING_TIMEOUT": "30",
-            "OFFLOAD_METRICS_KEY": KEY,
-        },
-    )
-    live.prepare().start()
-    yield live
-    live.stop()
+    env = {
+        "WORKERS": "2",
+        # no stats messages: every publish of the session is the test's own
+        "OFFLOAD_STATS_INTERVAL": "0",
+        "OFFLOAD_MAX_QUEUED_BYTES": "100000",
+        # only the limits under test may close sockets
+        "OFFLOAD_PING_INTERVAL": "20",
+        "OFFLOAD_PING_TIMEOUT": "30",
+        "OFFLOAD_METRICS_KEY": KEY,
+    }
+    yield from serve_demo(tmp_path_factory, "metrics-var", env)
 
 
 # -- scraping ------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 import websocket
 
 from offload.testing import LiveServer
-from tests.integration.demo import DemoServer
+from tests.integration.demo import serve_demo
 from tests.integration.test_sse import SseClient
 
 pytestmark = pytest.mark.timeout(120)
@@ -25,10 +25,7 @@ SOCKETS = 16  # per test: enough for both workers to hold some
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    live = DemoServer(tmp_path_factory.mktemp("session-var"), env={"WORKERS": "2", "OFFLOAD_STATS_INTERVAL": "0.2"})
-    live.prepare().start()
-    yield live
-    live.stop()
+    yield from serve_demo(tmp_path_factory, "session-var", {"WORKERS": "2", "OFFLOAD_STATS_INTERVAL": "0.2"})
 
 
 def worker_counts(watcher, expected_total: int, timeout: float = 10) -> dict[int, int]:
