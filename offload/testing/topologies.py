@@ -122,12 +122,18 @@ def _as_dict(reply) -> dict:
 class _Processes:
     """redis-server processes by port, in one temporary directory."""
 
-    def __init__(self, directory: Path | None, prefix: str) -> None:
+    def __init__(self, directory: Path | None, prefix: str, tls: bool = False) -> None:
         self.dir = Path(directory or tempfile.mkdtemp(prefix=prefix))
         self.dir.mkdir(parents=True, exist_ok=True)
         self.procs: dict[int, subprocess.Popen] = {}
         self.args: dict[int, list[str]] = {}
-        self.tls: LocalTls | None = None  # the nodes speak only TLS
+        self.tls = LocalTls(self.dir / "tls") if tls else None  # the nodes speak only TLS
+
+    def url(self, kind: str, ports: list[int], path: str) -> str:
+        """The ``OFFLOAD_REDIS_URL`` of a ``kind`` ("cluster", "sentinel") reached at ``ports``:
+        ``rediss+`` trusting the throwaway CA when the nodes speak TLS."""
+        hosts = ",".join(f"{_HOST}:{port}" for port in ports)
+        return f"rediss+{kind}://{hosts}/{path}{self.tls.query}" if self.tls else f"redis+{kind}://{hosts}/{path}"
 
     def client(self, port: int, timeout: float = 2):
         """A ``redis.Redis`` to the node on ``port`` (over TLS if the nodes speak it)."""
@@ -203,9 +209,7 @@ class LocalRedisCluster:
         self.masters = masters
         self.replicas = replicas
         self.node_timeout_ms = node_timeout_ms
-        self._procs = _Processes(directory, "offload-cluster-")
-        if tls:
-            self._procs.tls = LocalTls(self._procs.dir / "tls")
+        self._procs = _Processes(directory, "offload-cluster-", tls)
         self.ports: list[int] = []
 
     @property
@@ -215,9 +219,7 @@ class LocalRedisCluster:
     @property
     def url(self) -> str:
         """``OFFLOAD_REDIS_URL`` for this cluster (every node a seed)."""
-        tls = self._procs.tls
-        nodes = ",".join(f"{_HOST}:{port}" for port in self.ports)
-        return f"rediss+cluster://{nodes}/{tls.query}" if tls else f"redis+cluster://{nodes}/"
+        return self._procs.url("cluster", self.ports, "")
 
     def start(self) -> LocalRedisCluster:
         ports: set[int] = set()
@@ -401,9 +403,7 @@ class LocalRedisSentinel:
     ) -> None:
         self.service = service
         self.down_after_ms = down_after_ms
-        self._procs = _Processes(directory, "offload-sentinel-")
-        if tls:
-            self._procs.tls = LocalTls(self._procs.dir / "tls")
+        self._procs = _Processes(directory, "offload-sentinel-", tls)
         self.data_ports: list[int] = []
         self.sentinel_ports: list[int] = []
 
@@ -414,13 +414,7 @@ class LocalRedisSentinel:
     @property
     def url(self) -> str:
         """``OFFLOAD_REDIS_URL`` for this service."""
-        tls = self._procs.tls
-        sentinels = ",".join(f"{_HOST}:{p}" for p in self.sentinel_ports)
-        return (
-            f"rediss+sentinel://{sentinels}/{self.service}{tls.query}"
-            if tls
-            else f"redis+sentinel://{sentinels}/{self.service}"
-        )
+        return self._procs.url("sentinel", self.sentinel_ports, self.service)
 
     def start(self) -> LocalRedisSentinel:
         ports: set[int] = set()
