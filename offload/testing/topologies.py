@@ -523,8 +523,12 @@ class LocalRedisSentinel:
         """Thaw a node :meth:`pause` froze (SIGCONT)."""
         self._procs.signal(port, signal.SIGCONT)
 
-    def restart(self, port: int, timeout: float = 30) -> None:
-        """Start a killed data node again and wait until the sentinels made it an in-sync replica."""
+    def restart(self, port: int, timeout: float = 60) -> None:
+        """Start a killed data node again and wait until the sentinels made it an in-sync replica.
+
+        The sentinels notice it at their next INFO round (every 10 s), then it syncs: on a loaded
+        machine that took more than 30 s once.
+        """
         self._procs.restart(port)
 
         def in_sync() -> bool:
