@@ -124,7 +124,8 @@ class Client:
         n, host, port = cfg["subscribers"], cfg["host"], cfg["port"]
         self.ledger, self.latency, self.arrivals = Ledger(n, len(self.names)), Series(), []
         url = f"ws://{host}:{port}{cfg.get('ws_path', '/ws/?')}channel="
-        self.pool = SubscriberPool(lambda i: url + self.names[i % len(self.names)], n, self.on_data)
+        extra = "".join(f"&channel=public:extra-{j}" for j in range(int(cfg.get("extra_channels", 0))))
+        self.pool = SubscriberPool(lambda i: url + self.names[i % len(self.names)] + extra, n, self.on_data)
         self.headers = {"Authorization": f"Bearer {cfg.get('api_key')}", "Content-Type": "application/json"}
         self.windows: dict[str, Window] = {}
         self.expects: dict[str, list[dict]] = {}
