@@ -509,9 +509,15 @@ class LocalRedisSentinel:
 
         def promoted() -> int | None:
             port = self.master_port()
-            if port != old and self.node(port).info("replication")["role"] == "master":
-                return port
-            return None
+            if port == old or self.node(port).info("replication")["role"] != "master":
+                return None
+            # GET-MASTER-ADDR-BY-NAME names the promoted replica while the failover still runs; clients
+            # (redis-py's discover_master) read SENTINEL MASTER, which names it only once it is over.
+            for sentinel_port in filter(self._procs.alive, self.sentinel_ports):
+                state = _as_dict(_redis(sentinel_port).execute_command("SENTINEL", "MASTER", self.service))
+                if int(state[b"port"]) != port or state[b"flags"] != b"master":
+                    return None
+            return port
 
         return wait_for(promoted, timeout, "the sentinels promoted the replica")
 
