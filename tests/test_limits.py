@@ -1,6 +1,8 @@
 """Limits: the token bucket (fake clock) and per-IP connection slots (real Redis)."""
 
-from offload.backend.slots import ConnectionSlots
+import gevent
+
+from offload.backend.slots import _GATHER, ConnectionSlots, _SlotBroker
 from offload.core.rates import Cooldowns, TokenBucket
 
 
@@ -88,3 +90,39 @@ def test_a_storm_of_acquires_is_one_script_call_per_ip_in_order(redis_client):
     gevent.joinall(jobs, raise_error=True)
     assert jobs[0].value is True
     assert redis_client.zcard("offload:ip:10.0.1.1") == 4
+
+
+def test_a_busy_broker_gathers_acquires_and_a_lone_one_goes_at_once():
+    """uWSGI accepts one connection per loop turn, so a storm's acquires arrive one by one: a broker that sent
+    less than ``_GATHER`` ago waits that long and sends what arrived meanwhile in one round trip; an acquire
+    after a quiet moment is sent without waiting (clock and sleep injected, the round trips recorded)."""
+    now = [100.0]
+    slept: list[float] = []
+    arrivals: list[ConnectionSlots] = []
+    broker = _SlotBroker(clock=lambda: now[0], sleep=lambda seconds: (slept.append(seconds), arrive()))
+    batches: list[list[str]] = []
+
+    def send(batch: list) -> list[bool]:
+        batches.append([slots.member for _, slots, _ in batch])
+        now[0] += 0.0003  # a round trip, during which the next socket asks
+        if len(batches) == 1:
+            broker._push("acquire", arrivals.pop(0), None)
+        return [True] * len(batch)
+
+    def arrive() -> None:  # the rest of the storm comes in while the broker waits
+        while arrivals:
+            broker._push("acquire", arrivals.pop(0), None)
+
+    broker._send = send
+    storm = [ConnectionSlots("10.0.2.1", limit=100, stale_after=60) for _ in range(6)]
+    arrivals.extend(storm[1:])
+    broker._push("acquire", storm[0], None)
+    gevent.sleep(0)  # the flush greenlet runs
+    assert batches == [[storm[0].member], [s.member for s in storm[1:]]]
+    assert slept == [_GATHER]  # the first batch went at once, the second gathered
+
+    now[0] += 1.0  # a quiet second later
+    lone = ConnectionSlots("10.0.2.1", limit=100, stale_after=60)
+    broker._push("acquire", lone, None)
+    gevent.sleep(0)
+    assert batches[-1] == [lone.member] and slept == [_GATHER]

@@ -11,7 +11,10 @@ asked for while the event loop was busy (a connect storm's acquires, the
 releases of closing sockets, heartbeats) leaves in one pipelined round trip,
 folded per IP (one script call takes the slots of every socket of that IP
 that asked). Measured on a 5,000-socket storm, one EVALSHA per socket was
-14 % of the worker's CPU.
+14 % of the worker's CPU. uWSGI accepts one connection per loop turn, so a
+storm's acquires arrive one by one: a broker that sent less than
+``_GATHER`` ago waits that long, and a storm's round trips carry several
+sockets each (a lone connect still goes at once).
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Callable
 
+import gevent
+import gevent.event
 import redis
 
 from .. import conf, metrics
@@ -41,14 +47,15 @@ class _SlotBroker:
     then acquires in the order asked), and repeats while more arrived.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], object] = gevent.sleep):
         self.pid = os.getpid()
         self._queue: list[tuple[str, ConnectionSlots, object]] = []
         self._flushing = False
+        self._clock = clock
+        self._sleep = sleep
+        self._sent_at = -_GATHER  # when the last round trip left
 
     def acquire(self, slots: ConnectionSlots) -> bool:
-        import gevent.event
-
         result = gevent.event.AsyncResult()
         self._push("acquire", slots, result)
         return result.get()
@@ -62,23 +69,20 @@ class _SlotBroker:
     def _push(self, op: str, slots: ConnectionSlots, result) -> None:
         self._queue.append((op, slots, result))
         if not self._flushing:
-            import gevent
-
             self._flushing = True
             gevent.spawn(self._flush)
 
     def _flush(self) -> None:
-        import gevent
-
         try:
             while self._queue:
+                if self._clock() - self._sent_at < _GATHER:  # commands keep coming: let more gather
+                    self._sleep(_GATHER)
                 batch, self._queue = self._queue, []
+                self._sent_at = self._clock()
                 answers = self._send(batch)
                 for (_, _, result), answer in zip(batch, answers, strict=True):
                     if result is not None:
                         result.set(answer)
-                if len(batch) > 1:  # under load: let the next batch gather for a moment
-                    gevent.sleep(_GATHER)
         finally:
             self._flushing = False
 
