@@ -10,6 +10,7 @@ stamp each at arrival. A subscriber is ready once the server's
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import sys
 import time
@@ -127,7 +128,15 @@ class SubscriberPool:
     async def connect(self, concurrency: int = 50, timeout: float = 5.0) -> float:
         """Connect and subscribe all; returns the seconds taken. Fails if any fails."""
         started, gate = time.monotonic(), asyncio.Semaphore(concurrency)
-        self.subscribers = list(await asyncio.gather(*(self._connect_one(i, gate, timeout) for i in range(self.n))))
+        # Thousands of tasks and sockets at once made Python's cyclic collector run full collections over all of
+        # them: a 10,000-socket storm spent its first second in gc on both CPUs, starving the server under test.
+        # What the subscribers keep lives until the end: frozen, later collections never walk it.
+        gc.disable()
+        try:
+            self.subscribers = list(await asyncio.gather(*(self._connect_one(i, gate, timeout) for i in range(self.n))))
+        finally:
+            gc.freeze()
+            gc.enable()
         return time.monotonic() - started
 
     async def close(self) -> None:
