@@ -1,11 +1,7 @@
-"""``python -m bench.publisher CONFIG_JSON`` (project .venv): ``offload.publish()`` from a Django process.
-
-Through the library itself (pooled Redis client, Lua script, idempotency token) with the project's settings, as a
-view or a task does: it measures what users run and keeps no copy of the publish code. ``mode`` ``gevent``:
-greenlets after monkey-patching, as the project's uWSGI views run; ``threads``: OS threads (a threaded server, a
-task runner). ``call`` ``presence_count``: ``offload.presence_count()`` instead; with ``prefix`` (a Node.js anchor),
-Redis PUBLISH of the envelope its publish view builds, as a Django app beside Node.js would.
-"""
+"""``python -m bench.publisher CONFIG_JSON`` (project .venv): ``offload.publish()`` from a Django process, through
+the library itself as a view or a task does (no copy of the publish code). ``mode``: ``gevent`` (as uWSGI views run)
+or ``threads``; ``call=presence_count``: that instead; with ``prefix`` (a Node.js anchor), Redis PUBLISH of the
+envelope its publish view builds, as a Django app beside Node.js would."""
 
 from __future__ import annotations
 
@@ -41,12 +37,10 @@ def offload_calls(cfg: dict, names: list[str]):
     django.setup()
     from offload import presence_count, publish
 
-    def call(g: int) -> None:
-        publish(names[g % len(names)], {"t": time.time_ns(), "seq": g})
-
+    warm = lambda _: publish("public:warmup", {})  # noqa: E731
     if cfg.get("call") == "presence_count":
-        return (lambda _g: presence_count(names[0])), (lambda _: publish("public:warmup", {}))
-    return call, (lambda _: publish("public:warmup", {}))
+        return (lambda _g: presence_count(names[0])), warm
+    return (lambda g: publish(names[g % len(names)], {"t": time.time_ns(), "seq": g})), warm
 
 
 def node_calls(cfg: dict, names: list[str]):

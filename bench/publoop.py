@@ -1,15 +1,9 @@
-"""One publisher run, whoever publishes (stdlib only: every environment of the bench imports it).
+"""One publisher run, whoever publishes (stdlib only): HTTP publishes and view probes, ``offload.publish()`` and
+``group_send`` are all numbered, paced, timed and reported by :class:`PublishRun`. Open loop (a ``rate``): number
+``n`` is due at ``n / rate`` s, so a stalled server shows as latency, not as fewer samples; closed loop: throughput.
 
-The HTTP publishes and view probes of the load client, ``offload.publish()`` (``bench/publisher.py``) and
-``group_send`` (``channels_anchor/publisher.py``) all go through :class:`PublishRun`, so each is numbered, paced,
-timed and reported the same way. Open loop (a ``rate``): number ``n`` is due at ``n / rate`` s with at most
-``callers`` in flight, so a stalled server shows as latency, not as fewer samples; closed loop: throughput.
-
-One numbering of publishes is shared by every publisher and subscriber: publish number ``g`` goes to channel
-``g % C`` of the run's ``C`` channels, where it is that channel's message ``g // C``; its data is ``{"t": <time_ns
-at publish>, "seq": g}`` (padded with ``"p"`` when a scenario wants big messages). Subscriber ``i`` listens on
-channel ``i % C``. So whoever publishes, a subscriber can tell from a message alone which publish it was and
-whether it was meant for it.
+Publish ``g`` goes to channel ``g % C`` (its message ``g // C`` there) with data ``{"t": time_ns, "seq": g}``;
+subscriber ``i`` listens on channel ``i % C``: a message alone tells which publish it was and whom it was for.
 """
 
 from __future__ import annotations
@@ -26,15 +20,12 @@ from collections.abc import Awaitable, Callable
 from .stats import summarize_us
 
 MAX_FAILED = 10_000
-#: the channel names of the many-channel scenarios: ``public:mc-0`` ... (``public``: anyone may subscribe)
-PREFIX = "public:mc-"
 
 
 def names(cfg: dict) -> list[str]:
-    """The run's channels: ``[cfg["channel"]]``, or ``cfg["channels"]`` of them named ``public:mc-<i>``."""
-    if cfg.get("channel"):
-        return [cfg["channel"]]
-    return [f"{PREFIX}{i}" for i in range(int(cfg["channels"]))]
+    """The run's channels: ``[cfg["channel"]]``, or ``cfg["channels"]`` of them named ``public:mc-<i>`` (``public``:
+    anyone may subscribe)."""
+    return [cfg["channel"]] if cfg.get("channel") else [f"public:mc-{i}" for i in range(int(cfg["channels"]))]
 
 
 def stamp(g: int, size: int = 0) -> bytes:
@@ -106,16 +97,17 @@ class PublishRun:
         return {**out, "publishes_per_s": round(len(ok) / took, 1), "latency": summarize_us(ok.values())}
 
 
-def run_threads(run: PublishRun, call: Callable[[int], str | None], callers: int) -> None:
-    """``callers`` threads (greenlets, once gevent patched ``threading``) calling ``call(g)``."""
+def run_threads(run: PublishRun, call: Callable[[int], object], callers: int) -> None:
+    """``callers`` threads (greenlets, once gevent patched ``threading``) calling ``call(g)``; a call fails by raising
+    (what it returns is ignored: ``offload.publish()`` returns the message id, ``presence_count()`` the count)."""
 
     def caller() -> None:
         while (taken := run.take()) is not None:
             g, wait = taken
             time.sleep(wait)  # sleep(0) too: under gevent a greenlet yields between calls, as a view does
-            t, started = time.time_ns(), time.perf_counter_ns()
+            t, started, error = time.time_ns(), time.perf_counter_ns(), None
             try:
-                error = call(g)
+                call(g)
             except Exception as exc:  # BackendUnavailable, OutcomeUnknown, ...
                 error = type(exc).__name__
             run.done(g, t, started, error)
