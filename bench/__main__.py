@@ -1,11 +1,5 @@
-"""``python -m bench [SCENARIO]`` (project .venv): run a scenario, write and print its report.
-
-``python -m bench --render RESULTS.json...`` renders saved results again
-(Markdown and PNG beside the JSON), e.g. after a change of the tables.
-``make bench`` runs it after creating both virtualenvs; knobs are ``BENCH_*``
-environment variables (``bench/config.py``, each scenario's ``KNOBS``).
-Servers and clients are stopped on every way out (end, error, Ctrl-C, SIGTERM).
-"""
+"""``python -m bench [SCENARIO]`` (project .venv): run a scenario, write and print its report; ``--render
+RESULTS.json...`` renders saved results again. Servers and clients are stopped on every way out (SIGTERM too)."""
 
 from __future__ import annotations
 
@@ -13,11 +7,13 @@ import datetime
 import json
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from . import config, report
+from . import config
+from .config import PROJECT_DIR
 from .harness import Bench
 from .scenarios import SCENARIOS
 
@@ -45,7 +41,7 @@ def main(argv: list[str]) -> int:
     logs = stem.with_name(stem.name + "-logs")
     results = {"scenario": name, "started": started.isoformat(timespec="seconds"), "command": _command(name)}
     results.update(scale=cfg.scale, knobs=config.knobs(scenario.PREFIX, scenario.KNOBS, cfg.scale))
-    results["machine"] = report.machine()
+    results["machine"] = machine()
     try:
         with tempfile.TemporaryDirectory(prefix=f"offload-bench-{name}-") as work:
             with Bench(cfg, Path(work), logs) as bench:
@@ -64,16 +60,39 @@ def main(argv: list[str]) -> int:
 def render(results: dict, stem: Path, cfg: config.Config) -> str:
     """Write the JSON (first: a report that fails to render can be rendered again), Markdown and PNG of
     ``results``; returns the Markdown and where the files are."""
-    scenario, paths = SCENARIOS[results["scenario"]], report.paths(stem)
+    scenario = SCENARIOS[results["scenario"]]
+    paths = {kind: stem.with_name(f"{stem.name}.{kind}") for kind in ("json", "md", "png")}
+    stem.parent.mkdir(parents=True, exist_ok=True)
     paths["json"].write_text(json.dumps(results, indent=1) + "\n")
     results["warnings"] = scenario.warnings(results)
     markdown, results["plot"] = scenario.markdown(results), scenario.plot(results)
     paths["json"].write_text(json.dumps(results, indent=1) + "\n")
     paths["md"].write_text(markdown)
-    error = report.plot(cfg.client_python, paths["json"], paths["png"])
+    error = draw(cfg.client_python, paths["json"], paths["png"])
     if error:
         print(f"plot failed: {error}", file=sys.stderr)
     return markdown + "\n" + "\n".join(f"{kind}: {p}" for kind, p in paths.items() if kind != "png" or not error)
+
+
+def machine() -> dict:
+    """Where the figures come from: CPUs, load, the commit under test."""
+    try:
+        how = {"cwd": PROJECT_DIR, "capture_output": True, "text": True, "timeout": 10}
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], **how).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {"cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg(), "commit": commit or "unknown"}
+
+
+def draw(python: str, json_path: Path, png_path: Path) -> str | None:
+    """Draw the PNG in the bench venv; returns an error text instead of raising."""
+    try:
+        env = dict(os.environ, PYTHONPATH=str(PROJECT_DIR), MPLBACKEND="Agg")
+        argv = [python, "-m", "bench.plot", str(json_path), str(png_path)]
+        done = subprocess.run(argv, cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return str(exc)
+    return None if done.returncode == 0 else done.stderr[-2000:]
 
 
 def _command(name: str) -> str:

@@ -1,15 +1,9 @@
-"""Servers ours is compared with, one process each on a free port: Django Channels 4 and Node.js.
+"""Servers ours is compared with, one process each on a free port (a fresh Redis key prefix per start, so an earlier
+run's leftovers cost nothing): Django Channels 4 and Node.js. Each speaks the part of ``docs/protocol.md`` the load
+client uses (``/ws/?channel=C``, ``subscribed``, ``message`` envelopes, ``POST /api/publish/<channel>``).
 
-:class:`AnchorServer` starts one (its own session and log, a fresh Redis
-key prefix per start so leftovers of an earlier run cost nothing), waits
-until ``GET /probe/`` answers and stops only that pid. Every anchor speaks
-the part of ``docs/protocol.md`` the load client uses: ``/ws/?channel=C``
-(or Socket.IO's path), the ``subscribed`` reply, ``message`` envelopes and
-``POST /api/publish/<channel>`` with a bearer key.
-
-Worth knowing when reading Channels' results: the core layer drops whole
-broadcasts, silently, once 100 group messages wait for one server process
-(``capacity``); the pubsub layer never drops, its per-socket queues grow instead.
+Worth knowing when reading Channels' results: the core layer drops whole broadcasts, silently, once 100 group
+messages wait for one server process (``capacity``); the pubsub layer never drops, its per-socket queues grow.
 """
 
 from __future__ import annotations
@@ -24,8 +18,7 @@ from pathlib import Path
 
 from offload.testing import WaitTimeout, free_port, wait_for
 
-from .clients import end
-from .cpu import descendants
+from .server import descendants, end
 
 NODE_DIR = Path(__file__).resolve().parent / "node"
 CHANNELS_DIR = Path(__file__).resolve().parent / "channels_anchor"
@@ -37,7 +30,7 @@ LAYER_NAMES = {"core": "RedisChannelLayer", "pubsub": "RedisPubSubChannelLayer"}
 
 
 class AnchorServer:
-    """One anchor server: :meth:`argv` (given the port) run from ``cwd``; ``label`` names it in reports."""
+    """One anchor server: a subclass's ``argv()`` (given the port) run from ``cwd``; ``label`` names it in reports."""
 
     host, api_key, ws_path = "127.0.0.1", "bench-key", "/ws/?"
     cwd: Path
@@ -50,9 +43,6 @@ class AnchorServer:
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
-
-    def argv(self) -> list[str]:
-        raise NotImplementedError
 
     def tree(self) -> list[int]:
         return descendants(self.pid) if self.pid else []
@@ -93,8 +83,6 @@ class NodeServer(AnchorServer):
     cwd = NODE_DIR
 
     def __init__(self, combo: str, redis_url: str, log_path: Path) -> None:
-        if combo not in NODE_ANCHORS:
-            raise ValueError(f"unknown Node.js anchor {combo!r}; known: {', '.join(NODE_ANCHORS)}")
         self.kind = combo.removeprefix("node-")
         label = "Node.js ws 8 + ioredis" if self.kind == "ws" else "Node.js Socket.IO 4 + ioredis"
         super().__init__(combo, redis_url, log_path, label)

@@ -1,8 +1,5 @@
-"""Knobs: ``BENCH_*`` environment variables over two scale presets (``full``, ``small``: a smoke run of the same paths).
-
-``BENCH_<PREFIX><NAME>`` overrides a scenario knob's preset and keeps its type (a list is comma-separated), so
-every run is reproducible from its ``command``.
-"""
+"""Knobs: two scale presets (``full``, ``small``: a smoke run of the same paths), each overridden by
+``BENCH_<PREFIX><NAME>`` in its type (a list comma-separated), so every run is reproducible from its ``command``."""
 
 from __future__ import annotations
 
@@ -26,11 +23,10 @@ class Config:
 
     @classmethod
     def from_env(cls) -> Config:
-        env = os.environ
-        cfg = cls(env.get("BENCH_SCALE", cls.scale), env.get("BENCH_CLIENT_PYTHON", cls.client_python))
+        names = ("scale", "client_python", "out_dir")  # BENCH_SCALE, ...
+        cfg = cls(*(os.environ.get(f"BENCH_{name.upper()}", getattr(cls, name)) for name in names))
         if cfg.scale not in SCALES:
             raise SystemExit(f"BENCH_SCALE must be one of {', '.join(SCALES)}, not {cfg.scale!r}")
-        cfg.out_dir = env.get("BENCH_OUT_DIR", cfg.out_dir)
         return cfg
 
 

@@ -1,32 +1,92 @@
-"""The skeleton every scenario runs on: servers, helper processes, measuring windows, collection.
+"""The skeleton every scenario runs on: servers, processes, windows, collection. ``Bench`` stops (by pid) all it
+started on every way out; each anchor runs in a :meth:`Bench.scope` of its own, so a broken setup loses nothing else.
 
-``Bench`` owns every server and process it started and stops them (by pid) on every way out; each anchor runs
-in a :meth:`Bench.scope` of its own, so one broken setup loses nothing else (windows: ``bench/README.md``).
-"""
+Helper processes (load clients, publishers) take commands ``{"cmd": ...}`` on stdin and give events ``{"event": ...}``
+on stdout, stderr to a log; EOF on stdin (the orchestrator died) makes one exit, so no run leaves one behind."""
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import resource
+import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from .anchor import NODE_ANCHORS, AnchorServer, ChannelsServer, NodeServer
-from .clients import Process
-from .config import Config
-from .cpu import CpuMeter
-from .server import BenchServer, rss_kib, tree_kib
+from .config import PROJECT_DIR, Config
+from .server import BenchServer, CpuMeter, end, rss_kib, tree_kib
 from .stats import summarize_us
 
 #: the server environment of the websocket scenarios: one worker, 2,000 cores, no per-IP cap
 SERVER_ENV = {"WORKERS": "1", "CORES": "2000", "OFFLOAD_MAX_CONNECTIONS_PER_IP": "1000000"}
 SERVER_ENV["OFFLOAD_STATS_INTERVAL"] = "0"
 COUNTS = ("expected", "lost", "dup", "arrived_in_window", "deliveries_per_s", "expected_per_s", "n")
+
+
+class ClientError(RuntimeError):
+    pass
+
+
+class Process:
+    """``argv`` run from the project directory; ``label`` names its CPU group in the reports."""
+
+    def __init__(self, argv: list[str], label: str, log_path: Path) -> None:
+        self.label, self.log_path = label, log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, PYTHONPATH=str(PROJECT_DIR), PYTHONUNBUFFERED="1")
+        pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE}
+        with open(log_path, "ab") as log:  # a new session: Ctrl-C reaches the orchestrator, which stops us in order
+            self.proc = subprocess.Popen(argv, cwd=PROJECT_DIR, env=env, stderr=log, start_new_session=True, **pipes)
+        self.pid, self.events = self.proc.pid, queue.Queue()
+        self._reader = threading.Thread(target=self._read, name=f"{label}-stdout", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            try:
+                self.events.put(json.loads(line))
+            except ValueError:
+                self.events.put({"event": "garbage", "line": line.decode(errors="replace")[:500]})
+        self.events.put({"event": "exit"})
+
+    def send(self, cmd: str, **fields) -> None:
+        try:
+            self.proc.stdin.write((json.dumps({"cmd": cmd, **fields}) + "\n").encode())
+            self.proc.stdin.flush()
+        except OSError as exc:
+            raise ClientError(f"{self.label} is gone ({exc}); log {self.log_path}:\n{self.log_tail()}") from exc
+
+    def wait(self, event: str, timeout: float) -> dict:
+        """The next ``event`` (others are dropped)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                item = self.events.get(timeout=min(1.0, max(0.01, deadline - time.monotonic())))
+            except queue.Empty:
+                continue
+            if item.get("event") == event:
+                return item
+            if item.get("event") in ("exit", "error", "garbage"):
+                raise ClientError(f"{self.label} failed: {item}; log {self.log_path}:\n{self.log_tail()}")
+        raise ClientError(f"{self.label}: no {event!r} within {timeout:.0f} s; log {self.log_path}")
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]  # created before the process started
+
+    def close(self) -> None:
+        """EOF on stdin (its own way out), then TERM, then KILL: only this pid."""
+        if self.proc.poll() is None:
+            with suppress(OSError):
+                self.proc.stdin.close()
+            end(self.proc)
+        self._reader.join(2)
 
 
 class Bench:
@@ -78,12 +138,8 @@ class Bench:
         return thing.start() if hasattr(thing, "start") else thing
 
     def server(self, name: str, env: dict, downloads: list[Path] = ()) -> BenchServer:
+        self.step(f"[{name}] starting uWSGI: {' '.join(f'{k}={v}' for k, v in env.items())}")
         return self.start(BenchServer(self.work / f"var-{name}", env, downloads, self.logs / f"{name}-uwsgi.log"))
-
-    def anchor(self, combo: str, redis_url: str) -> AnchorServer:
-        """A Channels setup or, ``node-*``, a Node.js server (``bench/anchor.py``), started and owned."""
-        kind = NodeServer if combo in NODE_ANCHORS else ChannelsServer
-        return self.start(kind(combo, redis_url, self.logs / f"anchor-{combo}.log"))
 
     def client(self, role: str, label: str, name: str, **config) -> Process:
         """A load client in the bench venv (``bench.loadclient``); ``label`` is its CPU group."""
@@ -213,13 +269,15 @@ class Bench:
         return {key: sum(s[key] for s in summaries) for key in ("misrouted", "disconnects")}
 
     def anchors(self, combos: list[str], redis_url: str, run_one: Callable[[AnchorServer], dict]) -> dict:
-        """Each anchor (:meth:`anchor`) in turn against ``redis_url``; a broken one is recorded as an error."""
+        """Each anchor (a Channels setup or, ``node-*``, a Node.js server) in turn against ``redis_url``, started and
+        owned; a broken one is recorded as an error."""
         out = {}
         for combo in combos:
             try:
                 with self.scope():
                     self.step(f"[{combo}] starting")
-                    anchor = self.anchor(combo, redis_url)
+                    kind = NodeServer if combo in NODE_ANCHORS else ChannelsServer
+                    anchor = self.start(kind(combo, redis_url, self.logs / f"anchor-{combo}.log"))
                     out[combo] = {"label": anchor.label, **run_one(anchor)}
             except Exception as exc:
                 out[combo] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
@@ -241,6 +299,27 @@ def merge(parts: list[dict]) -> dict:
     codes = sum((Counter(p["disconnects"]["codes"]) for p in parts), Counter())
     out["disconnects"] = {"count": sum(p["disconnects"]["count"] for p in parts), "codes": dict(codes)}
     return out
+
+
+@contextmanager
+def backlog(wanted: int) -> Iterator[tuple[dict[str, tuple[int, int]], int]]:
+    """The kernel's listen backlog limits raised to ``wanted`` (root only) for the block, as a deployment expecting
+    connect storms would: with the default somaxconn (4,096 here) 10,000 simultaneous SYNs overflow the accept
+    queue whatever the server does. Yields ({sysctl: (old, new)}, uWSGI's listen: the new limit); the old values
+    come back after."""
+    changed: dict[Path, tuple[int, int]] = {}
+    try:
+        for path in map(Path, ("/proc/sys/net/core/somaxconn", "/proc/sys/net/ipv4/tcp_max_syn_backlog")):
+            with suppress(OSError, ValueError):
+                old = int(path.read_text())
+                path.write_text(str(max(old, wanted)))
+                changed[path] = (old, int(path.read_text()))
+        listen = max([new for _, new in changed.values()], default=1024)
+        yield {path.name: values for path, values in changed.items()}, listen
+    finally:
+        for path, (old, _) in changed.items():
+            with suppress(OSError):
+                path.write_text(str(old))
 
 
 def raise_nofile() -> list[int]:

@@ -1,20 +1,9 @@
-"""Results on disk: ``<stamp>-<scenario>.json`` / ``.md`` / ``.png`` in bench/results/, and the table helpers.
-
-The JSON holds everything (knobs, machine, every window, verdict), so a
-report can be rendered again from it (``python -m bench --render``); the
-Markdown is the human table (also printed); the PNG is drawn by
-``bench.plot`` in the bench venv, where matplotlib lives. Tables are data:
-a list of ``(heading, getter)`` columns applied to rows of results.
-"""
+"""What a scenario's report is made of, as data: tables of ``(heading, getter)`` columns applied to rows of results,
+paragraph templates, verdicts, warnings and the PNG's panels (drawn by ``bench.plot`` in the bench venv)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 from collections.abc import Callable
-from pathlib import Path
-
-from .config import PROJECT_DIR
 
 Column = tuple[str, Callable[[dict], object]]
 
@@ -138,32 +127,6 @@ def bars(title: str, ylabel: str, values: dict[str, float | None], **more) -> di
     colour = colours(list(values))
     more.update(labels=list(values), values=list(values.values()), colors=[colour[n] for n in values])
     return {"kind": "bars", "title": title, "ylabel": ylabel, **more}
-
-
-def machine() -> dict:
-    """Where the figures come from: CPUs, load, the commit under test."""
-    try:
-        how = {"cwd": PROJECT_DIR, "capture_output": True, "text": True, "timeout": 10}
-        commit = subprocess.run(["git", "describe", "--always", "--dirty"], **how).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return {"cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg(), "commit": commit or "unknown"}
-
-
-def paths(stem: Path) -> dict[str, Path]:
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    return {kind: stem.with_name(f"{stem.name}.{kind}") for kind in ("json", "md", "png")}
-
-
-def plot(python: str, json_path: Path, png_path: Path) -> str | None:
-    """Draw the PNG in the bench venv; returns an error text instead of raising."""
-    try:
-        env = dict(os.environ, PYTHONPATH=str(PROJECT_DIR), MPLBACKEND="Agg")
-        argv = [python, "-m", "bench.plot", str(json_path), str(png_path)]
-        done = subprocess.run(argv, cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=120)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return str(exc)
-    return None if done.returncode == 0 else done.stderr[-2000:]
 
 
 def window_warnings(where: str, w: dict, client: str = "clients", lost: bool = True) -> list[str]:

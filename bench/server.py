@@ -1,22 +1,93 @@
-"""One server under test: uWSGI via LiveServer, a logged-in user, its processes and memory.
-
-The server starts exactly as the integration tests start it (``uwsgi --ini
-uwsgi.ini`` through ``offload.testing.LiveServer``, its own var dir and
-embedded Redis), so the bench measures the shipped configuration; only
-environment overrides differ. Processes are found from the master's pid and
-the Redis pidfile, never by name: other uWSGI instances run on this machine.
-"""
+"""One server under test, started as the integration tests start it (``offload.testing.LiveServer``), so the bench
+measures the shipped configuration; and what /proc says of processes: memory, and CPU per group (on a shared 2-core
+box a latency means little unless we know who burnt the CPU meanwhile: "other" is the rest of the machine). Processes
+are found from the master's pid and the Redis pidfile, never by name: other uWSGI instances run on this machine."""
 
 from __future__ import annotations
 
 import os
 import re
 import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 
 from offload.testing import LiveServer
 
-from .cpu import descendants
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu(pid: int) -> tuple[float, float] | None:
+    """(utime, stime) of one process and all its threads, seconds; None if gone. stime is the kernel's
+    share: on loopback a socket write also pays for the receiver's TCP input."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+    return int(fields[11]) / _TICK, int(fields[12]) / _TICK
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and all its descendants (scans /proc: ``children`` files are not always there)."""
+    parent_of: dict[int, int] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent_of[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+            continue
+    found, frontier = [pid], [pid]
+    while frontier:
+        frontier = [child for child, parent in parent_of.items() if parent in frontier]
+        found.extend(frontier)
+    return found
+
+
+def end(proc: subprocess.Popen, steps=((None, 15), (signal.SIGTERM, 5), (signal.SIGKILL, 5))) -> None:
+    """Each step's signal (None: none), then up to its seconds for ``proc`` to exit: only this pid."""
+    for action, seconds in steps:
+        if proc.poll() is not None:
+            return
+        if action is not None:
+            proc.send_signal(action)
+        with suppress(subprocess.TimeoutExpired):
+            proc.wait(seconds)
+
+
+class CpuMeter:
+    """Snapshots of CPU seconds per group (``groups``: name -> the group's pids *now*, processes come and go);
+    ``delta`` gives a window's usage."""
+
+    def __init__(self, groups: dict[str, Callable[[], list[int]]]) -> None:
+        self.groups = groups
+
+    def snapshot(self) -> dict:
+        pids = {name: {pid: cpu for pid in get() if (cpu := process_cpu(pid))} for name, get in self.groups.items()}
+        with open("/proc/stat") as f:  # the whole machine's busy CPU seconds since boot, all cores
+            values = [int(v) for v in f.readline().split()[1:]]
+        machine = (sum(values[:8]) - values[3] - values[4]) / _TICK  # minus idle and iowait
+        return {"t": time.monotonic(), "machine": machine, "pids": pids}
+
+    @staticmethod
+    def delta(before: dict, after: dict) -> dict:
+        """CPU seconds, % of one core and kernel seconds per group between two snapshots."""
+        wall, ours, out = max(1e-9, after["t"] - before["t"]), 0.0, {}
+        for name, now in after["pids"].items():
+            then = before["pids"].get(name, {})
+            was = {pid: then.get(pid, (0.0, 0.0)) for pid in now}  # a process first seen now counts from zero
+            user = sum(max(0.0, cpu[0] - was[pid][0]) for pid, cpu in now.items())
+            kernel = sum(max(0.0, cpu[1] - was[pid][1]) for pid, cpu in now.items())
+            ours += user + kernel
+            out[name] = {"cpu_s": round(user + kernel, 2), "core_pct": round(100 * (user + kernel) / wall, 1)}
+            out[name]["sys_s"] = round(kernel, 2)
+        total = after["machine"] - before["machine"]
+        other = max(0.0, total - ours)
+        out["other"] = {"cpu_s": round(other, 2), "core_pct": round(100 * other / wall, 1)}
+        return {"wall_s": round(wall, 2), "groups": out, "machine_pct": round(100 * total / (wall * os.cpu_count()), 1)}
 
 
 def rss_kib(pid: int | None) -> int | None:

@@ -1,8 +1,4 @@
-"""Percentiles and medians, stdlib only (imported by the orchestrator, the clients and the publishers).
-
-Latencies are kept as integer microseconds; summaries are floats in
-milliseconds, which is what the report shows.
-"""
+"""Percentiles and medians, stdlib only (every environment imports it): samples in integer µs, summaries in ms."""
 
 from __future__ import annotations
 
@@ -12,11 +8,8 @@ from collections.abc import Iterable
 
 
 def summarize_us(values: Iterable[int], cdf_points: int = 0) -> dict:
-    """n, p50/p90/p99/p99.9/max and mean in ms of microsecond samples.
-
-    With ``cdf_points`` it also returns that many evenly spaced quantiles
-    (ms), enough to draw a CDF without shipping every sample.
-    """
+    """n, p50/p90/p99/p99.9/max and mean in ms of µs samples; with ``cdf_points``, that many evenly spaced
+    quantiles (``cdf_ms``): enough to draw a CDF without shipping every sample."""
     ordered = sorted(values)
     out: dict = {"n": len(ordered)}
     for name, q in (("p50", 50), ("p90", 90), ("p99", 99), ("p999", 99.9), ("max", 100)):  # nearest rank
@@ -38,12 +31,8 @@ def spread(values: Iterable[float]) -> dict:
 
 
 def median_merge(items: list):
-    """Merge repeated results leaf by leaf: the median of numbers, else the first value.
-
-    Dicts are merged key by key (keys of the first item), lists of equal
-    length element by element; anything else (strings, lists of different
-    lengths such as CDFs) comes from the first repeat.
-    """
+    """Merge repeated results leaf by leaf: dicts key by key (the first's keys), the median of numbers; anything
+    else (strings, lists such as CDFs) comes from the first repeat."""
     first = items[0]
     if len(items) == 1:
         return first
@@ -60,6 +49,4 @@ def median_merge(items: list):
 
 def ratio(a: float | None, b: float | None, digits: int = 2) -> float | None:
     """a / b, None when either is missing or b is zero."""
-    if a is None or not b:
-        return None
-    return round(a / b, digits)
+    return None if a is None or not b else round(a / b, digits)

@@ -55,7 +55,6 @@ class RssSampler:
 
 def run(bench: Bench, k: dict) -> dict:
     nofile, env = raise_nofile(), {**SERVER_ENV, "OFFLOAD_MAX_QUEUED_BYTES": str(k["queue"] * (k["payload"] + 128))}
-    bench.step("starting uWSGI (1 worker)")
     server = bench.server("ours", env)
     worker, groups = server.pid, ("fast client", "stalled client")
     meter = bench.meter(server, labels=groups)

@@ -4,13 +4,10 @@ What it runs, step by step, its knobs (``KNOBS``) and its targets: ``bench/READM
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
-from pathlib import Path
 
 from .. import report
 from ..anchor import COMBINATIONS, NODE_ANCHORS
-from ..harness import SERVER_ENV, Bench, raise_nofile
+from ..harness import SERVER_ENV, Bench, backlog, raise_nofile
 from ..report import cell
 from ..stats import ratio
 
@@ -19,20 +16,16 @@ KNOBS = dict(seconds=(10.0, 5.0), sat_seconds=(5.0, 3.0), rate=(5.0, 5.0), small
 KNOBS.update(large=(5000, 500), storm=(10000, 1000), sat_rates=([50, 100, 200, 300], [50, 100]))
 KNOBS.update(channels_streams=(4, 4), anchors=([*COMBINATIONS, *NODE_ANCHORS],) * 2, metrics_off=(1, 1))
 CHANNEL = "public:bench"
-BACKLOG_SYSCTLS = ("/proc/sys/net/core/somaxconn", "/proc/sys/net/ipv4/tcp_max_syn_backlog")
 
 
 def run(bench: Bench, k: dict) -> dict:
     nofile = raise_nofile()  # uWSGI and the clients inherit the limit
-    with backlog(2 * k["storm"]) as sysctls:
-        bench.step("[ours] starting uWSGI (1 worker)")
-        listen = max([new for _, new in sysctls.values()], default=1024)
+    with backlog(2 * k["storm"]) as (sysctls, listen):
         server = bench.server("ours", {**SERVER_ENV, "UWSGI_LISTEN": str(listen)})
         ours = {**run_ours(bench, k, server), "backlog_sysctls": sysctls}
     results = {"rlimit_nofile": nofile, "uwsgi_listen": listen, "ours": ours}
     if k["metrics_off"]:
         with bench.scope():
-            bench.step("[ours, metrics off] starting uWSGI (1 worker, OFFLOAD_METRICS=0)")
             quiet = bench.server("ours-metrics-off", {**SERVER_ENV, "OFFLOAD_METRICS": "0"})
             quiet.name = "ours-metrics-off"
             results["metrics_off"] = {"windows": small_and_saturation(bench, k, quiet, bench.meter(quiet), {})}
@@ -112,25 +105,6 @@ def run_anchor(bench: Bench, k: dict, anchor, redis: list[int]) -> dict:
     out, streams = {}, 0 if anchor.name in NODE_ANCHORS else k["channels_streams"]
     windows = small_and_saturation(bench, k, anchor, bench.meter(anchor, redis), out, streams)
     return {"connect_s": out["small_connect_s"], "idle_rss": out["small_rss"], "windows": windows}
-
-
-@contextmanager
-def backlog(wanted: int) -> Iterator[dict[str, tuple[int, int]]]:
-    """The kernel's listen backlog limits raised to ``wanted`` (root only) for the block, as a deployment expecting
-    connect storms would: with the default somaxconn (4,096 here) 10,000 simultaneous SYNs overflow the accept
-    queue whatever the server does. Yields {sysctl: (old, new)}; the old values come back after."""
-    changed: dict[Path, tuple[int, int]] = {}
-    try:
-        for path in map(Path, BACKLOG_SYSCTLS):
-            with suppress(OSError, ValueError):
-                old = int(path.read_text())
-                path.write_text(str(max(old, wanted)))
-                changed[path] = (old, int(path.read_text()))
-        yield {path.name: values for path, values in changed.items()}
-    finally:
-        for path, (old, _) in changed.items():
-            with suppress(OSError):
-                path.write_text(str(old))
 
 
 def _best_sat(ours: dict) -> dict:
@@ -215,14 +189,9 @@ COLUMNS += [report.cpu("publisher"), report.LAG]
 
 
 def cpu_floors(results: dict) -> dict:
-    """What the 2-core box allows at best, from the CPU the run measured.
-
-    Server and load client share the machine's CPUs: a broadcast to every
-    socket cannot complete before (server + client CPU it needs) / CPUs, nor
-    a connect storm end before (server + client + Redis CPU of the storm) /
-    CPUs, however the work is scheduled. A figure near its floor is bound by
-    the box, not by a wait in the server.
-    """
+    """What the box allows at best: server and clients share its CPUs, so a broadcast to every socket cannot end
+    before (server + client CPU it needs) / CPUs, nor a connect storm before (server + client + Redis CPU) / CPUs,
+    however the work is scheduled. A figure near its floor is bound by the box, not by a wait in the server."""
     w, storm, cpus = results["ours"]["windows"]["fanout_storm"], results["ours"]["storm"], results["machine"]["cpus"]
     per = sum(w["cpu"]["groups"][x]["cpu_s"] for x in ("server", "clients")) / max(1, w["broadcast"]["publishes"])
     return {"broadcast_ms": round(1000 * per / cpus, 1), "storm_s": round(_cpu_s(storm) / cpus, 2)}

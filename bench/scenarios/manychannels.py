@@ -6,7 +6,6 @@ from __future__ import annotations
 from .. import report
 from ..anchor import COMBINATIONS
 from ..harness import SERVER_ENV, Bench, raise_nofile
-from ..report import cell
 from ..stats import ratio
 
 PREFIX = "MC_"
@@ -17,7 +16,6 @@ KNOBS.update(anchors=(list(COMBINATIONS),) * 2)
 
 def run(bench: Bench, k: dict) -> dict:
     nofile, total, n = raise_nofile(), k["rate"] * k["channels"], k["subscribers"]
-    bench.step("[ours] starting uWSGI (1 worker)")
     server = bench.server("ours", SERVER_ENV)
     redis, steps = server.pids("redis"), {"publish": (k["seconds"], "pub", {"rate": total, "concurrency": 64})}
     api = {"api": (k["api_seconds"], "http", {"rate": k["api_rate"]})} if k["api_seconds"] else {}
@@ -86,6 +84,9 @@ PUBLISHES = ("publishes/s", lambda w: w["publisher"]["publishes_per_s"])
 COLUMNS = [PUBLISHES, report.DELIVERIES, *report.latency(), report.LOST]
 COLUMNS += [WORST, report.cpu("server"), report.SERVER_US, report.cpu("clients", "client %core"), report.cpu("Redis")]
 COLUMNS += [report.cpu("publisher"), report.DRAIN]
+MEMORY = [("sockets", lambda a: f"{a['sockets']:,}"), ("connect time (s)", lambda a: a["connect_s"])]
+MEMORY += [("RSS per socket (KiB)", lambda a: a["idle_rss"]["per_socket_kib"])]
+MEMORY += [("connect retries", lambda a: str(a["connect_errors"] or "none"))]
 TITLES = {"publish": "offload.publish() from a process", "api": "HTTP publish API (open loop)"}
 CHANNELS_TITLES = {"publish": "group_send from a process", "api": "HTTP publish view"}
 TEXT = """one uWSGI worker (gevent), embedded Redis shared with the Channels servers. Subscriber i listens on
@@ -104,20 +105,14 @@ def setups(results: dict) -> list[tuple[str, dict, dict]]:
     return [("ours", results["ours"], TITLES), *theirs]
 
 
-def _memory_row(label: str, a: dict) -> list[str]:
-    rss, retries = a["idle_rss"]["per_socket_kib"], str(a["connect_errors"] or "none")
-    return [label, f"{a['sockets']:,}", cell(a["connect_s"]), cell(rss), retries]
-
-
 def markdown(results: dict) -> str:
     k, cmp_ = results["knobs"], results["comparison"]
     rows = [(f"{label}, {t[n]}", w) for label, a, t in setups(results) for n, w in a.get("windows", {}).items()]
     rows += [(c, a) for c, a in results["channels"].items() if "error" in a]
-    mem = [_memory_row(label, a) for label, a, _ in setups(results) if "windows" in a]
+    mem = [(label, a) for label, a, _ in setups(results) if "windows" in a]
     text = report.fill(TEXT, {**k, "total": k["rate"] * k["channels"]})
     lines = [*report.heading(results, "Many channels", text), report.columns_table(COLUMNS, rows), ""]
-    head = ["setup", "sockets", "connect time (s)", "RSS per socket (KiB)", "connect retries"]
-    lines += [report.table(head, mem), ""]
+    lines += [report.columns_table(MEMORY, mem, "setup"), ""]
     lines += [report.fill(RATIOS, **cmp_), ""] if cmp_ else []
     lines += [f"uWSGI after the run: {results['ours']['counters']}.", ""]
     return "\n".join(lines + report.closing(results, "target (one worker)")) + "\n"

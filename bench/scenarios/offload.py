@@ -44,16 +44,14 @@ def run(bench: Bench, k: dict) -> dict:
     items = {}
     for m, s in summary.items():
         s["ratios"] = {f"{x}_{q}": ratio(s["loaded"][x][q], s["idle"][x][q]) for x in KINDS for q in ("p50", "p99")}
-        for x in ("broadcast", "view"):  # inline: for comparison, no target
-            op = "<=" if m == "offload" else ""  # inline: for comparison
-            items[f"{MODES[m][0]}: {x} p99, loaded / idle"] = (s["ratios"][f"{x}_p99"], op, TARGET)
+        for x in KINDS:  # inline: for comparison, no target
+            items[f"{MODES[m][0]}: {x} p99, loaded / idle"] = (s["ratios"][f"{x}_p99"], "<=" * (m == "offload"), TARGET)
     return {"derived": derived(k), "runs": runs, "summary": summary, "verdict": report.verdict(items)}
 
 
 def run_mode(bench: Bench, k: dict, mode: str, rep: int, big) -> dict:
     """One server: idle window, then loaded window."""
     label, name = f"[{mode} {rep + 1}/{k['repeats']}]", f"{mode}-{rep}"
-    bench.step(f"{label} starting uWSGI")
     server = bench.server(name, {**SERVER_ENV, **MODES[mode][1]}, [big])
     session = server.login()
     groups = {f"uWSGI {role}": lambda role=role: server.pids(role) for role in ("worker", "spooler", "master")}

@@ -12,9 +12,8 @@ import redis
 from offload.testing import tcp_connections, wait_for
 
 from .. import report
-from ..harness import SERVER_ENV, Bench, raise_nofile
+from ..harness import SERVER_ENV, Bench, backlog, raise_nofile
 from ..stats import median_merge, ratio, summarize_us
-from .fanout import backlog
 
 PREFIX = "PRESENCE_"
 KNOBS = dict(storm=(10000, 1000), repeats=(2, 1), queries=(1000, 200), seconds=(3.0, 2.0), closes=(20, 5))
@@ -26,12 +25,10 @@ SETTINGS = "bench.settings"
 
 def run(bench: Bench, k: dict) -> dict:
     nofile, runs, at_scale = raise_nofile(), {mode: [] for mode in MODES}, None
-    with backlog(2 * k["storm"]) as sysctls:
-        listen = max([new for _, new in sysctls.values()], default=1024)
+    with backlog(2 * k["storm"]) as (sysctls, listen):
         env = {**SERVER_ENV, "UWSGI_LISTEN": str(listen), "DJANGO_SETTINGS_MODULE": SETTINGS}
         env.update(OFFLOAD_PRESENCE_GRACE="0", OFFLOAD_PRESENCE_COALESCE=str(k["coalesce"]))
         env["OFFLOAD_MAX_MESSAGES_PER_SECOND"] = "1000000"  # queries back to back from one socket
-        bench.step("starting uWSGI (1 worker, presence grace 0)")
         server = bench.server("ours", env)
         meter = bench.meter(server)
         storm(bench, k, server, meter, "on", "warm-up", False)  # a cold worker's first storm costs more
@@ -50,7 +47,8 @@ def run(bench: Bench, k: dict) -> dict:
 def storm(bench: Bench, k: dict, server, meter, mode: str, rep: int | str, scale: bool) -> tuple[dict, dict | None]:
     """``storm`` sockets at once on a fresh channel (CPU until every one is a member); with ``scale`` the figures
     at that many members too. Returns once the server closed them all (and they left)."""
-    channel, used, scaled = f"{MODES[mode]}:storm-{rep}", _redis(server).info("memory")["used_memory"], None
+    used = redis.Redis.from_url(server.redis_url).info("memory")["used_memory"]
+    channel, scaled = f"{MODES[mode]}:storm-{rep}", None
     bench.step(f"[presence {mode}] connect storm: {k['storm']:,} sockets on {channel}")
     settled = partial(_wait_count, server, channel, k["storm"]) if mode != "off" else lambda: None
     with bench.scope():
@@ -68,7 +66,7 @@ def storm(bench: Bench, k: dict, server, meter, mode: str, rep: int | str, scale
 def queries(bench: Bench, k: dict, server, channel: str, used_before: int) -> dict:
     """At ``storm`` members: Redis memory per member, and the latency of each kind of query."""
     bench.step(f"[presence on] memory and queries at {k['storm']:,} members")
-    r, n = _redis(server), k["storm"]
+    r, n = redis.Redis.from_url(server.redis_url), k["storm"]
     keys = r.scan_iter(match=f"*p:{{{channel}}}:*", count=1000)  # the channel's hash tag: all its keys
     usage = {key.decode().rsplit(":", 1)[1]: r.memory_usage(key, samples=0) for key in keys}
     out = {"by_key_b": {key: round(b / n, 1) for key, b in sorted(usage.items())}}
@@ -104,10 +102,6 @@ def leaves(bench: Bench, k: dict, server) -> dict:
             if len(event["leaves"]) != 1:
                 raise RuntimeError(f"one socket closed, but the presence event says {event}")
     return summarize_us(us)
-
-
-def _redis(server) -> redis.Redis:
-    return redis.Redis.from_url(server.redis_url)
 
 
 def _timed(call, *args) -> int:

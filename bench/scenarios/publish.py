@@ -19,7 +19,6 @@ CHANNELS_HTTP = "HTTP publish view (async, group_send)"
 
 def run(bench: Bench, k: dict) -> dict:
     nofile, n, c, s = raise_nofile(), k["subscribers"], k["concurrency"], k["seconds"]
-    bench.step("[ours] starting uWSGI (1 worker)")
     server = bench.server("ours", SERVER_ENV)
     redis, http = server.pids("redis"), {"http": (s, "http", {"streams": c})}
     py = {f"py_{mode}": (s, "pub", {"mode": mode, "concurrency": c}) for mode in k["py_modes"]}  # greenlets, threads
