@@ -1,10 +1,5 @@
-"""``python -m bench.plot RESULTS.json OUT.png`` (bench venv): the report's picture.
-
-The scenarios describe their panels as data (``results["plot"]``, written by
-the orchestrator with the JSON), so this draws any of them: ``cdf`` (latency
-CDFs, log x), ``bars`` (one bar per label, values on top) and ``lines``
-(series over time).
-"""
+"""``python -m bench.plot RESULTS.json OUT.png`` (bench venv): draws the panels a scenario describes as data
+(``results["plot"]``): ``cdf`` (latency CDFs, log x), ``bars`` (values on top) and ``lines`` (series over time)."""
 
 from __future__ import annotations
 

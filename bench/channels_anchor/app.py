@@ -29,12 +29,8 @@ MAX_MESSAGE_BYTES = 65536  # the project's OFFLOAD_MAX_MESSAGE_BYTES default
 
 
 class ChannelConsumer(AsyncWebsocketConsumer):
-    """``/ws/?channel=C[&channel=D...]``: like the project's ``/ws/`` for live messages.
-
-    Each valid channel is joined (``group_add``) *before* its ``subscribed``
-    reply, so a client that saw ``subscribed`` gets every later message. No
-    history and no ``since`` (Channels has neither).
-    """
+    """``/ws/?channel=C[&channel=D...]``, like the project's ``/ws/`` for live messages (no history: Channels has
+    none). Each channel is joined *before* its ``subscribed`` reply, so the client gets every later message."""
 
     groups_joined: list[str]
 
@@ -43,7 +39,8 @@ class ChannelConsumer(AsyncWebsocketConsumer):
         query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
         for channel in query.get("channel", [])[:MAX_SUBSCRIPTIONS]:
             if not protocol.CHANNEL_RE.match(channel):
-                replies.append(protocol.error("invalid_channel", "bad channel name", channel))
+                error = {"type": "error", "code": "invalid_channel", "reason": "bad channel name", "channel": channel}
+                replies.append(protocol.dumps(error))
                 continue
             group = protocol.group_for(channel)
             if group not in self.groups_joined:
@@ -69,11 +66,8 @@ def _error(status: int, code: str, reason: str) -> JsonResponse:
 
 
 async def publish(request: HttpRequest, channel: str) -> HttpResponse:
-    """``POST /api/publish/<channel>`` as in docs/protocol.md, answering ``{"id": "<ms>-<seq>"}``.
-
-    Async: under ASGI it awaits ``group_send`` on the server's event loop (no
-    thread hop). The envelope is encoded once; every consumer forwards it.
-    """
+    """``POST /api/publish/<channel>`` as in docs/protocol.md; async, so ``group_send`` is awaited on the server's
+    loop (no thread hop). The envelope is encoded once; every consumer forwards it."""
     if request.method != "POST":
         return HttpResponseNotAllowed(["POST"])
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")

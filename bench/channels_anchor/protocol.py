@@ -14,12 +14,8 @@ _GROUP_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
 def group_for(channel: str) -> str:
-    """Channels group of a channel: ``public:bench`` -> ``public.bench``.
-
-    Group names allow only ``[a-zA-Z0-9._-]`` and fewer than 100 characters:
-    ``:`` becomes ``.``, other unsafe characters ``-<hex>-``, and a name still
-    too long is replaced by its hash.
-    """
+    """Channels group of a channel (only ``[a-zA-Z0-9._-]``, under 100 characters): ``public:bench`` ->
+    ``public.bench``, other unsafe characters ``-<hex>-``, a name still too long its hash."""
     group = _GROUP_UNSAFE.sub(lambda m: f"-{ord(m.group()):02X}-", channel.replace(":", ".", 1))
     return group if len(group) < 99 else "h." + hashlib.sha1(channel.encode()).hexdigest()
 
@@ -31,10 +27,6 @@ def dumps(obj) -> str:
 def message(channel: str, message_id: str, data_json: str) -> str:
     """A ``message`` envelope, built once per publish (as the project frames once)."""
     return '{"type":"message","channel":' + json.dumps(channel) + ',"id":"' + message_id + '","data":' + data_json + "}"
-
-
-def error(code: str, reason: str, channel: str | None = None) -> str:
-    return dumps({"type": "error", "code": code, "reason": reason, **({"channel": channel} if channel else {})})
 
 
 _seq = itertools.count()

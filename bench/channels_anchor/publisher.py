@@ -1,11 +1,5 @@
-"""``python -m bench.channels_anchor.publisher CONFIG_JSON`` (channels venv): ``group_send`` from a process.
-
-What a Channels project does to publish from outside a consumer (a view, a
-task): ``await channel_layer.group_send(group, {"type": "offload.message",
-"text": ENVELOPE})``, as the anchor's publish view does, with the layer built
-as its settings build it (class, Redis URL, the running anchor's prefix), on
-uvloop; then ``bench.publoop``'s protocol.
-"""
+"""``python -m bench.channels_anchor.publisher CONFIG_JSON`` (channels venv): ``group_send`` from a process, as a
+Channels project publishes from a view or a task, with the layer the running anchor's settings build."""
 
 from __future__ import annotations
 

@@ -1,11 +1,6 @@
-"""``run.py SERVER LAYER PORT REDIS_URL`` (channels venv): the anchor under daphne or uvicorn, in this process.
-
-The server's CLI entry point runs here, so the pid the orchestrator started
-is the server's (its CPU is read from that pid). Backlog 1024 is what the
-project's test server gives uWSGI (daphne's -p would leave Twisted's 50).
-``channels_anchor`` is registered as a package from this directory, so
-nothing else under ``bench/`` lands on ``sys.path``.
-"""
+"""``run.py SERVER LAYER PORT REDIS_URL`` (channels venv): the anchor under daphne or uvicorn, in this process, so
+the pid the orchestrator started (and reads CPU from) is the server's. Backlog 1024 is what the project's test
+server gives uWSGI (daphne's -p would leave Twisted's 50). Nothing else under ``bench/`` lands on ``sys.path``."""
 
 from __future__ import annotations
 

@@ -1,10 +1,5 @@
-"""Settings of the Channels anchor: no database, no auth, no sessions, no access log.
-
-``REDIS_URL``, ``CHANNEL_LAYER`` (``core``/``pubsub``), ``API_KEY`` and
-``CHANNELS_PREFIX`` come from ``run.py`` and ``bench/anchor.py``'s ``ChannelsServer``. The
-layers keep their library defaults (core: capacity 100, expiry 60 s): the
-comparison is with what a Channels user gets out of the box.
-"""
+"""Settings of the Channels anchor (no database, auth or sessions; the environment from ``run.py`` and
+``bench/anchor.py``). The layers keep their defaults (core: capacity 100, expiry 60 s): what a user gets."""
 
 import os
 

@@ -1,10 +1,5 @@
-"""``python -m bench.loadclient ROLE CONFIG_JSON``: one client role on uvloop, JSON lines on stdin/stdout.
-
-The orchestrator writes commands (``{"cmd": ...}``) to stdin and reads
-events (``{"event": ...}``) from stdout, which carries nothing else (logs go
-to stderr). EOF on stdin means "stop now"; past ``deadline_s`` the client
-exits by itself, so a lost orchestrator never leaves load running.
-"""
+"""``python -m bench.loadclient ROLE CONFIG_JSON``: one client role on uvloop, JSON lines on stdin/stdout (logs to
+stderr). EOF on stdin means "stop now"; past ``deadline_s`` it exits by itself: a lost orchestrator leaves no load."""
 
 from __future__ import annotations
 

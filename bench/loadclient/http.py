@@ -1,11 +1,6 @@
-"""A tiny asyncio HTTP/1.1 client: exact timing, slow reads, no dependency.
-
-One connection per request (``Connection: close``), as a browser opening a
-page cold would: the latency measured is connect + server time + body. Slow
-downloads read through a deliberately small receive buffer, so TCP
-back-pressure reaches the server as from a slow client instead of the
-kernel buffering megabytes for us.
-"""
+"""A tiny asyncio HTTP/1.1 client. One connection per request, as a browser opening a page cold: latency is connect
++ server time + body. Slow downloads read through a small receive buffer, so TCP back-pressure reaches the server
+as from a slow client instead of the kernel buffering megabytes for us."""
 
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
-"""The background load of the offloading scenario: slow downloads and long report tasks (``bench/README.md``).
-
-Report tasks are fired and not awaited (with offloading disabled the view answers only when the task is done); a
-websocket on the user's channel records their progress messages, which tell when the tasks really ran.
-"""
+"""The offloading scenario's load: slow downloads and report tasks, fired and not awaited (inline, the view answers
+only when the task is done); their progress messages on the user's channel tell when the tasks really ran."""
 
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
-"""Websockets that stop reading once subscribed, watched from the kernel's side (slow consumers).
-
-A client that does not read cannot see the server close its end, so the kernel is asked (sock_diag) about the
-server's end of each connection; the steps and the returning sockets are in ``bench/README.md`` (backpressure).
-"""
+"""Websockets that stop reading once subscribed (slow consumers). One that does not read cannot see the server close
+its end, so the kernel is asked (sock_diag) about the server's end of each connection (``bench/README.md``)."""
 
 from __future__ import annotations
 
@@ -29,11 +26,9 @@ class Stalled(WSListener):
         self.transport: WSTransport | None = None
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.port, self.stopped_at, self.tx_max, self.messages, self.frames, self.bytes = 0, 0.0, 0, 0, 0, 0
-        self.kernel_full_s = self.resumed_s = self.close_frame_s = self.dropped_s = None
-        self.messages_at_growth: int | None = None
-        self.state_at_drop: str | None = None
-        self.close_code, self.close_reason = None, ""
-        self.drain: dict | None = None
+        self.kernel_full_s = self.resumed_s = self.close_frame_s = self.dropped_s = self.messages_at_growth = None
+        self.state_at_drop = self.close_code = self.drain = None
+        self.close_reason = ""
 
     async def open(self, host: str, port: int, path: str, rcvbuf: int | None) -> None:
         if rcvbuf:
@@ -78,20 +73,15 @@ class Stalled(WSListener):
         self.drain["close_reason"] = self.close_reason
 
     def report(self) -> dict:
-        def seconds(value: float | None) -> float | None:
-            return None if value is None else round(value, 3)
-
         out = {"index": self.index, "returning": self.returning, "server_tx_queue_max": self.tx_max}
-        out.update({f: seconds(getattr(self, f)) for f in ("kernel_full_s", "resumed_s", "close_frame_s", "dropped_s")})
+        for field in ("kernel_full_s", "resumed_s", "close_frame_s", "dropped_s"):
+            out[field] = None if getattr(self, field) is None else round(getattr(self, field), 3)
         return {**out, "state_at_drop": self.state_at_drop, "drain": self.drain}
 
 
 class SocketDiag:
-    """The kernel's view of the *server's* end of a loopback connection (sock_diag netlink, as ``ss``).
-
-    One exact lookup per socket (microseconds), where ``/proc/net/tcp`` would
-    list every socket of the machine on every poll.
-    """
+    """The kernel's view of the *server's* end of a loopback connection (sock_diag netlink, as ``ss``): one exact
+    lookup per socket, where ``/proc/net/tcp`` would list every socket of the machine on every poll."""
 
     def __init__(self) -> None:
         self.nl = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 4)  # NETLINK_SOCK_DIAG

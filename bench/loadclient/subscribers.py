@@ -1,8 +1,5 @@
-"""The measuring client: websocket subscribers, plus the HTTP publisher and the view probe when asked.
-
-Works against ours and every anchor alike; the numbering that lets it count latency, loss and duplicates per
-subscriber whoever published is ``bench/publoop.py``'s. Its commands are in :meth:`Client.handle` and :func:`run`.
-"""
+"""The measuring client, against ours and every anchor alike: websocket subscribers, plus the HTTP publisher and the
+view probe when asked (numbering: ``bench/publoop.py``; commands: :meth:`Client.handle` and :func:`run`)."""
 
 from __future__ import annotations
 
@@ -24,9 +21,8 @@ OPEN_LOOP_CALLERS = 200  # requests in flight at most in an open-loop run
 
 @dataclass
 class Window:
-    """A sample belongs to the window in which its *request* started (publish time for deliveries, send time for
-    view probes), not the one in which it ended: a delivery delayed past the end counts against the window that
-    caused it."""
+    """A sample belongs to the window its *request* started in (publish time, a probe's send time), not the one it
+    ended in: a delivery delayed past the end counts against the window that caused it."""
 
     name: str
     start_ns: int
@@ -39,9 +35,9 @@ class Window:
 class Series:
     """(started_ns, value in µs) samples, picked by window."""
 
-    def __init__(self) -> None:
-        self.t: list[int] = []
-        self.v: list[int] = []
+    def __init__(self, pairs=()) -> None:
+        self.t: list[int] = [t for t, _ in pairs]
+        self.v: list[int] = [v for _, v in pairs]
 
     def add(self, started_ns: int, value: int) -> None:
         self.t.append(started_ns)
@@ -102,20 +98,6 @@ class Ledger:
         return out
 
 
-class LoopLag:
-    """How late this process's own event loop wakes up: a client-bound run shows here."""
-
-    def __init__(self, period: float = 0.05) -> None:
-        self.period = period
-        self.series = Series()
-
-    async def run(self) -> None:
-        while True:
-            before, started = time.perf_counter_ns(), time.time_ns()
-            await asyncio.sleep(self.period)
-            self.series.add(started, max(0, (time.perf_counter_ns() - before) // 1000 - int(self.period * 1e6)))
-
-
 class Client:
     """The subscribers of one process, what they received, and this process's own publishes and probes."""
 
@@ -131,8 +113,14 @@ class Client:
         self.expects: dict[str, list[dict]] = {}
         self.runs: list[PublishRun] = []  # this process's HTTP publish runs
         self.probe: PublishRun | None = None
-        self.lag = LoopLag()
+        self.lag = Series()  # how late this process's own event loop wakes up: a client-bound run shows here
         self.tasks: list[asyncio.Task] = []
+
+    async def measure_lag(self, period: float = 0.05) -> None:
+        while True:
+            before, started = time.perf_counter_ns(), time.time_ns()
+            await asyncio.sleep(period)
+            self.lag.add(started, max(0, (time.perf_counter_ns() - before) // 1000 - int(period * 1e6)))
 
     def on_data(self, index: int, raw: bytes, received_ns: int) -> None:
         t, g = parse_stamp(raw)
@@ -200,13 +188,10 @@ class Client:
         closes = [code for t, _, code in self.pool.disconnects if w.holds(t)]
         out = {"seconds": round(seconds, 2), "start_ns": w.start_ns, "end_ns": w.end_ns, "broadcast": b}
         out["publish"] = {**own["latency"], "failed": own["errors"]} if own else summarize_us([])
-        out["client_loop_lag"] = summarize_us(self.lag.series.within(w))
+        out["client_loop_lag"] = summarize_us(self.lag.within(w))
         out["disconnects"] = {"count": len(closes), "codes": dict(Counter(str(c) for c in closes))}
         if self.probe is not None:
-            views = Series()
-            for _, t, error, us in self.probe.records:
-                if error is None:
-                    views.add(t, us)
+            views = Series([(t, us) for _, t, error, us in self.probe.records if error is None])
             failed = Counter(str(e) for _, t, e, _ in self.probe.records if e and w.holds(t))
             out["view"] = {**summarize_us(views.within(w), CDF_POINTS), "failed": dict(failed)}
             out["view"]["timeline"] = views.timeline(w)
@@ -220,15 +205,14 @@ async def run(cfg: dict, chan) -> None:
     connect_s = await client.pool.connect(cfg.get("connect_concurrency", 100), cfg.get("connect_timeout", 5.0))
     errors, connect_us = dict(client.pool.errors), client.pool.connect_us
     chan.emit("ready", connect_s=round(connect_s, 3), connect_errors=errors, connect_us=connect_us)
-    client.tasks.append(asyncio.create_task(client.lag.run()))
+    client.tasks.append(asyncio.create_task(client.measure_lag()))
     if cfg.get("probe_path"):
         client.probe = PublishRun(rate=1000 / cfg["probe_ms"])
         client.tasks.append(asyncio.create_task(drive(client.probe, client.get_view, OPEN_LOOP_CALLERS)))
     while (cmd := await chan.next())["cmd"] not in ("stop", "eof"):
         client.handle(cmd)
-    for run_ in [*client.runs, client.probe]:
-        if run_ is not None:
-            run_.stopped = True
+    for run_ in filter(None, [*client.runs, client.probe]):
+        run_.stopped = True
     await asyncio.sleep(float(cfg.get("drain_s", 2.0)))  # deliveries of the last publishes
     for task in client.tasks:
         task.cancel()
