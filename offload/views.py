@@ -56,6 +56,7 @@ from .policies import ANONYMOUS, Identity, check_subscribe, token_identity
 from .tokens import ConnectionClaim, query_subscriptions, verify_connection_token
 from .transports.connection import Endpoint, WebSocket
 from .transports.endpoints import ChannelsEndpoint, EchoEndpoint
+from .transports.sockets import cork, no_delay
 from .transports.sse import SseStream, response_body
 from .worker import install_signal_handlers
 
@@ -330,6 +331,9 @@ class WebSocketView:
             slots.release()
             return _token_refusal("websocket", exc)
         key = env["HTTP_SEC_WEBSOCKET_KEY"].strip(_HTTP_BLANKS)
+        fd = uwsgi.connection_fd()
+        no_delay(fd)  # before the cork: setting it sends what a cork holds
+        cork(fd, True)  # the 101 leaves with the first frame (the WebSocket's first write uncorks)
         try:
             if subprotocol is None and offered:
                 _accept_without_subprotocol(uwsgi, key)
@@ -341,7 +345,7 @@ class WebSocketView:
             return HttpResponse(f"bad websocket handshake: {exc}\n", status=400)
         env[UPGRADED] = True
         install_signal_handlers()
-        ws = WebSocket(uwsgi.connection_fd(), identity, query, uwsgi.worker_id(), slots)
+        ws = WebSocket(fd, identity, query, uwsgi.worker_id(), slots, corked=True)
         return Upgraded(ws, self.make_endpoint(ws))
 
 

@@ -65,7 +65,7 @@ from ..core.websocket_protocol import Dropped, RateLimited, State, WebSocketProt
 from ..logs import connection_fields, log_connection
 from ..policies import Identity
 from .lifecycle import new_connection_id
-from .sockets import close_now, detach, shutdown_write
+from .sockets import close_now, cork, detach, shutdown_write
 
 __all__ = ["Endpoint", "State", "WebSocket", "close_all", "close_user", "open_connections", "queued_bytes"]
 
@@ -134,6 +134,7 @@ class WebSocket:
     __slots__ = (
         "_busy",
         "_clock",
+        "_corked",
         "_endpoint",
         "_max_queued",
         "_out",
@@ -161,8 +162,11 @@ class WebSocket:
         worker_id: int = 0,
         slots: ConnectionSlots | None = None,
         clock: Callable[[], float] = time.monotonic,
+        corked: bool = False,
     ) -> None:
         self.fd = fd
+        #: the view corked the socket (:func:`offload.transports.sockets.cork`): the first write releases it
+        self._corked = corked
         self.identity = identity
         #: random hex, unique per connection (lifecycle signals, logs)
         self.connection_id = new_connection_id()
@@ -310,6 +314,9 @@ class WebSocket:
                 return
             if written != len(data):
                 self._queue_unsent(data, written)
+            if self._corked:  # the 101 and this first frame leave in one segment
+                self._corked = False
+                cork(self.fd, False)
             return
         if self._queued_bytes + len(data) > self._max_queued and self.protocol.state is State.OPEN:
             # The client does not read. Keep the frame being written (it may

@@ -14,21 +14,55 @@ import socket
 
 from gevent.monkey import get_original
 
-__all__ = ["close_now", "detach", "shutdown_write"]
+__all__ = ["close_now", "cork", "detach", "no_delay", "shutdown_write"]
 
 _close = get_original("os", "close")
 
 
+def _borrow(fd: int) -> _socket.socket:
+    """A socket object over ``fd``, only for ``setsockopt``/``shutdown`` (``detach()`` it after).
+
+    The plain C type (gevent's cooperative class would set up watchers), with
+    the family and type given: guessed, they cost three system calls per
+    socket (getsockname, two getsockopt), and the options set here do not
+    depend on them.
+    """
+    return _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM, 0, fd)
+
+
 def detach(fd: int) -> int:
-    """A duplicate of the client socket ``fd`` that the caller owns, with
-    TCP_NODELAY (frames and events go out as they are written: no Nagle delay
-    behind a small pong). uWSGI closes ``fd`` itself when its request ends;
-    the TCP connection stays open through the duplicate."""
-    # The plain C socket type: gevent's cooperative class would set up
-    # watchers this fd never uses (it is only borrowed for setsockopt).
-    sock = _socket.socket(fileno=_socket.dup(fd))
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock.detach()
+    """A duplicate of the client socket ``fd`` that the caller owns. uWSGI
+    closes ``fd`` itself when its request ends; the TCP connection stays open
+    through the duplicate. Set its options with :func:`no_delay` and
+    :func:`cork` (on either fd: they share the socket)."""
+    return _socket.dup(fd)
+
+
+def no_delay(fd: int) -> None:
+    """TCP_NODELAY: frames and events go out as they are written, with no
+    Nagle delay behind a small pong. Setting it also sends whatever a
+    :func:`cork` holds, so a corked socket gets it first."""
+    _set_tcp(fd, socket.TCP_NODELAY, 1)
+
+
+def cork(fd: int, on: bool) -> None:
+    """Hold (``on``) or release what is written to ``fd`` (TCP_CORK).
+
+    A websocket's 101 and its first frames (``subscribed``) then leave in one
+    segment: one transmit and one wake-up of the client instead of two. The
+    kernel sends held bytes after 200 ms at the latest; closing sends them too.
+    """
+    _set_tcp(fd, socket.TCP_CORK, 1 if on else 0)
+
+
+def _set_tcp(fd: int, option: int, value: int) -> None:
+    sock = _borrow(fd)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, option, value)
+    except OSError:  # not TCP (a unix socket behind a proxy), or closed: nothing to tune
+        pass
+    finally:
+        sock.detach()
 
 
 def close_now(fd: int) -> None:
@@ -43,7 +77,7 @@ def close_now(fd: int) -> None:
 
 def shutdown_write(fd: int) -> None:
     """Send FIN (no more data from us), keeping the fd open for reading."""
-    sock = _socket.socket(fileno=fd)
+    sock = _borrow(fd)
     try:
         sock.shutdown(socket.SHUT_WR)
     except OSError:

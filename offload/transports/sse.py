@@ -63,7 +63,7 @@ from ..logs import connection_fields, log_connection
 from ..tokens import expiry_deadline
 from .lifecycle import new_connection_id
 from .sessions import channel_session
-from .sockets import close_now, detach
+from .sockets import close_now, detach, no_delay
 
 __all__ = ["SseStream", "close_all_streams", "close_user_streams", "open_streams", "queued_bytes", "response_body"]
 
@@ -330,6 +330,7 @@ def response_body(stream: SseStream, detach_fd: bool = True) -> Iterator[bytes]:
         yield from events
         return
     fd = detach(stream.fd)
+    no_delay(fd)
     stream.watch(fd)
     gevent.spawn(_pump, stream, events, fd, stream.ping_timeout)
 

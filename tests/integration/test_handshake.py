@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import socket
+import struct
 import time
 
 import pytest
@@ -286,3 +287,24 @@ def test_a_body_shorter_than_announced_is_400_without_a_traceback(request, serve
     head, _, body = data.partition(b"\r\n\r\n")
     assert int(head.split()[1]) == 400 and json.loads(body)["error"] == "incomplete_body"
     assert "Traceback" not in server.log_text()[before:]
+
+
+def _data_segments_received(sock: socket.socket) -> int:
+    """``tcpi_data_segs_in`` of Linux's ``struct tcp_info`` (offset 152, Linux 4.6 and later)."""
+    return struct.unpack_from("I", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256), 152)[0]
+
+
+def test_the_101_and_the_subscribed_reply_arrive_in_one_segment(offload_server):
+    """The view corks the socket before the handshake and the first turn uncorks it after ``on_open``: the
+    client gets the 101 and its first frame in one TCP segment (one transmit, one wake-up), not two."""
+    status, _, sock, data = handshake(
+        offload_server.port, path="/ws/?channel=public:one-segment", keep_open=True, origin=offload_server.base_url
+    )
+    try:
+        assert status == 101
+        while len(data) < 2 or len(data) < 2 + (data[1] & 0x7F):  # the first frame, whole (under 126 bytes)
+            data += sock.recv(4096)
+        assert data[0] == 0x81 and json.loads(data[2 : 2 + data[1]])["type"] == "subscribed"
+        assert _data_segments_received(sock) == 1
+    finally:
+        sock.close()
