@@ -78,7 +78,9 @@ class ConnectionEvents:
             elif event == "unsubscribed":
                 presence().exit(channel, self.identity, self.connection_id)
         signal = _SIGNALS[event]
-        if not signal.has_listeners():
+        # An empty receiver list first: has_listeners() takes a lock and sweeps dead references, on every
+        # connect and subscribe of a site that listens to none of them.
+        if not signal.receivers or not signal.has_listeners():
             return
         kwargs: dict[str, Any] = {
             "identity": self.identity,
