@@ -13,6 +13,7 @@ import pytest
 
 PROJECT = Path(__file__).resolve().parent.parent
 PROBE = "import gc, json, project.wsgi; print(json.dumps([gc.get_threshold(), gc.get_freeze_count()]))"
+TREE_PROBE = "import gevent, project.wsgi; print(gevent.spawn(int).spawning_stack is None)"
 
 
 def load_application(**env: str) -> tuple[list[int], int]:
@@ -37,3 +38,12 @@ def test_loading_the_application_raises_the_young_threshold_and_freezes_start_up
 def test_zero_keeps_pythons_collector_as_it_is():
     threshold, frozen = load_application(OFFLOAD_GC_THRESHOLD="0")
     assert threshold[0] == 700 and frozen == 0
+
+
+def test_greenlets_of_the_application_keep_no_spawning_stack():
+    """gevent's default records every greenlet's spawner and ten stack frames; the application turns it off."""
+    run_env = {**os.environ, "DJANGO_SETTINGS_MODULE": "project.settings"}
+    out = subprocess.run(
+        [sys.executable, "-c", TREE_PROBE], cwd=PROJECT, env=run_env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip().splitlines()[-1] == "True"
