@@ -333,7 +333,7 @@ class WebSocketView:
         key = env["HTTP_SEC_WEBSOCKET_KEY"].strip(_HTTP_BLANKS)
         fd = uwsgi.connection_fd()
         no_delay(fd)  # before the cork: setting it sends what a cork holds
-        cork(fd, True)  # the 101 leaves with the first frame (the WebSocket's first write uncorks)
+        cork(fd, True)  # the 101 leaves with the first frame (the WebSocket uncorks: first write or first park)
         try:
             if subprotocol is None and offered:
                 _accept_without_subprotocol(uwsgi, key)

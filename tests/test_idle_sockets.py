@@ -11,6 +11,7 @@ Each wait is on observable state (a frame read, an endpoint hook's event).
 
 from __future__ import annotations
 
+import os
 import struct
 import time
 
@@ -22,6 +23,7 @@ import pytest
 from offload.policies import ANONYMOUS
 from offload.testing import frame
 from offload.transports.connection import Endpoint, State, WebSocket, open_connections
+from offload.transports.sockets import cork
 
 WAIT = 5.0  # seconds any awaited event may take (a busy CI box)
 
@@ -205,3 +207,48 @@ def test_a_parked_socket_wakes_at_the_endpoints_deadline_and_when_told(settings)
     ws.close(1000)
     peer.sendall(frame(8, struct.pack("!H", 1000)))
     assert endpoint.closed.wait(WAIT) and endpoint.closes == 1
+
+
+class Silent(Recorder):
+    """Writes nothing when it opens (a websocket without a channel in its query)."""
+
+
+def tcp_pair() -> tuple[gevent.socket.socket, gevent.socket.socket]:
+    """A loopback TCP connection (TCP_CORK needs TCP): (the server's end, the client's)."""
+    with gevent.socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        client = gevent.socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    client.settimeout(WAIT)
+    return server, client
+
+
+def corked(fd: int) -> bool:
+    probe = gevent.socket.socket(fileno=fd)
+    try:
+        return bool(probe.getsockopt(gevent.socket.IPPROTO_TCP, gevent.socket.TCP_CORK))
+    finally:
+        probe.detach()
+
+
+@pytest.mark.parametrize("writes_on_open", [True, False])
+def test_the_corked_101_leaves_with_the_first_frame_or_when_the_first_turn_parks(settings, writes_on_open):
+    """The view corks the socket before uWSGI's 101 (offload.views); the socket uncorks at its first write,
+    or when its first turn parks with nothing written: never a 101 held for the kernel's 200 ms limit."""
+    settings.OFFLOAD_PING_INTERVAL = 60.0
+    server, client = tcp_pair()
+    server.setblocking(False)
+    fd = server.detach()
+    cork(fd, True)
+    os.write(fd, b"HTTP/1.1 101 Switching Protocols\r\n\r\n")  # what uWSGI's handshake writes
+    ws = WebSocket(fd, ANONYMOUS, {}, corked=True)
+    ws._owns_fd = True
+    endpoint = Recorder(ws) if writes_on_open else Silent(ws)
+    if writes_on_open:
+        endpoint.on_open = lambda: ws.send_text("first")
+    start(ws, endpoint)
+    assert not corked(fd)
+    assert client.recv(64).startswith(b"HTTP/1.1 101")
+    client.close()  # the peer goes: the socket ends
+    assert endpoint.closed.wait(WAIT)

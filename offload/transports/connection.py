@@ -165,7 +165,8 @@ class WebSocket:
         corked: bool = False,
     ) -> None:
         self.fd = fd
-        #: the view corked the socket (:func:`offload.transports.sockets.cork`): the first write releases it
+        #: the view corked the socket (:func:`offload.transports.sockets.cork`): the first write releases it,
+        #: or the first turn's end if it wrote nothing
         self._corked = corked
         self.identity = identity
         #: random hex, unique per connection (lifecycle signals, logs)
@@ -315,8 +316,7 @@ class WebSocket:
             if written != len(data):
                 self._queue_unsent(data, written)
             if self._corked:  # the 101 and this first frame leave in one segment
-                self._corked = False
-                cork(self.fd, False)
+                self._uncork()
             return
         if self._queued_bytes + len(data) > self._max_queued and self.protocol.state is State.OPEN:
             # The client does not read. Keep the frame being written (it may
@@ -426,11 +426,17 @@ class WebSocket:
 
     def _park(self, endpoint: Endpoint) -> None:
         """Wait for the next turn on watchers alone: data to read, or the next deadline."""
+        if self._corked:  # the first turn wrote nothing (no channel yet, or one still subscribing): the 101 goes now
+            self._uncork()
         delay = self._timeout(endpoint)
         self._timer = timer = gevent.get_hub().loop.timer(delay)
         timer.start(self.wake)
         self._reader.start(self.wake)
         self._busy = False
+
+    def _uncork(self) -> None:
+        self._corked = False
+        cork(self.fd, False)
 
     def _end(self, endpoint: Endpoint) -> None:
         """The connection is over: release everything, tell the endpoint, close the fd."""
