@@ -1,6 +1,6 @@
 """The resume cursor: history then live, no gap, no duplicate."""
 
-from offload.core.cursor import ChannelCursor, CursorState, Entry
+from offload.core.cursor import FIRST_PAGE, ChannelCursor, CursorState, Entry
 
 
 def e(n):
@@ -73,3 +73,21 @@ def test_an_overflowing_live_buffer_is_emptied_and_counted_then_history_fills_it
     assert ids(cursor.history([e(1), e(2), e(3), e(4)], None, more=True)) == [1, 2, 3, 4]
     assert ids(cursor.history([e(5)], None)) == [5]
     assert cursor.state is CursorState.LIVE and cursor.buffered == 0
+
+
+def test_a_resync_starts_a_fresh_sync_with_the_bound_it_is_given():
+    """What only a syncing cursor needs (the live buffer, its bound, the overflow count, the page size) lives
+    while it syncs: a live cursor keeps four slots (issue 16), and a re-sync after an outage starts afresh."""
+    cursor = ChannelCursor(last=(0, 0), max_buffer_bytes=4)
+    cursor.live(e(3)), cursor.live(e(4)), cursor.live(e(5))  # the third overflows the 4-byte bound
+    cursor.page_count = 50
+    assert (cursor.dropped, cursor.page_count) == (1, 50)
+    cursor.history([e(1), e(2), e(3), e(4), e(5)], None)
+    assert cursor.state is CursorState.LIVE and cursor.__slots__ == ("_sync", "direct", "duplicates", "last")
+    assert (cursor.buffered, cursor.dropped, cursor.page_count) == (0, 0, FIRST_PAGE)
+    cursor.resync(max_buffer_bytes=2)  # one 2-byte frame fits
+    cursor.live(e(6))
+    assert (cursor.buffered, cursor.dropped) == (1, 0)
+    cursor.live(e(7))
+    assert (cursor.buffered, cursor.dropped) == (1, 1)
+    assert ids(cursor.history([e(6), e(7)], None)) == [6, 7]

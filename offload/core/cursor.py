@@ -80,61 +80,72 @@ def make_entry(channel_json: bytes, message_id: bytes, data_json: bytes) -> Entr
     return Entry((int(ms), int(seq)), text, frame_text(text))
 
 
-class _LiveBuffer(list):
-    """Live messages kept while a cursor syncs, and their frames' total size."""
+class _Sync:
+    """What a cursor keeps only while it syncs (a subscription's first moments, a re-sync after an outage):
+    the live messages that arrived meanwhile and their frames' size, the bound on that size, how often the
+    bound emptied them, and the size of the next history page. A live cursor, the common case, has none of
+    it: four slots per subscription instead of eight (issue 16: memory per socket on many channels)."""
 
-    __slots__ = ("size",)
+    __slots__ = ("buffer", "dropped", "max_bytes", "page_count", "size")
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, max_bytes: int) -> None:
+        self.buffer: list[Entry] | None = None  # made at the first live message
         self.size = 0
+        self.max_bytes = max_bytes
+        self.dropped = 0
+        self.page_count = FIRST_PAGE
 
 
 class ChannelCursor:
     """Orders and de-duplicates one channel's messages for one connection."""
 
-    __slots__ = (
-        "_buffer",
-        "_max_buffer",
-        "direct",
-        "dropped",
-        "duplicates",
-        "last",
-        "page_count",
-        "state",
-    )
+    __slots__ = ("_sync", "direct", "duplicates", "last")
 
     def __init__(self, last: StreamId | None = None, max_buffer_bytes: int = 1 << 20) -> None:
-        self.state = CursorState.SYNCING
         #: Id of the newest message emitted (or the resume point).
         self.last: StreamId | None = last
-        self._buffer: _LiveBuffer | None = None  # live messages while syncing (made at the first)
-        self._max_buffer = max_buffer_bytes
+        self._sync: _Sync | None = _Sync(max_buffer_bytes)  # None once LIVE
         #: The hub writes this channel's live messages straight to the socket (set by the session).
         self.direct = False
         #: How many duplicates were dropped (for tests and stats).
         self.duplicates = 0
-        #: How many times the live buffer overflowed and was emptied.
-        self.dropped = 0
-        #: Entries to read in the next history page (sized from the last one).
-        self.page_count = FIRST_PAGE
+
+    @property
+    def state(self) -> CursorState:
+        return CursorState.LIVE if self._sync is None else CursorState.SYNCING
 
     @property
     def buffered(self) -> int:
-        return len(self._buffer) if self._buffer else 0
+        sync = self._sync
+        return len(sync.buffer) if sync is not None and sync.buffer else 0
+
+    @property
+    def dropped(self) -> int:
+        """How many times the live buffer overflowed and was emptied during this sync."""
+        return self._sync.dropped if self._sync is not None else 0
+
+    @property
+    def page_count(self) -> int:
+        """Entries to read in the next history page (sized from the last one)."""
+        return self._sync.page_count if self._sync is not None else FIRST_PAGE
+
+    @page_count.setter
+    def page_count(self, count: int) -> None:
+        if self._sync is not None:
+            self._sync.page_count = count
 
     def live(self, entry: Entry) -> list[Entry]:
         """A live message arrived. Returns what to send now (0 or 1 entry)."""
-        if self.state is CursorState.SYNCING:
+        sync = self._sync
+        if sync is not None:
             size = len(entry.frame)
-            buffer = self._buffer
-            if (0 if buffer is None else buffer.size) + size > self._max_buffer:
-                buffer = None  # history holds them all: re-read instead of keeping them
-                self.dropped += 1
-            if buffer is None:
-                self._buffer = buffer = _LiveBuffer()
-            buffer.append(entry)
-            buffer.size += size
+            if sync.size + size > sync.max_bytes:
+                sync.buffer = None  # history holds them all: re-read instead of keeping them
+                sync.dropped += 1
+            if sync.buffer is None:
+                sync.buffer, sync.size = [], 0
+            sync.buffer.append(entry)
+            sync.size += size
             return []
         return self._admit(entry)
 
@@ -145,7 +156,7 @@ class ChannelCursor:
         the caller sends the batch's pre-joined frames in one write), else
         the entries to send now (possibly none).
         """
-        if self.state is CursorState.LIVE and (self.last is None or entries[0].id > self.last):
+        if self._sync is None and (self.last is None or entries[0].id > self.last):
             self.last = entries[-1].id
             return None
         out: list[Entry] = []
@@ -170,15 +181,17 @@ class ChannelCursor:
             out.extend(self._admit(entry))
         if more:
             return out
-        for entry in self._buffer or ():
-            out.extend(self._admit(entry))
-        self._buffer = None
-        self.state = CursorState.LIVE
+        sync = self._sync
+        if sync is not None and sync.buffer:
+            for entry in sync.buffer:
+                out.extend(self._admit(entry))
+        self._sync = None
         return out
 
-    def resync(self) -> None:
-        """The live stream had an outage: buffer until history is re-read."""
-        self.state = CursorState.SYNCING
+    def resync(self, max_buffer_bytes: int = 1 << 20) -> None:
+        """The live stream had an outage: buffer (up to ``max_buffer_bytes``) until history is re-read."""
+        if self._sync is None:
+            self._sync = _Sync(max_buffer_bytes)
 
     def _admit(self, entry: Entry) -> list[Entry]:
         if self.last is not None and entry.id <= self.last:

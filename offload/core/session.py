@@ -296,7 +296,7 @@ class ChannelSession:
         cursor = self.cursors.get(channel)
         if cursor is not None:
             self.position(channel)
-            cursor.resync()
+            cursor.resync(self._max_buffer)
             cursor.direct = False
 
     def notice(self, channel: str, text: str) -> None:
