@@ -79,7 +79,8 @@ def test_a_resync_starts_a_fresh_sync_with_the_bound_it_is_given():
     """What only a syncing cursor needs (the live buffer, its bound, the overflow count, the page size) lives
     while it syncs: a live cursor keeps four slots (issue 16), and a re-sync after an outage starts afresh."""
     cursor = ChannelCursor(last=(0, 0), max_buffer_bytes=4)
-    cursor.live(e(3)), cursor.live(e(4)), cursor.live(e(5))  # the third overflows the 4-byte bound
+    for n in (3, 4, 5):  # the third overflows the 4-byte bound
+        cursor.live(e(n))
     cursor.page_count = 50
     assert (cursor.dropped, cursor.page_count) == (1, 50)
     cursor.history([e(1), e(2), e(3), e(4), e(5)], None)
