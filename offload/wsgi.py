@@ -31,10 +31,11 @@ Its responses carry ``X-Content-Type-Options: nosniff`` as
 ``SecurityMiddleware`` would add.
 
 Either way the websocket then leaves the request: once Django is done, the
-connection duplicates the client fd (:meth:`offload.transports.connection.WebSocket.detach`)
-and runs on a fresh greenlet, and the uWSGI request ends, freeing its async
-core. An open socket then costs only its Python objects (docs/performance.md
-has the measured figure).
+connection duplicates the client fd (:meth:`offload.transports.connection.WebSocket.detach`),
+takes its first turn on the request's greenlet (``subscribed`` follows the
+101 at once) and parks, and the uWSGI request ends, freeing its async core.
+An open socket then costs only its Python objects (docs/performance.md has
+the measured figure).
 """
 
 from __future__ import annotations
@@ -193,12 +194,14 @@ class OffloadWSGIHandler(WSGIHandler):
 
 
 def _run_detached(upgraded: Upgraded) -> list:
-    """The socket leaves uWSGI: a greenlet opens it and is free once it idles, and
-    this request (and its async core) ends at once. An idle socket keeps no
-    greenlet at all (:mod:`offload.transports.connection`)."""
+    """The socket leaves uWSGI: its first turn runs here, then it parks and
+    this request (and its async core) ends. An idle socket keeps no greenlet
+    at all (:mod:`offload.transports.connection`); the first turn on a greenlet
+    of its own cost one more greenlet (a fresh 16 KiB frame stack, mapped and
+    unmapped) and two switches per connect."""
     ws = upgraded.websocket
     ws.detach()
-    gevent.spawn(ws.run, upgraded.endpoint)
+    ws.run(upgraded.endpoint)
     return []
 
 
@@ -252,9 +255,9 @@ def untrack_greenlet_tree() -> None:
 
     By default every greenlet keeps a reference to its spawner and a copy of
     the spawner's last ten stack frames, for ``gevent.util``'s debugging dumps
-    (unused here). A websocket costs two spawns to open (uWSGI's request, its
-    first turn) and one per busy turn after: the frames were about 5 % of a
-    connect storm's worker CPU.
+    (unused here). A websocket costs a spawn to open (uWSGI's request) and
+    one per busy turn after: the frames were about 5 % of a connect storm's
+    worker CPU.
     """
     gevent.config.track_greenlet_tree = False
 
