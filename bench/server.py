@@ -191,4 +191,4 @@ class BenchServer:
         out["offloaded_requests"] = sum(c.get("offloaded_requests", 0) for w in workers for c in w.get("cores", []))
         out["requests"] = sum(w.get("requests", 0) for w in workers)
         out["spooler_processes"] = len(self.pids("spooler"))
-        return {**out, "worker_rss_mb": round(sum(w.get("rss", 0) for w in workers) / 2**20, 1)}
+        return {**out, "worker_rss_mb": round(sum(rss_kib(w["pid"]) or 0 for w in workers if w.get("pid")) / 2**10, 1)}

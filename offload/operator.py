@@ -47,7 +47,7 @@ from .backend.hub import Hub
 from .backend.presence_store import presence_count
 from .backend.redis_client import REDIS_ERRORS, get_client
 from .exceptions import OffloadError
-from .metrics import recent_drops
+from .metrics import recent_drops, rss_bytes
 from .policies import namespace_of
 from .tokens import subscription_token
 from .transports.connection import open_connections
@@ -61,7 +61,6 @@ log = logging.getLogger("offload.operator")
 DROPS = 20
 #: Channels named per list at most, whatever OFFLOAD_OPERATOR_TOP_CHANNELS says (bounds the message).
 _MAX_TOP = 50
-_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _HOST = socket.gethostname()
 
 
@@ -69,15 +68,6 @@ def _cpu_seconds() -> float:
     """CPU time this process used so far (user + system)."""
     times = os.times()
     return times.user + times.system
-
-
-def _rss_bytes() -> int | None:
-    """This process's resident set size (None: no /proc)."""
-    try:
-        with open("/proc/self/statm", "rb") as statm:
-            return int(statm.read().split()[1]) * _PAGE_SIZE
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def process_figures(cpu_before: float, cpu_now: float, elapsed: float, rss: int | None) -> dict[str, Any]:
@@ -102,7 +92,7 @@ class Sampler:
         *,
         clock: Callable[[], float] = time.monotonic,
         cpu: Callable[[], float] = _cpu_seconds,
-        rss: Callable[[], int | None] = _rss_bytes,
+        rss: Callable[[], int | None] = rss_bytes,
     ) -> None:
         self._hub = hub
         self._clock = clock

@@ -8,6 +8,7 @@ the real server) is tests/integration/test_metrics.py.
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import subprocess
@@ -202,12 +203,12 @@ STATS = {
     "workers": [
         {
             "id": 1,
+            "pid": os.getpid(),
             "requests": 10,
-            "rss": 1000,
             "respawn_count": 2,
             "cores": [{"in_request": 1, "offloaded_requests": 4}, {"in_request": 0, "offloaded_requests": 1}],
         },
-        {"id": 2, "requests": 7, "rss": 2000, "respawn_count": 1, "cores": [{"in_request": 1}]},
+        {"id": 2, "pid": 0, "requests": 7, "respawn_count": 1, "cores": [{"in_request": 1}]},
     ],
 }
 
@@ -229,6 +230,9 @@ def test_uwsgi_figures_come_from_one_stats_reading():
     assert values[("offload_uwsgi_offloaded_requests_total", (("worker", "1"),))] == 5
     assert values[("offload_uwsgi_offloaded_requests_total", (("worker", "2"),))] == 0
     assert values[("offload_uwsgi_worker_respawns_total", (("worker", "1"),))] == 2
+    # RSS is read from /proc when scraped (uWSGI's memory-report is off): this process's, and 0 for no process
+    assert values[("offload_uwsgi_worker_rss_bytes", (("worker", "1"),))] > 10 << 20
+    assert values[("offload_uwsgi_worker_rss_bytes", (("worker", "2"),))] == 0
 
 
 def test_an_unreachable_stats_server_is_reported_not_raised():

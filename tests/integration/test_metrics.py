@@ -309,6 +309,13 @@ def test_metrics_answer_a_loopback_scraper(server):
     # uWSGI's own figures, read from its stats server at scrape time, one per worker
     assert {dict(labels)["worker"] for (name, labels) in samples if name == "offload_uwsgi_busy_cores"} == {"1", "2"}
     assert total(samples, "offload_uwsgi_busy_cores") >= 1  # this scrape's own request
+    # each worker's resident memory, read from /proc at scrape time (no memory-report in uWSGI)
+    rss = {
+        dict(labels)["worker"]: value
+        for (name, labels), value in samples.items()
+        if name == "offload_uwsgi_worker_rss_bytes"
+    }
+    assert set(rss) == {"1", "2"} and all(value > 10 << 20 for value in rss.values()), rss
 
 
 def test_a_forwarded_request_needs_the_key_even_from_loopback(server):
