@@ -56,6 +56,7 @@ from .policies import ANONYMOUS, Identity, check_subscribe, token_identity
 from .tokens import ConnectionClaim, query_subscriptions, verify_connection_token
 from .transports.connection import Endpoint, WebSocket
 from .transports.endpoints import ChannelsEndpoint, EchoEndpoint
+from .transports.lifecycle import new_connection_id
 from .transports.sockets import cork, no_delay
 from .transports.sse import SseStream, response_body
 from .worker import install_signal_handlers
@@ -311,7 +312,8 @@ class WebSocketView:
             claim = connection_claim(env, query.get("token", []), time.time())
         except PermissionDenied as exc:
             return _token_refusal("websocket", exc)
-        slots = _slots(request)
+        connection_id = new_connection_id()
+        slots = _slots(request, connection_id)
         timeout = conf.get("OFFLOAD_HANDSHAKE_TIMEOUT")
         waiting_for = "a connection slot (Redis)"
         try:
@@ -345,7 +347,7 @@ class WebSocketView:
             return HttpResponse(f"bad websocket handshake: {exc}\n", status=400)
         env[UPGRADED] = True
         install_signal_handlers()
-        ws = WebSocket(fd, identity, query, uwsgi.worker_id(), slots, corked=True)
+        ws = WebSocket(fd, identity, query, uwsgi.worker_id(), slots, corked=True, connection_id=connection_id)
         return Upgraded(ws, self.make_endpoint(ws))
 
 
@@ -354,12 +356,13 @@ def websocket_view(make_endpoint: Callable[[WebSocket], Endpoint]) -> WebSocketV
     return WebSocketView(make_endpoint)
 
 
-def _slots(request: HttpRequest) -> ConnectionSlots:
-    """The per-address connection slot a websocket or an event stream must hold."""
+def _slots(request: HttpRequest, connection_id: str) -> ConnectionSlots:
+    """The per-address connection slot a websocket or an event stream must hold (its member: the connection's id)."""
     return ConnectionSlots(
         client_address(request.META),
         conf.get("OFFLOAD_MAX_CONNECTIONS_PER_IP"),
         stale_after=3 * conf.get("OFFLOAD_PING_INTERVAL"),
+        member=connection_id,
     )
 
 
@@ -483,13 +486,14 @@ def stream_view(request: HttpRequest) -> HttpResponse:
     except RefusedError as exc:
         metrics.handshake_refused("sse", "forbidden" if isinstance(exc, PermissionDenied) else "bad_request")
         return _error(403 if isinstance(exc, PermissionDenied) else 400, exc.code, exc.reason)
-    slots = _slots(request)
+    connection_id = new_connection_id()
+    slots = _slots(request, connection_id)
     if not slots.acquire():
         metrics.handshake_refused("sse", "too_many_connections")
         return _error(429, "too_many_connections", "too many connections from this address")
     install_signal_handlers()
     worker_id, fd = (uwsgi.worker_id(), uwsgi.connection_fd()) if uwsgi is not None else (0, None)
-    stream = SseStream(channels, positions, worker.hub(worker_id), slots, identity, fd)
+    stream = SseStream(channels, positions, worker.hub(worker_id), slots, identity, fd, connection_id)
     response = StreamingHttpResponse(response_body(stream), content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"  # nginx: pass events through at once

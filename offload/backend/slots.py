@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-import uuid
 from collections.abc import Callable
 
 import gevent
@@ -175,12 +174,14 @@ def _get_broker() -> _SlotBroker:
 class ConnectionSlots:
     """Counts open websockets per client IP in Redis (fails open if Redis is down)."""
 
-    def __init__(self, ip: str, limit: int, stale_after: float) -> None:
+    def __init__(self, ip: str, limit: int, stale_after: float, member: str | None = None) -> None:
+        """``member``: this socket's id in the IP's set, unique across workers and instances (the
+        connection's id; 16 random hex digits by default)."""
         self.ip = ip
         self.key = f"{conf.get('OFFLOAD_REDIS_PREFIX')}ip:{ip}"
         self.limit = limit
         self.stale_after = stale_after
-        self.member = uuid.uuid4().hex
+        self.member = member if member is not None else os.urandom(8).hex()
         self.held = False
 
     def acquire(self) -> bool:

@@ -163,14 +163,15 @@ class WebSocket:
         slots: ConnectionSlots | None = None,
         clock: Callable[[], float] = time.monotonic,
         corked: bool = False,
+        connection_id: str | None = None,
     ) -> None:
         self.fd = fd
         #: the view corked the socket (:func:`offload.transports.sockets.cork`): the first write releases it,
         #: or the first turn's end if it wrote nothing
         self._corked = corked
         self.identity = identity
-        #: random hex, unique per connection (lifecycle signals, logs)
-        self.connection_id = new_connection_id()
+        #: random hex, unique per connection (lifecycle signals, logs; its slot's member id)
+        self.connection_id = connection_id or new_connection_id()
         self.query = query
         self.worker_id = worker_id
         self._clock = clock

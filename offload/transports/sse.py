@@ -112,6 +112,7 @@ class SseStream:
         slots: this stream's per-IP connection slot (``offload.backend.slots.ConnectionSlots``).
         identity: who opened it (``offload.policies.Identity``), to end it when their session ends.
         fd: the client socket, watched for EOF (None: not under uWSGI).
+        connection_id: its id (:func:`~offload.transports.lifecycle.new_connection_id`; a new one by default).
     """
 
     #: The hub never writes to an event stream itself: events need their ids.
@@ -125,10 +126,11 @@ class SseStream:
         slots: Any = None,
         identity: Any = None,
         fd: int | None = None,
+        connection_id: str | None = None,
     ) -> None:
         self.channels = list(channels)
-        #: random hex, unique per connection (lifecycle signals, logs)
-        self.connection_id = new_connection_id()
+        #: random hex, unique per connection (lifecycle signals, logs; its slot's member id)
+        self.connection_id = connection_id or new_connection_id()
         self.session = channel_session(self, hub, identity=identity, connection_id=self.connection_id, kind="sse")
         self._start = {channel: positions.get(channel) for channel in self.channels}
         #: What the client's Last-Event-ID says: advanced as events are written.
