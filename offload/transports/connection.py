@@ -405,6 +405,9 @@ class WebSocket:
     def _serve(self, endpoint: Endpoint, opening: bool = False) -> None:
         """Turns while woken; then park the socket, or end it once closed."""
         ended = True
+        # The opening turn reads nothing: what a client sent right after the 101 wakes the
+        # parked socket at once (a read here found nothing in a storm, at a system call each).
+        read = not opening
         try:
             if opening:
                 endpoint.on_open()
@@ -414,7 +417,9 @@ class WebSocket:
                     ended = False
                     return
                 self._woken = False
-                self._read(endpoint)
+                if read:
+                    self._read(endpoint)
+                read = True
                 if self.protocol.state is State.OPEN:
                     endpoint.on_wake()
                 self._tick()
