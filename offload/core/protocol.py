@@ -291,6 +291,11 @@ def _members(obj: dict, channel: str, ref: Any) -> Members:
     return Members(channel, after, limit, ref)
 
 
+#: ``json.dumps`` with any option but the defaults builds a new encoder on every call.
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+_DATA = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def encode_data(data: Any) -> str:
     """Encode published data as compact JSON text (the form stored and sent).
 
@@ -299,7 +304,7 @@ def encode_data(data: Any) -> str:
             (NaN and infinities included: browsers cannot parse them).
     """
     try:
-        return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        return _DATA.encode(data)
     except (TypeError, ValueError) as exc:
         raise ProtocolError(f"data is not JSON-serializable: {exc}") from None
     except RecursionError:
@@ -311,7 +316,7 @@ def reply(kind: str, ref: Any = None, **fields: Any) -> str:
     obj = {"type": kind, **fields}
     if ref is not None:
         obj["ref"] = ref
-    return json.dumps(obj, separators=(",", ":"))
+    return _COMPACT.encode(obj)
 
 
 def rpc_reply(ref: Any, data_json: str) -> str:
