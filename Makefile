@@ -91,6 +91,16 @@ $(NODE_STAMP): bench/node/package-lock.json
 	npm ci --prefix bench/node --no-audit --no-fund
 	touch $@
 
+# the Django Channels 4 anchors (bench/channels_anchor/, of fanout, manychannels and publish): their own venv
+CHANNELS_VENV  := bench/.venv-channels
+CHANNELS_STAMP := $(CHANNELS_VENV)/.installed-$(shell cat bench/requirements-channels.txt 2>/dev/null | md5sum | cut -c1-12)
+$(CHANNELS_STAMP): bench/requirements-channels.txt
+	$(PYTHON) -m venv $(CHANNELS_VENV)
+	$(CHANNELS_VENV)/bin/pip install -q --upgrade pip
+	$(CHANNELS_VENV)/bin/pip install -q -r bench/requirements-channels.txt
+	rm -f $(CHANNELS_VENV)/.installed-*
+	touch $@
+
 $(BENCH_STAMP): bench/requirements.txt
 	$(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/pip install -q --upgrade pip
@@ -98,7 +108,7 @@ $(BENCH_STAMP): bench/requirements.txt
 	rm -f $(BENCH_VENV)/.installed-*
 	touch $@
 
-bench: setup $(BENCH_STAMP) $(NODE_STAMP) ## every benchmark scenario in turn (BENCH_SCENARIOS; about 20 min; bench/README.md)
+bench: setup $(BENCH_STAMP) $(CHANNELS_STAMP) $(NODE_STAMP) ## every benchmark scenario in turn (BENCH_SCENARIOS; about 20 min; bench/README.md)
 	@scenarios="$(BENCH_SCENARIOS)"; [ -n "$$scenarios" ] || { echo "make bench: no scenarios" >&2; exit 2; }; \
 	failed=""; for scenario in $$scenarios; do \
 	  echo "=== make bench: $$scenario"; \
@@ -128,15 +138,15 @@ soak: setup ## long run (SOAK_SECONDS, default 300): Redis restarts, reloads, wo
 	$(PY) tests/soak_run.py
 
 # --- fan-out benchmark (bench/scenarios/fanout.py): ours vs Django Channels 4 and Node.js (ws, Socket.IO), same run ---
-bench-fanout: setup $(BENCH_STAMP) $(NODE_STAMP) ## fan-out, saturation, idle memory, connect storm; Channels 4 and Node.js anchors (about 8 min)
+bench-fanout: setup $(BENCH_STAMP) $(CHANNELS_STAMP) $(NODE_STAMP) ## fan-out, saturation, idle memory, connect storm; Channels 4 and Node.js anchors (about 8 min)
 	BENCH_CLIENT_PYTHON=$(abspath $(BENCH_VENV))/bin/python $(PY) -m bench fanout
 
 # --- many channels and publish throughput (bench/scenarios/{manychannels,publish}.py): vs Channels 4, same run ---
 .PHONY: bench-manychannels bench-publish
-bench-manychannels: setup $(BENCH_STAMP) ## 10,000 sockets over 1,000 channels at 1 msg/s each; Channels 4 anchor (about 4 min)
+bench-manychannels: setup $(BENCH_STAMP) $(CHANNELS_STAMP) ## 10,000 sockets over 1,000 channels at 1 msg/s each; Channels 4 anchor (about 4 min)
 	BENCH_CLIENT_PYTHON=$(abspath $(BENCH_VENV))/bin/python $(PY) -m bench manychannels
 
-bench-publish: setup $(BENCH_STAMP) ## publishes/s: offload.publish() and HTTP API vs group_send and Channels' view (about 3 min)
+bench-publish: setup $(BENCH_STAMP) $(CHANNELS_STAMP) ## publishes/s: offload.publish() and HTTP API vs group_send and Channels' view (about 3 min)
 	BENCH_CLIENT_PYTHON=$(abspath $(BENCH_VENV))/bin/python $(PY) -m bench publish
 
 # --- presence (bench/scenarios/presence.py): connect storms with presence on vs off, memory, queries, leave time ---
