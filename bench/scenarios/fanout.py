@@ -258,7 +258,8 @@ def markdown(results: dict) -> str:
     head = ["idle sockets", "sockets", "RSS per socket, worker (KiB)", "whole tree (KiB)", "connect time (s)"]
     lines += ["", report.table(head, mem), ""]
     if results["comparison"]:
-        labels = {c: a.get("label", c) for c, a in results["anchors"].items()} | {"channels-best": "Channels 4, best setup"}
+        labels = {c: a.get("label", c) for c, a in results["anchors"].items()}  # a failed anchor: its name
+        labels["channels-best"] = "Channels 4, best setup"
         rows = [(labels[c], r) for c, r in results["comparison"].items()]
         figures = {"rss": ours["small_rss"]["per_socket_kib"], "cost": metrics_cost(results)}
         figures["p99"] = ours["windows"]["fanout_small"]["broadcast"]["p99"]
