@@ -70,6 +70,18 @@ def test_a_message_is_seen_live_and_again_after_a_reload_from_the_database(pages
     assert texts(bob).count("after the reload") == 1
 
 
+def test_messages_sent_one_right_after_another_all_arrive_in_order(pages):
+    """The next message may be typed and sent while the previous one waits for its answer: none is dropped
+    (a send while one was in flight was ignored, and the answer then cleared what had been typed)."""
+    alice, bob = pages
+    for n in range(3):
+        send(alice, f"quick {n}")
+    expect(alice.locator("#message-input")).to_have_value("")
+    expect(bob.locator("#messages li.message .text").last).to_have_text("quick 2", timeout=10000)
+    quick = [text for text in texts(bob) if text.startswith("quick ")]
+    assert quick == ["quick 0", "quick 1", "quick 2"]
+
+
 def test_a_page_rendered_while_redis_was_down_replays_the_history_and_still_shows_each_message_once(stack, pages):
     """Without the channel's newest id the page subscribes from the start of the retained
     history, which repeats the messages it rendered from the database: each is shown once (by pk)."""

@@ -221,33 +221,30 @@
 
   const messageForm = $('#message-form');
   const messageInput = $('#message-input');
-  const sendButton = $('#send-button');
   const sendError = $('#send-error');
-  let sending = false;
+  // Messages leave one after another, in the order typed: each waits for the previous one's answer.
+  // The input is free at once, so a message typed meanwhile is neither dropped nor cleared.
+  let sent = Promise.resolve();
 
-  messageForm.addEventListener('submit', async (event) => {
+  messageForm.addEventListener('submit', (event) => {
     event.preventDefault();
     const text = messageInput.value.trim();
-    if (!text) {
-      messageInput.focus();
-      return;
-    }
-    if (sending) return;
-    sending = true;
-    sendButton.disabled = true;
+    messageInput.focus();
+    if (!text) return;
+    messageInput.value = '';
+    sent = sent.then(() => send(text));
+  });
+
+  async function send(text) {
     try {
       // The room's publish hook checks and saves it; refusals come back as errors.
       await client.publish(config.room_channel, {text});
-      messageInput.value = '';
       showInline(sendError, '');
     } catch (err) {
+      if (!messageInput.value) messageInput.value = text; // kept, to be fixed and sent again
       showInline(sendError, 'Not sent: ' + (err.reason || err.message) + (err.code ? ' (' + err.code + ')' : ''));
-    } finally {
-      sending = false;
-      sendButton.disabled = false;
-      messageInput.focus();
     }
-  });
+  }
   messageInput.addEventListener('input', () => {
     if (!sendError.hidden) showInline(sendError, '');
     typingNow();
