@@ -39,10 +39,11 @@ def run_blocking(fn: Callable[..., T], *args: Any, inline_after: float | None = 
     Args:
         inline_after: seconds to wait for the thread pool before running
             ``fn`` on the caller's greenlet instead (for idempotent reads:
-            the pool may still run it later). On a freshly forked worker a
-            task was seen stranded in gevent's pool for good (a handshake then
-            waited its full timeout); a read that blocks the loop for a moment
-            beats that.
+            the pool may still run it later). A task stuck in the pool would
+            otherwise hold its caller for good: the first session lookups of a
+            fresh worker did, importing a module in several threads at once
+            (:func:`offload.views.preload_identity_modules`); a read that
+            blocks the loop for a moment beats that.
 
     Exceptions raised by ``fn`` propagate to the caller.
     """

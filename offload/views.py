@@ -23,6 +23,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import gevent
 from django.conf import settings
+from django.contrib.auth import get_backends, get_user
+from django.db import connections
+from django.db.utils import load_backend
 from django.http import (
     HttpRequest,
     HttpResponse,
@@ -32,6 +35,7 @@ from django.http import (
     StreamingHttpResponse,
 )
 from django.http.request import validate_host
+from django.utils.module_loading import import_string
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
@@ -77,6 +81,7 @@ __all__ = [
     "echo_socket",
     "healthz",
     "origin_allowed",
+    "preload_identity_modules",
     "readyz",
     "resolve_identity",
     "stream_view",
@@ -125,12 +130,29 @@ def _origin_allowed(origin: str) -> bool:
 def _identity_of(request: HttpRequest) -> Identity:
     user = getattr(request, "user", None)
     if user is None:  # the handshake skipped the middleware stack (offload.wsgi)
-        from django.contrib.auth import get_user
-
         engine = import_module(settings.SESSION_ENGINE)
         request.session = engine.SessionStore(request.COOKIES.get(settings.SESSION_COOKIE_NAME))
         user = get_user(request)
     return Identity.of_user(user)
+
+
+def preload_identity_modules() -> None:
+    """Import, at application load, what resolving a user would otherwise import on first use.
+
+    The first session lookups of a fresh worker ran in several of gevent's
+    native threads at once, each importing Django's session serializer and SQL
+    compiler modules for the first time, under import locks that gevent's
+    monkey-patching made green: native threads should not contend for them.
+    Loaded once in uWSGI's master, before the fork, every worker starts with
+    them (shared pages, nothing imported in a thread). Nothing here opens a
+    database connection or a cache.
+    """
+    import_module(settings.SESSION_ENGINE)
+    import_string(settings.SESSION_SERIALIZER)
+    get_backends()
+    for alias in connections:
+        backend = load_backend(connections.settings[alias]["ENGINE"])
+        import_module(backend.DatabaseWrapper.ops_class.compiler_module)
 
 
 def resolve_identity(request: HttpRequest, claim: ConnectionClaim | None = None) -> Identity:

@@ -53,7 +53,7 @@ from . import conf, metrics
 from .addresses import client_address
 from .core.protocol import parse_ascii_int
 from .core.rates import cooldowns
-from .views import DIRECT_API_VIEWS, UPGRADED, Upgraded, WebSocketView
+from .views import DIRECT_API_VIEWS, UPGRADED, Upgraded, WebSocketView, preload_identity_modules
 from .watchdog import install as install_watchdog
 from .watchdog import reached_app
 
@@ -244,6 +244,7 @@ def get_wsgi_application() -> OffloadWSGIHandler:
 
     django.setup(set_prefix=False)
     handler = OffloadWSGIHandler()
+    preload_identity_modules()  # before the fork: no worker imports them in its thread pool
     install_watchdog(conf.get("OFFLOAD_HEADER_TIMEOUT"))  # before the fork: uWSGI's gevent loop starts after
     tune_gc()
     untrack_greenlet_tree()
