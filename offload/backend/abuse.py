@@ -46,7 +46,9 @@ def _on_control(command: dict) -> None:
         return
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
         return
-    cooldowns.penalise(address, min(float(seconds), _MAX_SECONDS))
+    seconds = min(float(seconds), _MAX_SECONDS)
+    cooldowns.penalise(address, seconds)
+    log.info("refusing %s for %.0f s: a cooldown on the control channel", address, seconds)
 
 
 def install() -> None:

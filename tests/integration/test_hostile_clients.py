@@ -230,6 +230,9 @@ def test_a_worker_that_served_no_websocket_yet_hears_a_penalty(two_guarded_worke
 
     wait_for(lambda: hubs_listening() == 2, 15, "both workers' hubs to subscribe before any websocket")
     server.redis().publish(control, json.dumps({"op": "cooldown", "address": "127.0.0.7", "seconds": 30}))
+    # Each hub reads it when its loop gets round to it: an upgrade right after the PUBLISH could come first.
+    heard = [f"offload.backend.abuse[{pid}]: refusing 127.0.0.7 for 30 s" for pid in server.worker_pids()]
+    wait_for(lambda: all(line in server.log_text() for line in heard), 10, "both workers' hubs to record it")
 
     def refused() -> bool:
         sock = socket.create_connection(("127.0.0.1", server.port), timeout=10, source_address=("127.0.0.7", 0))
