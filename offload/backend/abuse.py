@@ -48,7 +48,7 @@ def _on_control(command: dict) -> None:
         return
     seconds = min(float(seconds), _MAX_SECONDS)
     cooldowns.penalise(address, seconds)
-    log.info("refusing %s for %.0f s: a cooldown on the control channel", address, seconds)
+    log.info("refusing %s for %g s: a cooldown on the control channel", address, seconds)
 
 
 def install() -> None:
